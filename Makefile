@@ -1,0 +1,39 @@
+# Each target bootstraps what it needs: a fresh clone runs `make demo` or `make test` directly.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+ZOO    ?= models
+
+.PHONY: setup demo test test-fast zoo lint typecheck schema clean
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python >= 3.11 is needed (set PYTHON=...)")'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+zoo: setup
+	$(VENV)/bin/hotswap zoo build --root $(ZOO)
+
+demo: zoo
+	$(VENV)/bin/hotswap demo --root $(ZOO)
+
+test: zoo
+	HOTSWAP_TEST_ZOO=$(ZOO) $(PY) -m pytest
+
+# Unit tests only: no worker processes.
+test-fast: zoo
+	HOTSWAP_TEST_ZOO=$(ZOO) $(PY) -m pytest -m 'not slow'
+
+lint: setup
+	$(VENV)/bin/ruff check schemas worker control loadtest tests
+	$(VENV)/bin/mypy
+
+schema: setup
+	$(VENV)/bin/hotswap schema --write
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache out

@@ -1,0 +1,205 @@
+"""The producer's client: submit images, await results.
+
+    async with Client("amqp://guest:guest@127.0.0.1/") as client:
+        result = await client.submit(Path("bus.jpg"), model="shapes")
+
+Thousands of `submit` calls may run at once on one client. Results arrive on a private reply
+queue; delivery is at-least-once, so a second result for a job is counted and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import TypedDict, Unpack
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
+from pydantic import ValidationError
+
+from schemas.jobs import InferenceParams, InlineImage, Job, JobResult, UrlImage
+from schemas.topology import Topology
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+ImageInput = bytes | str | os.PathLike[str] | InlineImage | UrlImage
+
+
+class JobOptions(TypedDict, total=False):
+    version: str | None  # pin a version (or, with A/B, an alias)
+    routing_key: str | None  # jobs with the same key see the same version under A/B
+    params: InferenceParams | None
+    deadline_s: float | None  # answered `expired` when not started within this many seconds
+    job_id: str | None  # default: a fresh uuid
+
+
+class ClientError(Exception):
+    pass
+
+
+class JobTimeout(ClientError, TimeoutError):
+    """No result arrived in time; the job may still run, and a late result is dropped."""
+
+
+class NoRoute(ClientError):
+    """The broker has no queue for this model: no worker has ever served it."""
+
+
+class Client:
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        namespace: str = "hotswap",
+        timeout_s: float = 60.0,
+        reply_queue_ttl_s: float = 60.0,
+    ) -> None:
+        self.url = url or os.environ.get("HOTSWAP_AMQP_URL", DEFAULT_AMQP_URL)
+        self.topology = Topology(namespace)
+        self.timeout_s = timeout_s
+        self.reply_queue_ttl_s = reply_queue_ttl_s
+        self.duplicates = 0
+        self.late = 0
+        self._pending: dict[str, asyncio.Future[JobResult]] = {}
+        self._answered: set[str] = set()
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._reply_queue = f"{namespace}.reply.{uuid.uuid4().hex}"
+
+    @property
+    def reply_queue(self) -> str:
+        """The queue this client's results arrive on (put it in `reply_to`)."""
+        return self._reply_queue
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        self._connection = await aio_pika.connect_robust(
+            self.url, client_properties={"connection_name": "hotswap-client"}
+        )
+        self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        # Kept for a while after a disconnect, so a reconnecting client still finds its results.
+        queue = await self._channel.declare_queue(
+            self._reply_queue, arguments={"x-expires": int(self.reply_queue_ttl_s * 1000)}
+        )
+        await queue.consume(self._on_result, no_ack=True)
+        # Declared here too (idempotent) so that publishing before any worker ran is a clean NoRoute.
+        self._exchange = await self._channel.declare_exchange(
+            self.topology.jobs_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+
+    async def close(self) -> None:
+        for future in self._pending.values():
+            future.cancel()
+        if self._connection is not None:
+            await self._connection.close()
+
+    def build_job(self, image: ImageInput, *, model: str, **options: Unpack[JobOptions]) -> Job:
+        now = datetime.now(UTC)
+        deadline_s = options.get("deadline_s")
+        return Job(
+            job_id=options.get("job_id") or uuid.uuid4().hex,
+            model=model,
+            version=options.get("version"),
+            routing_key=options.get("routing_key"),
+            image=_image_source(image),
+            params=options.get("params") or InferenceParams(),
+            deadline=now + timedelta(seconds=deadline_s) if deadline_s is not None else None,
+            submitted_at=now,
+        )
+
+    async def submit(
+        self, image: ImageInput, *, model: str, timeout_s: float | None = None, **options: Unpack[JobOptions]
+    ) -> JobResult:
+        """Publish one job and wait for its result (an error result is returned, not raised)."""
+        return await self.submit_job(self.build_job(image, model=model, **options), timeout_s=timeout_s)
+
+    async def submit_job(self, job: Job, *, timeout_s: float | None = None) -> JobResult:
+        body = job.model_dump_json(exclude_none=True).encode()
+        return await self.submit_raw(body, model=job.model, job_id=job.job_id, timeout_s=timeout_s)
+
+    async def submit_raw(
+        self, body: bytes, *, model: str, job_id: str, timeout_s: float | None = None
+    ) -> JobResult:
+        """Publish any body under a job id; for producers that build their own JSON (and tests)."""
+        if self._exchange is None:
+            raise ClientError("client is not connected; use `async with Client(...)`")
+        future: asyncio.Future[JobResult] = asyncio.get_running_loop().create_future()
+        self._pending[job_id] = future
+        try:
+            message = aio_pika.Message(
+                body=body,
+                content_type="application/json",
+                correlation_id=job_id,
+                message_id=job_id,
+                reply_to=self._reply_queue,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                type="hotswap.job",
+            )
+            timeout = timeout_s or self.timeout_s
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._publish(message, model)
+                    return await future
+            except TimeoutError as exc:
+                raise JobTimeout(f"no result for job {job_id} within {timeout} s") from exc
+        finally:
+            self._pending.pop(job_id, None)
+
+    async def _publish(self, message: aio_pika.Message, model: str) -> None:
+        """Publish under confirms; across a reconnect, wait for the channel and publish again.
+
+        A publish cut off before its confirm may have reached the broker: publishing again can
+        make a duplicate job, whose second result is dropped like any duplicate.
+        """
+        assert self._exchange is not None and self._channel is not None
+        while True:
+            try:
+                await self._exchange.publish(message, routing_key=model, mandatory=True)
+                return
+            except aio_pika.exceptions.PublishError as exc:
+                raise NoRoute(f"no queue is bound for model {model!r}: no worker serves it") from exc
+            except (aio_pika.exceptions.AMQPConnectionError, aio_pika.exceptions.ChannelInvalidStateError,
+                    ConnectionError):
+                await asyncio.sleep(0.1)
+                await self._channel.ready()  # type: ignore[attr-defined]
+
+    async def _on_result(self, message: AbstractIncomingMessage) -> None:
+        try:
+            result = JobResult.model_validate_json(message.body)
+        except ValidationError:
+            return  # not a result of ours; nothing waits for it
+        # The correlation id is what we published under; the body's job id may be anything.
+        key = message.correlation_id or result.job_id
+        future = self._pending.get(key)
+        if key in self._answered:
+            self.duplicates += 1
+        elif future is None or future.done():
+            self.late += 1
+            self._answered.add(key)
+        else:
+            self._answered.add(key)
+            future.set_result(result)
+
+
+def _image_source(image: ImageInput) -> InlineImage | UrlImage:
+    if isinstance(image, InlineImage | UrlImage):
+        return image
+    if isinstance(image, bytes):
+        return InlineImage(data=image)
+    text = os.fspath(image)
+    if text.startswith(("http://", "https://", "file://")):
+        return UrlImage(url=text)
+    return InlineImage(data=Path(text).read_bytes())

@@ -1,0 +1,105 @@
+"""Worker processes started and stopped from Python: the demo, the tests and the load tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_LISTENING = re.compile(r"status server listening on (http://\S+)")
+
+
+class WorkerStartFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class WorkerProcess:
+    """`python -m worker` with its log in a file; its status port is picked by the OS."""
+
+    models: list[str]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)
+    process: subprocess.Popen[bytes] | None = None
+    url: str = ""
+
+    def start(self, timeout_s: float = 120.0) -> WorkerProcess:
+        command = [sys.executable, "-m", "worker", "--status-port", "0", *self.args]
+        for model in self.models:
+            command += ["--model", model]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}
+            )
+        self.wait_ready(timeout_s)
+        return self
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise WorkerStartFailed(f"worker exited with {self.process.returncode}:\n{self.log_tail()}")
+            if not self.url:
+                found = _LISTENING.search(self.log_path.read_text(errors="replace"))
+                self.url = found.group(1) if found else ""
+            if self.url and self.get("/readyz", ok_only=False).get("ready"):
+                return
+            time.sleep(0.2)
+        raise WorkerStartFailed(f"worker not ready within {timeout_s} s:\n{self.log_tail()}")
+
+    def get(self, path: str, *, ok_only: bool = True) -> dict[str, Any]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=5) as response:
+                return dict(json.loads(response.read()))
+        except urllib.error.HTTPError as exc:
+            if ok_only:
+                raise
+            return dict(json.loads(exc.read()))
+        except OSError:
+            if ok_only:
+                raise
+            return {}
+
+    def text(self, path: str) -> str:
+        with urllib.request.urlopen(self.url + path, timeout=5) as response:
+            return str(response.read().decode())
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM, then SIGKILL if it has not exited in time; returns the exit code."""
+        if self.process is None:
+            return 0
+        self.signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""

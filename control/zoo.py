@@ -1,0 +1,321 @@
+"""Demo model zoo: real YOLOv8n shape detectors trained from scratch, offline, on synthetic data.
+
+Nothing can download weights here, so the zoo is built: a seeded shapes data set (circles,
+squares, triangles on noisy backgrounds) and three training recipes of different quality,
+written as `<root>/shapes/<version>/` (model.pt, manifest.json, calibration/) plus a held-out
+set in `<root>/_data/shapes-heldout/`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from schemas.manifest import Calibration, CalibrationImage, ExpectedBox, Manifest
+
+CLASSES: dict[int, str] = {0: "circle", 1: "square", 2: "triangle"}
+IMAGE_SIZE = 128
+MODEL_NAME = "shapes"
+# Fixed so that rebuilding gives identical manifests apart from the weights' hash.
+CREATED_AT = datetime(2026, 1, 1, tzinfo=UTC)
+DATA_SEED, N_TRAIN, N_VAL = 0, 400, 100
+HELDOUT_SEED, N_HELDOUT, N_CALIBRATION = 1000, 40, 8
+TRAIN_THREADS = 2
+
+Box = tuple[int, int, int, int, int]  # class_id, x1, y1, x2, y2 (pixel edges, x2/y2 exclusive)
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    version: str
+    parent: str | None
+    epochs: int
+    optimizer: str = "auto"  # ultralytics' default: AdamW with an lr fitted to the class count
+    lr0: float = 0.01
+    warmup_epochs: float = 3.0
+
+
+RECIPES: tuple[Recipe, ...] = (
+    Recipe("1.0.0", None, epochs=10, optimizer="AdamW", lr0=0.004, warmup_epochs=1.0),
+    Recipe("2.0.0", "1.0.0", epochs=20),
+    # Still inside warm-up when it stops: a real model that detects next to nothing.
+    Recipe("0.9.0-bad", "2.0.0", epochs=5),
+)
+
+
+# --- data set ------------------------------------------------------------------------------
+
+
+def make_shapes_image(rng: np.random.Generator, size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[Box]]:
+    """One noisy BGR image with 1-4 non-overlapping filled shapes and their exact boxes."""
+    background = rng.integers(0, 256, 3)
+    image = np.empty((size, size, 3), np.uint8)
+    image[:] = background
+    boxes: list[Box] = []
+    for _ in range(int(rng.integers(1, 5))):
+        for _attempt in range(30):
+            class_id = int(rng.integers(0, 3))
+            half = int(rng.integers(size // 12, size // 5))
+            cx, cy = (int(v) for v in rng.integers(half + 1, size - half - 1, 2))
+            box = (class_id, cx - half, cy - half, cx + half + 1, cy + half + 1)
+            if not any(_overlap(box, other) for other in boxes):
+                break
+        else:
+            continue  # crowded image: fewer shapes rather than overlapping labels
+        colour = _contrasting(rng, background)
+        if class_id == 0:
+            cv2.circle(image, (cx, cy), half, colour, -1, cv2.LINE_8)
+        elif class_id == 1:
+            cv2.rectangle(image, (cx - half, cy - half), (cx + half, cy + half), colour, -1)
+        else:
+            angle = rng.uniform(0, 2 * np.pi) + np.array([0, 2 * np.pi / 3, 4 * np.pi / 3])
+            pts = np.stack([cx + half * np.cos(angle), cy + half * np.sin(angle)], 1).round()
+            pts = pts.astype(np.int32)
+            cv2.fillPoly(image, [pts], colour, cv2.LINE_8)
+            (x1, y1), (x2, y2) = pts.min(0), pts.max(0) + 1
+            box = (class_id, int(x1), int(y1), int(x2), int(y2))
+        boxes.append(box)
+    noise = rng.normal(0, 12, image.shape)
+    return np.clip(image + noise, 0, 255).astype(np.uint8), boxes
+
+
+def _overlap(a: Box, b: Box) -> bool:
+    return a[1] < b[3] and b[1] < a[3] and a[2] < b[4] and b[2] < a[4]
+
+
+def _contrasting(rng: np.random.Generator, background: np.ndarray) -> tuple[int, int, int]:
+    # A shape barely distinguishable from its background would make labels a lottery.
+    while True:
+        colour = rng.integers(0, 256, 3)
+        if np.abs(colour - background).sum() > 150:
+            return (int(colour[0]), int(colour[1]), int(colour[2]))
+
+
+def write_dataset(
+    directory: Path, n: int, seed: int, size: int = IMAGE_SIZE, *, yolo_labels: bool = True
+) -> list[dict[str, Any]]:
+    """Write `images/NNN.png`, `labels.json` (pixel boxes) and, for training, YOLO `labels/NNN.txt`."""
+    rng = np.random.default_rng(seed)
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    if yolo_labels:
+        (directory / "labels").mkdir(exist_ok=True)
+    records: list[dict[str, Any]] = []
+    for i in range(n):
+        image, boxes = make_shapes_image(rng, size)
+        cv2.imwrite(str(directory / f"images/{i:03d}.png"), image)
+        if yolo_labels:
+            lines = [
+                f"{c} {(x1 + x2) / 2 / size:.6f} {(y1 + y2) / 2 / size:.6f} "
+                f"{(x2 - x1) / size:.6f} {(y2 - y1) / size:.6f}"
+                for c, x1, y1, x2, y2 in boxes
+            ]
+            (directory / f"labels/{i:03d}.txt").write_text("".join(f"{line}\n" for line in lines))
+        records.append({
+            "file": f"images/{i:03d}.png",
+            "width": size,
+            "height": size,
+            "boxes": [
+                {"class_id": c, "class_name": CLASSES[c], "box": [x1, y1, x2, y2]}
+                for c, x1, y1, x2, y2 in boxes
+            ],
+        })
+    (directory / "labels.json").write_text(json.dumps(records, indent=1))
+    return records
+
+
+# --- training (in a child process) ------------------------------------------------------------
+
+
+def offline_env(root: Path) -> dict[str, str]:
+    """Environment that keeps ultralytics off the network; set it before importing ultralytics."""
+    return {"YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(_config_dir(root))}
+
+
+def _config_dir(root: Path) -> Path:
+    # check_det_dataset() fetches Arial.ttf even with plots=False unless the config dir has one.
+    config = root.resolve() / ".ultralytics"
+    font = config / "Arial.ttf"
+    if not font.exists():
+        config.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_any_font(), font)
+    return config
+
+
+def _any_font() -> Path:
+    try:
+        import matplotlib
+
+        return Path(matplotlib.__file__).parent / "mpl-data/fonts/ttf/DejaVuSans.ttf"
+    except ImportError:
+        fonts = sorted(Path("/usr/share/fonts").rglob("*.ttf"))
+        if not fonts:
+            raise FileNotFoundError("no .ttf font to stand in for Arial.ttf") from None
+        return fonts[0]
+
+
+def _child_init(env: dict[str, str]) -> None:
+    os.environ.update(env)
+    import torch
+
+    torch.set_num_threads(TRAIN_THREADS)
+
+
+def _train(recipe: Recipe, data_yaml: str, project: str) -> tuple[str, float]:
+    """Train one recipe; returns the checkpoint path and its mAP50 on the validation split."""
+    from ultralytics import YOLO
+
+    model = YOLO("yolov8n.yaml")  # a packaged config: builds a fresh network, fetches nothing
+    metrics = model.train(
+        data=data_yaml, imgsz=IMAGE_SIZE, epochs=recipe.epochs, optimizer=recipe.optimizer,
+        lr0=recipe.lr0, warmup_epochs=recipe.warmup_epochs, pretrained=False, amp=False,
+        plots=False, seed=0, workers=0, deterministic=True, device="cpu", verbose=False,
+        project=project, name=recipe.version, exist_ok=True,
+    )  # fmt: skip
+    trainer = model.trainer
+    assert trainer is not None and metrics is not None
+    best = trainer.best if trainer.best.exists() else trainer.last
+    return str(best), float(metrics.box.map50)
+
+
+# --- zoo ----------------------------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def is_complete(version_dir: Path) -> bool:
+    """A version counts as built only if its manifest parses and pins the artifact beside it."""
+    try:
+        manifest = Manifest.model_validate_json((version_dir / "manifest.json").read_bytes())
+        return sha256_file(version_dir / manifest.artifact) == manifest.sha256
+    except (OSError, ValueError):
+        return False
+
+
+@contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / ".zoo.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder waits, then finds everything built
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    # os.replace cannot overwrite a non-empty directory: move the stale one aside first.
+    if final.exists():
+        stale = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, stale)
+        shutil.rmtree(stale)
+    os.replace(tmp, final)
+
+
+def _build_heldout(root: Path) -> Path:
+    final = root / "_data" / "shapes-heldout"
+    if not (final / "labels.json").exists():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-heldout-", dir=final.parent))
+        write_dataset(tmp, N_HELDOUT, HELDOUT_SEED, yolo_labels=False)
+        _publish(tmp, final)
+    return final
+
+
+def _write_version(
+    recipe: Recipe, checkpoint: Path, map50: float, heldout: Path, final: Path
+) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{recipe.version}-", dir=final.parent))
+    shutil.copyfile(checkpoint, tmp / "model.pt")
+    (tmp / "calibration").mkdir()
+    records = json.loads((heldout / "labels.json").read_text())[:N_CALIBRATION]
+    images = []
+    for record in records:
+        name = f"calibration/{Path(record['file']).name}"
+        shutil.copyfile(heldout / record["file"], tmp / name)
+        expected = [ExpectedBox(class_name=b["class_name"], box=b["box"]) for b in record["boxes"]]
+        images.append(CalibrationImage(file=name, expected=expected))
+    recipe_info = {k: v for k, v in asdict(recipe).items() if k not in ("version", "parent")}
+    manifest = Manifest(
+        name=MODEL_NAME, version=recipe.version, backend="ultralytics", task="detect",
+        artifact="model.pt", sha256=sha256_file(tmp / "model.pt"), classes=CLASSES,
+        input_size=IMAGE_SIZE, created_at=CREATED_AT,
+        calibration=Calibration(images=images, min_recall=0.5, match_iou=0.5, conf=0.25),
+        lineage={
+            "parent": recipe.parent,
+            "dataset": {"seed": DATA_SEED, "train": N_TRAIN, "val": N_VAL},
+            "recipe": {"model": "yolov8n.yaml", "imgsz": IMAGE_SIZE, "seed": 0, **recipe_info},
+            "metrics": {"mAP50": round(map50, 4)},
+        },
+    )  # fmt: skip
+    (tmp / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
+    _publish(tmp, final)
+
+
+def _write_training_data(work: Path) -> Path:
+    for split, n, seed in (("train", N_TRAIN, DATA_SEED), ("val", N_VAL, DATA_SEED + 1)):
+        write_dataset(work / "data" / split, n, seed)
+    data_yaml = work / "data.yaml"
+    names = {str(k): v for k, v in CLASSES.items()}
+    spec = {"path": str(work / "data"), "train": "train/images", "val": "val/images", "names": names}
+    data_yaml.write_text(json.dumps(spec))  # JSON is YAML
+    return data_yaml
+
+
+def build_zoo(root: Path, *, force: bool = False, progress: Progress | None = None) -> list[Path]:
+    """Build every missing version (all of them with `force`); returns all version directories."""
+    say = progress or (lambda _message: None)
+    root = root.resolve()
+    finals = [root / MODEL_NAME / r.version for r in RECIPES]
+    with _locked(root):
+        heldout = _build_heldout(root)
+        todo = [(r, f) for r, f in zip(RECIPES, finals, strict=True) if force or not is_complete(f)]
+        if not todo:
+            return finals
+        (root / MODEL_NAME).mkdir(exist_ok=True)
+        (root / ".work").mkdir(exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=root / ".work") as work_name:
+            work = Path(work_name)
+            data_yaml = _write_training_data(work)
+            # Training runs in a spawned child: ultralytics flips process-wide torch state
+            # (deterministic algorithms, thread count, seeds) that the caller must not inherit.
+            context = get_context("spawn")
+            init = (offline_env(root),)
+            with ProcessPoolExecutor(1, mp_context=context, initializer=_child_init, initargs=init) as pool:
+                for recipe, final in todo:
+                    say(f"training {MODEL_NAME} {recipe.version} ({recipe.epochs} epochs)")
+                    future = pool.submit(_train, recipe, str(data_yaml), str(work / "runs"))
+                    checkpoint, map50 = future.result()
+                    _write_version(recipe, Path(checkpoint), map50, heldout, final)
+                    say(f"built {final} (mAP50 {map50:.3f})")
+    return finals
+
+
+def ensure_zoo(root: Path = Path("models")) -> Path:
+    build_zoo(root)
+    return root
+
+
+if __name__ == "__main__":
+    build_zoo(Path("models"), progress=print)

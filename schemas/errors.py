@@ -1,0 +1,51 @@
+"""The closed set of error codes a job result can carry.
+
+Producers branch on these codes, so they are part of the wire contract: add new ones, never
+rename or reuse one. The README lists what each means to a producer.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    # The message itself is malformed: it is answered (when it names a reply queue) and
+    # dead-lettered, because no retry can ever succeed.
+    INVALID_JSON = "invalid_json"
+    INVALID_JOB = "invalid_job"
+    UNSUPPORTED_SCHEMA = "unsupported_schema"
+    MISSING_IMAGE = "missing_image"
+    BAD_BASE64 = "bad_base64"
+    INVALID_PARAMS = "invalid_params"
+    MISSING_REPLY_TO = "missing_reply_to"
+
+    # The job is well formed but cannot be served as asked: answered and acked.
+    NOT_AN_IMAGE = "not_an_image"
+    TRUNCATED_IMAGE = "truncated_image"
+    EMPTY_IMAGE = "empty_image"
+    IMAGE_TOO_LARGE = "image_too_large"
+    TOO_MANY_PIXELS = "too_many_pixels"
+    IMAGE_FETCH_FAILED = "image_fetch_failed"
+    UNKNOWN_MODEL = "unknown_model"
+    UNKNOWN_VERSION = "unknown_version"
+    EXPIRED = "expired"
+
+    # Our fault, not the producer's.
+    INFERENCE_FAILED = "inference_failed"
+    INTERNAL = "internal"
+
+
+#: Codes whose message can never be processed, whatever worker takes it: they go to the
+#: dead-letter queue so an operator can inspect them.
+MALFORMED: frozenset[ErrorCode] = frozenset(
+    {
+        ErrorCode.INVALID_JSON,
+        ErrorCode.INVALID_JOB,
+        ErrorCode.UNSUPPORTED_SCHEMA,
+        ErrorCode.MISSING_IMAGE,
+        ErrorCode.BAD_BASE64,
+        ErrorCode.INVALID_PARAMS,
+        ErrorCode.MISSING_REPLY_TO,
+    }
+)

@@ -1,0 +1,80 @@
+"""`manifest.json`: what a model version directory in the repository holds.
+
+Layout: `<root>/<model>/<version>/manifest.json` beside the artifact it pins by sha256, and the
+calibration images its expectations refer to (paths relative to the version directory).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$"
+
+ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
+VersionName = Annotated[str, Field(pattern=VERSION_PATTERN)]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+Task = Literal["detect", "segment", "pose", "classify", "face-detection", "human-parsing"]
+
+
+class ExpectedBox(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    class_name: str
+    box: tuple[float, float, float, float] = Field(description="x1, y1, x2, y2 in pixels")
+
+
+class CalibrationImage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: str = Field(description="path relative to the version directory")
+    expected: list[ExpectedBox]
+
+    @field_validator("file")
+    @classmethod
+    def _stay_inside(cls, value: str) -> str:
+        # A manifest is input too: it must not point the validator at files elsewhere.
+        if value.startswith("/") or ".." in re.split(r"[\\/]", value):
+            raise ValueError("calibration paths must stay inside the version directory")
+        return value
+
+
+class Calibration(BaseModel):
+    """Images with known content and how well a version must do on them to be served."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    images: list[CalibrationImage]
+    min_recall: float = Field(ge=0, le=1, description="share of expected boxes found")
+    match_iou: float = Field(0.5, gt=0, le=1, description="IoU for a box to count as found")
+    conf: float = Field(0.25, ge=0, le=1)
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    schema_version: Literal[1] = 1
+    name: ModelName
+    version: VersionName
+    backend: str = Field(description="backend that loads the artifact, e.g. ultralytics")
+    task: Task
+    artifact: str = Field(description="artifact file name inside the version directory")
+    sha256: Sha256
+    classes: dict[int, str]
+    input_size: int = Field(ge=32, le=4096)
+    calibration: Calibration | None = None
+    created_at: AwareDatetime
+    lineage: dict[str, Any] = Field(
+        default_factory=dict, description="parent version, data set, recipe, metrics"
+    )
+
+    @field_validator("artifact")
+    @classmethod
+    def _plain_file_name(cls, value: str) -> str:
+        if not value or "/" in value or "\\" in value or value in {".", ".."}:
+            raise ValueError("artifact must be a plain file name inside the version directory")
+        return value

@@ -1,0 +1,29 @@
+"""AMQP names: part of the contract, since producers in any language publish to them.
+
+A producer publishes a job (JSON, `content_type: application/json`) to the direct exchange
+`<ns>.jobs` with the model name as routing key, sets `reply_to` to a queue it consumes and
+`correlation_id` to the job id, and asks for `mandatory` so a model nobody serves comes back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Topology:
+    namespace: str = "hotswap"
+
+    @property
+    def jobs_exchange(self) -> str:
+        return f"{self.namespace}.jobs"
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        return f"{self.namespace}.jobs.dlx"
+
+    def job_queue(self, model: str) -> str:
+        return f"{self.namespace}.jobs.{model}"
+
+    def dead_letter_queue(self, model: str) -> str:
+        return f"{self.namespace}.jobs.{model}.dead"

@@ -1,0 +1,57 @@
+"""`hotswap` as an operator runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from control.cli import SCHEMA_DIR
+
+
+def hotswap(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "control", *args], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "COLUMNS": "120", **(env or {})},
+    )
+
+
+@pytest.mark.slow
+def test_submit_prints_tables_json_and_annotated_images(
+    start_worker, namespace: str, amqp_url: str, heldout, tmp_path: Path
+) -> None:
+    start_worker("shapes@2.0.0")
+    env = {"HOTSWAP_AMQP_URL": amqp_url, "HOTSWAP_NAMESPACE": namespace}
+    images = [str(h.path) for h in heldout[:3]]
+
+    table = hotswap("submit", *images, "--model", "shapes", "--annotate", str(tmp_path), env=env)
+    assert table.returncode == 0, table.stderr
+    assert "shapes/2.0.0" in table.stdout and "score" in table.stdout
+    assert len(list(tmp_path.glob("*.annotated.png"))) == 3
+
+    as_json = hotswap("submit", *images, "--model", "shapes", "--json", env=env)
+    results = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [r["status"] for r in results] == ["ok"] * 3
+    assert {d["class_name"] for r in results for d in r["detections"]} <= {"circle", "square", "triangle"}
+
+    not_image = tmp_path / "notes.txt"
+    not_image.write_text("hello")
+    failed = hotswap("submit", str(not_image), "--model", "shapes", "--json", env=env)
+    assert failed.returncode == 1
+    assert json.loads(failed.stdout)["error"]["code"] == "not_an_image"
+
+
+def test_schema_command_prints_what_is_published() -> None:
+    printed = hotswap("schema")
+    assert printed.returncode == 0
+    documents = json.loads(printed.stdout)
+    assert documents["job"] == json.loads((SCHEMA_DIR / "job.schema.json").read_text())
+
+
+def test_worker_without_a_model_is_a_usage_error() -> None:
+    result = hotswap("worker")
+    assert result.returncode == 2 and "--model" in result.stderr

@@ -1,0 +1,73 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from schemas.jobs import InferenceParams
+from worker.images import ImageLimits, decode_image
+from worker.runtime.backend import BackendError, create_backend
+from worker.runtime.repository import ModelRepository
+
+LIMITS = ImageLimits(max_bytes=10**7, max_pixels=10**7)
+
+
+@pytest.fixture(scope="module")
+def backend(zoo: Path):
+    repository = ModelRepository(zoo)
+    entry = repository.get("shapes", "2.0.0")
+    model = create_backend("ultralytics", "cpu")
+    model.load(repository.verified_artifact(entry), entry.manifest)
+    model.warm_up()
+    yield model
+    model.release()
+
+
+def test_batch_predictions_equal_in_process_ultralytics(backend, zoo: Path, heldout, bus_jpg: Path) -> None:
+    from ultralytics import YOLO
+
+    reference = YOLO(str(zoo / "shapes" / "2.0.0" / "model.pt"))
+    # ultralytics letterboxes a batch of mixed sizes differently from single images, so the
+    # same-sized held-out images go as one batch and the photo alone.
+    paths = [item.path for item in heldout[:6]]
+    ours = backend.predict([decode_image(p.read_bytes(), LIMITS) for p in paths], InferenceParams(conf=0.1))
+    ours += backend.predict([decode_image(bus_jpg.read_bytes(), LIMITS)], InferenceParams(conf=0.1))
+    for path, detections in zip([*paths, bus_jpg], ours, strict=True):
+        theirs = reference.predict(str(path), imgsz=128, conf=0.1, verbose=False)[0].boxes
+        assert len(detections) == len(theirs), path
+        for detection, box, score, cls in zip(
+            detections, theirs.xyxy.numpy(), theirs.conf.numpy(), theirs.cls.numpy(), strict=True
+        ):
+            b = detection.box
+            assert np.allclose([b.x1, b.y1, b.x2, b.y2], box, atol=1e-3), path
+            assert abs(detection.score - float(score)) < 1e-3
+            assert detection.class_id == int(cls)
+
+
+def test_boxes_are_in_original_image_pixels(backend, bus_jpg: Path) -> None:
+    image = decode_image(bus_jpg.read_bytes(), LIMITS)
+    (detections,) = backend.predict([image], InferenceParams(conf=0.01))
+    height, width = image.shape[:2]
+    assert detections, "a 0.01 threshold finds something on a real photo"
+    assert all(0 <= d.box.x1 <= d.box.x2 <= width and 0 <= d.box.y1 <= d.box.y2 <= height for d in detections)
+    assert max(d.box.x2 for d in detections) > 128, "boxes were not scaled back from the 128 px input"
+
+
+def test_params_are_honoured(backend, heldout) -> None:
+    image = decode_image(heldout[0].path.read_bytes(), LIMITS)
+    (loose,) = backend.predict([image], InferenceParams(conf=0.01))
+    (capped,) = backend.predict([image], InferenceParams(conf=0.01, max_det=1))
+    (strict,) = backend.predict([image], InferenceParams(conf=0.99))
+    assert len(loose) > 1 and len(capped) == 1 and len(strict) < len(loose)
+
+
+def test_loading_garbage_is_a_backend_error(tmp_path: Path, zoo: Path) -> None:
+    entry = ModelRepository(zoo).get("shapes", "1.0.0")
+    garbage = tmp_path / "model.pt"
+    garbage.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(BackendError, match="could not load"):
+        create_backend("ultralytics", "cpu").load(garbage, entry.manifest)
+
+
+def test_unknown_backend_is_named() -> None:
+    with pytest.raises(BackendError, match="unknown backend 'onnx'"):
+        create_backend("onnx", "cpu")

@@ -1,0 +1,119 @@
+import io
+from pathlib import Path
+
+import aiohttp
+import cv2
+import numpy as np
+import pytest
+from aiohttp import web
+from PIL import Image
+
+from schemas.errors import ErrorCode
+from worker.images import ImageLimits, ImageRejected, decode_image, fetch_image
+
+LIMITS = ImageLimits(max_bytes=2_000_000, max_pixels=4_000_000, fetch_timeout_s=2.0)
+
+
+def encode(fmt: str, size: tuple[int, int] = (64, 48), mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color=(10, 200, 30) if mode == "RGB" else 128).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def rejected(data: bytes, limits: ImageLimits = LIMITS) -> ErrorCode:
+    with pytest.raises(ImageRejected) as caught:
+        decode_image(data, limits)
+    return caught.value.code
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_accepted_formats_decode_to_bgr(fmt: str) -> None:
+    image = decode_image(encode(fmt), LIMITS)
+    assert image.shape == (48, 64, 3) and image.dtype == np.uint8
+    blue, green, red = image[10, 10].tolist()
+    assert green > 150 and red < 60 and blue < 80
+
+
+def test_grayscale_and_alpha_become_three_channels() -> None:
+    assert decode_image(encode("PNG", mode="L"), LIMITS).shape == (48, 64, 3)
+    assert decode_image(encode("PNG", mode="RGBA"), LIMITS).shape == (48, 64, 3)
+
+
+def test_pixels_equal_what_ultralytics_reads_from_disk(bus_jpg: Path) -> None:
+    # ultralytics' own loader is cv2.imdecode; detections can only match if the pixels do.
+    ours = decode_image(bus_jpg.read_bytes(), ImageLimits(max_bytes=10**7, max_pixels=10**7))
+    theirs = cv2.imdecode(np.fromfile(bus_jpg, np.uint8), cv2.IMREAD_COLOR)
+    assert np.array_equal(ours, theirs)
+
+
+def test_bad_images_get_specific_codes() -> None:
+    jpeg = encode("JPEG", size=(256, 256))
+    assert rejected(b"") is ErrorCode.EMPTY_IMAGE
+    assert rejected(b"hello, I am text") is ErrorCode.NOT_AN_IMAGE
+    assert rejected(encode("GIF")) is ErrorCode.NOT_AN_IMAGE
+    assert rejected(encode("BMP")) is ErrorCode.NOT_AN_IMAGE
+    assert rejected(jpeg[: len(jpeg) // 2]) is ErrorCode.TRUNCATED_IMAGE
+    assert rejected(jpeg[:400]) is ErrorCode.TRUNCATED_IMAGE  # cut inside the header
+    png = encode("PNG", size=(300, 300))
+    assert rejected(png[: len(png) // 2]) in {ErrorCode.TRUNCATED_IMAGE, ErrorCode.NOT_AN_IMAGE}
+    assert rejected(jpeg, ImageLimits(max_bytes=100, max_pixels=10**6)) is ErrorCode.IMAGE_TOO_LARGE
+    assert rejected(jpeg, ImageLimits(max_bytes=10**6, max_pixels=256 * 255)) is ErrorCode.TOO_MANY_PIXELS
+
+
+def test_decompression_bomb_is_refused_before_decoding() -> None:
+    # 20000×20000 of one colour compresses to a few hundred kB but would take 1.2 GB decoded.
+    bomb = encode("PNG", size=(20000, 20000), mode="L")
+    assert len(bomb) < LIMITS.max_bytes
+    assert rejected(bomb) is ErrorCode.TOO_MANY_PIXELS
+
+
+def test_zero_sized_png_header_is_empty_or_invalid() -> None:
+    png = bytearray(encode("PNG", size=(1, 1)))
+    png[16:24] = (0).to_bytes(4, "big") * 2  # IHDR width and height
+    assert rejected(bytes(png)) in {ErrorCode.EMPTY_IMAGE, ErrorCode.NOT_AN_IMAGE}
+
+
+async def test_file_urls_only_from_allowed_roots(tmp_path: Path) -> None:
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "a.png").write_bytes(encode("PNG"))
+    (tmp_path / "secret.png").write_bytes(encode("PNG"))
+    limits = ImageLimits(max_bytes=10**6, max_pixels=10**6, file_roots=(allowed,))
+    async with aiohttp.ClientSession() as http:
+        assert await fetch_image(f"file://{allowed}/a.png", limits, http) == encode("PNG")
+        for url in (f"file://{tmp_path}/secret.png", f"file://{allowed}/../secret.png", f"file://{allowed}/none.png"):
+            with pytest.raises(ImageRejected) as caught:
+                await fetch_image(url, limits, http)
+            assert caught.value.code is ErrorCode.IMAGE_FETCH_FAILED
+
+
+async def test_http_urls_fetch_with_status_and_size_checks() -> None:
+    png = encode("PNG")
+
+    async def image(_: web.Request) -> web.Response:
+        return web.Response(body=png, content_type="image/png")
+
+    async def big(_: web.Request) -> web.Response:
+        return web.Response(body=b"x" * 5000)
+
+    app = web.Application()
+    app.router.add_get("/a.png", image)
+    app.router.add_get("/big", big)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    limits = ImageLimits(max_bytes=4000, max_pixels=10**6, fetch_timeout_s=2)
+    try:
+        async with aiohttp.ClientSession() as http:
+            assert await fetch_image(f"{base}/a.png", limits, http) == png
+            for path, code in (("/missing", ErrorCode.IMAGE_FETCH_FAILED), ("/big", ErrorCode.IMAGE_TOO_LARGE)):
+                with pytest.raises(ImageRejected) as caught:
+                    await fetch_image(base + path, limits, http)
+                assert caught.value.code is code
+            with pytest.raises(ImageRejected) as caught:
+                await fetch_image("http://127.0.0.1:1/nothing-listens", limits, http)
+            assert caught.value.code is ErrorCode.IMAGE_FETCH_FAILED
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,171 @@
+"""Nothing is lost: concurrency, killed workers, graceful stops, broker cuts, poison messages."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import aio_pika
+import pytest
+from aiohttp import web
+
+from control.client import Client
+from control.processes import WorkerProcess
+from schemas.jobs import JobResult
+from schemas.topology import Topology
+
+pytestmark = pytest.mark.slow
+
+
+async def submit_all(client: Client, images: list[Path], count: int, **kwargs: object) -> list[JobResult]:
+    return list(await asyncio.gather(
+        *(client.submit(images[i % len(images)], model="shapes", **kwargs) for i in range(count))  # type: ignore[arg-type]
+    ))
+
+
+def submit_in_background(
+    client: Client, images: list[Path], count: int, answered: list[JobResult]
+) -> list[asyncio.Task[JobResult]]:
+    """Submit `count` jobs as tasks; each result is appended to `answered` as it arrives."""
+
+    async def one(i: int) -> JobResult:
+        result = await client.submit(images[i % len(images)], model="shapes")
+        answered.append(result)
+        return result
+
+    return [asyncio.create_task(one(i)) for i in range(count)]
+
+
+async def wait_until(predicate, timeout_s: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+async def test_500_concurrent_jobs_two_workers_each_answered_once(start_worker, client: Client, heldout) -> None:
+    first, second = start_worker("shapes@1.0.0"), start_worker("shapes@1.0.0")
+    results = await submit_all(client, [h.path for h in heldout], 500)
+    assert len({r.job_id for r in results}) == 500
+    assert all(r.status == "ok" for r in results)
+    by_worker = Counter(r.worker_id for r in results)
+    assert set(by_worker) == {"w1", "w2"}, by_worker
+    await asyncio.sleep(0.5)  # a duplicate, were there one, would have arrived by now
+    assert client.duplicates == 0 and client.late == 0
+    done = first.get("/status")["jobs_done"] + second.get("/status")["jobs_done"]
+    assert done == 500
+
+
+async def test_a_worker_killed_mid_stream_loses_nothing(start_worker, client: Client, heldout) -> None:
+    victim = start_worker("shapes@1.0.0", name="victim", args=["--prefetch", "32"])
+    start_worker("shapes@1.0.0", name="survivor")
+    answered: list[JobResult] = []
+    jobs = submit_in_background(client, [h.path for h in heldout], 400, answered)
+    await wait_until(lambda: sum(r.worker_id == "victim" for r in answered) >= 20)
+    victim.kill()
+    results = await asyncio.gather(*jobs)
+    assert all(r.status == "ok" for r in results) and len(results) == 400
+    assert any(r.worker_id == "survivor" and r.attempt > 1 for r in results), "the victim held no unacked jobs"
+
+
+async def test_sigterm_finishes_in_flight_jobs_and_exits_in_time(start_worker, client: Client, heldout) -> None:
+    leaving = start_worker("shapes@1.0.0", name="leaving", args=["--prefetch", "32", "--grace-period", "20"])
+    answered: list[JobResult] = []
+    jobs = submit_in_background(client, [h.path for h in heldout], 300, answered)
+    await wait_until(lambda: len(answered) >= 20)
+    assert leaving.get("/status")["in_flight"] > 0
+    leaving.signal(signal.SIGTERM)
+    stopped_at = time.monotonic()
+    assert leaving.process is not None
+    code = await asyncio.to_thread(leaving.process.wait, 25)
+    assert code == 0 and time.monotonic() - stopped_at < 20
+    assert "all in-flight jobs answered" in leaving.log_tail(50)
+    start_worker("shapes@1.0.0", name="next")
+    results = await asyncio.gather(*jobs)
+    assert all(r.status == "ok" for r in results)
+    # Jobs the leaving worker had taken were answered by it, not redelivered to the next one.
+    assert all(r.attempt == 1 for r in results)
+    assert {r.worker_id for r in results} == {"leaving", "next"}
+
+
+async def test_a_broker_connection_cut_is_survived(start_worker, client: Client, heldout) -> None:
+    worker = start_worker("shapes@1.0.0")
+    before = await client.submit(heldout[0].path, model="shapes")
+    assert before.status == "ok"
+    subprocess.run(["rabbitmqctl", "-q", "close_all_connections", "test: connection cut"], check=True)
+    await wait_until(lambda: not worker.get("/readyz", ok_only=False).get("ready"), timeout_s=10)
+    await wait_until(lambda: bool(worker.get("/readyz", ok_only=False).get("ready")), timeout_s=60)
+    after = await asyncio.wait_for(client.submit(heldout[1].path, model="shapes"), 60)
+    assert after.status == "ok" and after.worker_id == "w1"
+    assert "hotswap_broker_connected 1.0" in worker.text("/metrics")
+
+
+async def test_a_message_that_kills_workers_ends_in_the_dead_letter_queue(
+    start_worker, client: Client, heldout, namespace: str, amqp_url: str
+) -> None:
+    """A job whose image URL hangs: each worker that takes it is killed (as a supervisor would
+    kill a stuck worker); after the quorum delivery limit it is dead-lettered, not retried forever."""
+    hung = asyncio.Event()
+
+    async def hang(_: web.Request) -> web.Response:
+        hung.set()
+        await asyncio.sleep(3600)
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_get("/hang.png", hang)
+    runner = web.AppRunner(app, shutdown_timeout=1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/hang.png"
+    env = {"HOTSWAP_DELIVERY_LIMIT": "1", "HOTSWAP_IMAGE_FETCH_TIMEOUT_S": "3600"}
+    topology = Topology(namespace)
+    poison: asyncio.Task[JobResult] | None = None
+    kills = 0
+    message = None
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        for attempt in range(4):
+            worker = start_worker("shapes@1.0.0", env=env, name=f"stuck{attempt}")
+            if poison is None:  # the queue exists once the first worker has declared it
+                poison = asyncio.create_task(client.submit(url, model="shapes", timeout_s=300))
+            await asyncio.wait_for(hung.wait(), 30)
+            hung.clear()
+            worker.kill()
+            kills += 1
+            dead_queue = await channel.declare_queue(topology.dead_letter_queue("shapes"), passive=True)
+            for _ in range(30):
+                message = await dead_queue.get(no_ack=True, fail=False)
+                if message is not None:
+                    break
+                await asyncio.sleep(0.1)
+            if message is not None:
+                break
+        assert message is not None, "the poison job is not in the dead-letter queue"
+        assert message.headers.get("x-first-death-reason") == "delivery_limit"
+        assert kills == 2, f"delivered {kills} times with a delivery limit of 1"
+        assert poison is not None and not poison.done()
+        start_worker("shapes@1.0.0", env=env, name="healthy")
+        ok = await client.submit(heldout[0].path, model="shapes")
+        assert ok.status == "ok"
+    finally:
+        if poison is not None:
+            poison.cancel()
+        await connection.close()
+        await runner.cleanup()
+
+
+def test_worker_refuses_to_start_with_a_model_it_cannot_load(tmp_path: Path, zoo: Path, amqp_url: str) -> None:
+    process = WorkerProcess(
+        models=["shapes@7.7.7"], log_path=tmp_path / "w.log",
+        env={"HOTSWAP_MODEL_ROOT": str(zoo), "HOTSWAP_AMQP_URL": amqp_url},
+    )
+    with pytest.raises(Exception, match="not found"):
+        process.start(timeout_s=60)
+    assert process.process is not None and process.process.returncode == 2

@@ -1,0 +1,75 @@
+"""/healthz, /readyz, /status and /metrics over HTTP, with values that move as jobs run."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+
+from control.client import Client
+from schemas.errors import ErrorCode
+
+pytestmark = pytest.mark.slow
+
+
+def sample(metrics: str, name: str, **labels: str) -> float:
+    """The value of one sample of the Prometheus text format, 0 if absent."""
+    for line in metrics.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            found = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
+            if all(found.get(k) == v for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_status_endpoints_move_with_jobs(start_worker, client: Client, heldout) -> None:
+    worker = start_worker("shapes@1.0.0", name="observed")
+    assert worker.get("/healthz") == {"status": "ok"}
+    assert worker.get("/readyz") == {"ready": True}
+    before = worker.get("/status")
+    assert before["worker_id"] == "observed" and before["pid"] == worker.process.pid
+    assert before["models"]["shapes"]["active"] == "1.0.0"
+    assert before["models"]["shapes"]["versions"]["1.0.0"]["state"] == "active"
+    assert (before["jobs_done"], before["jobs_failed"], before["last_error"]) == (0, 0, None)
+    metrics_before = worker.text("/metrics")
+    assert sample(metrics_before, "hotswap_broker_connected") == 1
+    assert sample(metrics_before, "hotswap_model_version_info", model="shapes", version="1.0.0",
+                  state="active", backend="ultralytics") == 1
+
+    await asyncio.gather(*(client.submit(h.path, model="shapes") for h in heldout[:10]))
+    failed = await client.submit(b"not an image", model="shapes")
+    assert failed.error is not None and failed.error.code is ErrorCode.NOT_AN_IMAGE
+
+    after = worker.get("/status")
+    assert (after["jobs_done"], after["jobs_failed"]) == (10, 1)
+    assert after["last_error"]["code"] == "not_an_image"
+    assert after["uptime_s"] > before["uptime_s"]
+    metrics = worker.text("/metrics")
+    ok = {"model": "shapes", "version": "1.0.0", "status": "ok", "code": ""}
+    assert sample(metrics, "hotswap_jobs_total", **ok) == 10
+    assert sample(metrics, "hotswap_jobs_total", model="shapes", status="error", code="not_an_image") == 1
+    assert sample(metrics, "hotswap_job_phase_seconds_count", model="shapes", phase="queue_wait") == 11
+    for phase in ("decode", "inference"):
+        assert sample(metrics, "hotswap_job_phase_seconds_count", model="shapes", phase=phase) == 10
+    assert sample(metrics, "hotswap_job_phase_seconds_count", model="shapes", phase="total") == 11
+    assert sample(metrics, "hotswap_job_phase_seconds_sum", model="shapes", phase="inference") > 0
+    assert sample(metrics, "hotswap_jobs_in_flight", model="shapes") == 0
+    assert "# TYPE hotswap_job_phase_seconds histogram" in metrics
+
+
+async def test_readyz_says_why_not_while_stopping(start_worker, client: Client, heldout) -> None:
+    worker = start_worker("shapes@1.0.0", args=["--grace-period", "5"])
+    jobs = [asyncio.create_task(client.submit(heldout[i % 40].path, model="shapes")) for i in range(100)]
+    await asyncio.sleep(0.3)
+    worker.signal(__import__("signal").SIGTERM)
+    reasons: list[str] = []
+    for _ in range(50):
+        answer = worker.get("/readyz", ok_only=False)
+        if answer.get("reasons"):
+            reasons = answer["reasons"]
+            break
+        await asyncio.sleep(0.02)
+    assert "shutting down" in reasons
+    start_worker("shapes@1.0.0")
+    assert all(r.status == "ok" for r in await asyncio.gather(*jobs))

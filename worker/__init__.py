@@ -1,0 +1,1 @@
+"""The Hotswap worker: serves image jobs from RabbitMQ with hot-swappable models."""

@@ -1,0 +1,175 @@
+"""The worker process: loads its models, serves jobs, reports status, stops gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import aiohttp
+from aio_pika.abc import AbstractRobustConnection
+
+from worker.config import WorkerSettings
+from worker.connections import connect
+from worker.consumer import JobConsumer
+from worker.images import ImageLimits
+from worker.jobs import JobProcessor
+from worker.metrics import WorkerMetrics
+from worker.runtime.manager import ModelManager, ModelSpec
+from worker.runtime.repository import ModelRepository
+from worker.status import StatusServer
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings) -> None:
+        if not settings.models:
+            raise ValueError("a worker needs at least one model (--model NAME[@VERSION])")
+        self.settings = settings
+        self.specs = [ModelSpec.parse(text) for text in settings.models]
+        self.metrics = WorkerMetrics()
+        self.started_at = time.time()
+        # One inference thread: torch parallelises inside it (settings.torch_threads).
+        self.inference_executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
+        self.decode_executor = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        self.models = ModelManager(
+            ModelRepository(settings.model_root), settings.device, self.inference_executor
+        )
+        self.limits = ImageLimits(
+            max_bytes=settings.max_image_bytes,
+            max_pixels=settings.max_image_pixels,
+            fetch_timeout_s=settings.image_fetch_timeout_s,
+            file_roots=tuple(settings.image_file_roots),
+        )
+        self.connection: AbstractRobustConnection | None = None
+        self.consumer: JobConsumer | None = None
+        self.processor: JobProcessor | None = None
+        self.broker_connected = False
+        self.stopping = asyncio.Event()
+        self.status_url = ""
+
+    async def run(self) -> None:
+        _limit_torch_threads(self.settings.torch_threads)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        status = StatusServer(self, self.settings.status_host, self.settings.status_port)
+        self.status_url = await status.start()
+        http = aiohttp.ClientSession()
+        try:
+            await self.models.start(self.specs)
+            self.processor = JobProcessor(
+                self.settings.worker_id, self.models.table, self.limits,
+                self.decode_executor, self.inference_executor, http, self.metrics,
+            )
+            await self._serve(self.processor)
+        finally:
+            await http.close()
+            await status.stop()
+            self.inference_executor.shutdown(wait=False, cancel_futures=True)
+            self.decode_executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _serve(self, processor: JobProcessor) -> None:
+        self.connection = await connect(self.settings.amqp_url, f"hotswap-worker {self.settings.worker_id}")
+        self.connection.close_callbacks.add(lambda *_: self._set_connected(False))
+        self.connection.reconnect_callbacks.add(lambda *_: self._set_connected(True))
+        self._set_connected(True)
+        self.consumer = JobConsumer(self.settings, processor, self.metrics)
+        try:
+            await self.consumer.start(self.connection, [spec.model for spec in self.specs])
+            log.info("worker %s ready", self.settings.worker_id)
+            await self.stopping.wait()
+            await self._shut_down(self.consumer)
+        finally:
+            await self.connection.close()
+            self._set_connected(False)
+
+    def _set_connected(self, connected: bool) -> None:
+        # A robust connection never reports itself closed while it reconnects: track it here.
+        if connected != self.broker_connected:
+            log.log(logging.INFO if connected else logging.WARNING,
+                    "broker connection %s", "restored" if connected else "lost; reconnecting")
+        self.broker_connected = connected
+        self.metrics.broker_connected.set(int(connected))
+
+    async def _shut_down(self, consumer: JobConsumer) -> None:
+        log.info("stopping: no new jobs; %d in flight", consumer.in_flight)
+        await consumer.stop_consuming()
+        if await consumer.drain(self.settings.grace_period_s):
+            log.info("all in-flight jobs answered")
+        else:
+            log.warning(
+                "grace period over with %d jobs in flight; the broker will redeliver them",
+                consumer.in_flight,
+            )
+
+    # --- what the status server shows -------------------------------------------------------
+
+    def not_ready_reasons(self) -> list[str]:
+        reasons = []
+        if not self.broker_connected:
+            reasons.append("not connected to the broker")
+        if not self.models.table.all():
+            reasons.append("no model loaded")
+        if self.consumer is None or not self.consumer.consuming:
+            reasons.append("not consuming")
+        if self.stopping.is_set():
+            reasons.append("shutting down")
+        return reasons
+
+    def status(self) -> dict[str, Any]:
+        stats = self.processor.stats if self.processor else None
+        return {
+            "worker_id": self.settings.worker_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "ready": not self.not_ready_reasons(),
+            "broker_connected": self.broker_connected,
+            "in_flight": self.consumer.in_flight if self.consumer else 0,
+            "jobs_done": stats.done if stats else 0,
+            "jobs_failed": stats.failed if stats else 0,
+            "last_error": stats.last_error if stats else None,
+            "models": {d.model: _deployment_status(d) for d in self.models.table.all()},
+        }
+
+    def refresh_metrics(self) -> None:
+        info = self.metrics.model_info
+        info.clear()
+        for deployment in self.models.table.all():
+            for version in deployment.loaded.values():
+                manifest = version.manifest
+                info.labels(
+                    version.model, version.version,
+                    manifest.backend if manifest else "", manifest.task if manifest else "",
+                    version.state.value,
+                ).set(1)
+
+
+def _deployment_status(deployment: Any) -> dict[str, Any]:
+    return {
+        "active": deployment.active.version,
+        "versions": {
+            name: {
+                "state": v.state.value,
+                "reason": v.reason,
+                "in_flight": v.in_flight,
+                "backend": v.manifest.backend if v.manifest else None,
+                "sha256": v.manifest.sha256 if v.manifest else None,
+            }
+            for name, v in deployment.loaded.items()
+        },
+    }
+
+
+def _limit_torch_threads(threads: int) -> None:
+    # Two torch threads under contention ran 20× slower on a 2-core machine (DESIGN.md).
+    import torch
+
+    torch.set_num_threads(threads)

@@ -1,0 +1,58 @@
+"""Worker settings: environment (`HOTSWAP_*`) first, then command-line flags override."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from schemas.topology import Topology
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HOTSWAP_", extra="ignore")
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    namespace: str = Field("hotswap", pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="MODEL or MODEL@VERSION, comma separated in the env"
+    )
+    model_root: Path = Path("models")
+    worker_id: str = Field(default_factory=_default_worker_id)
+    device: str = "cpu"
+
+    prefetch: int = Field(8, ge=1, le=10_000)
+    delivery_limit: int = Field(3, ge=1, le=1000, description="quorum queue x-delivery-limit")
+    torch_threads: int = Field(1, ge=1, le=256)
+    decode_threads: int = Field(2, ge=1, le=64)
+    grace_period_s: float = Field(30.0, ge=0)
+
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    image_fetch_timeout_s: float = Field(10.0, gt=0)
+    image_file_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="directories file:// image URLs may read from"
+    )
+
+    status_host: str = "127.0.0.1"
+    status_port: int = Field(8080, ge=0, le=65535, description="0 picks a free port")
+
+    @property
+    def topology(self) -> Topology:
+        return Topology(self.namespace)
+
+    @field_validator("models", "image_file_roots", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        # NoDecode hands comma-separated environment values over as plain strings.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value

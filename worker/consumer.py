@@ -1,0 +1,118 @@
+"""Consumes job queues, publishes each result under publisher confirms, then acks.
+
+The ack comes only after the broker has confirmed the result (invariant 1): a worker killed at
+any instant leaves its unacked jobs to be redelivered, and the client drops duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from functools import partial
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+
+from worker.config import WorkerSettings
+from worker.connections import declare_job_topology
+from worker.jobs import Delivery, JobProcessor, Outcome
+from worker.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+
+class JobConsumer:
+    def __init__(self, settings: WorkerSettings, processor: JobProcessor, metrics: WorkerMetrics) -> None:
+        self.settings = settings
+        self.processor = processor
+        self.metrics = metrics
+        self._channel: AbstractChannel | None = None
+        self._consumers: list[tuple[AbstractQueue, str]] = []
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def consuming(self) -> bool:
+        return bool(self._consumers)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    async def start(self, connection: AbstractRobustConnection, models: list[str]) -> None:
+        # A channel of its own: a consumer timeout closes the whole channel it happens on.
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.set_qos(prefetch_count=self.settings.prefetch)
+        self._channel = channel
+        for model in models:
+            queue = await declare_job_topology(
+                channel, self.settings.topology, model, self.settings.delivery_limit
+            )
+            tag = await queue.consume(partial(self._on_message, model))
+            self._consumers.append((queue, tag))
+            log.info("consuming %s (prefetch %d)", queue.name, self.settings.prefetch)
+
+    async def stop_consuming(self) -> None:
+        consumers, self._consumers = self._consumers, []
+        for queue, tag in consumers:
+            try:
+                await queue.cancel(tag)
+            except Exception as exc:  # the connection may already be gone; nothing to cancel then
+                log.warning("cancelling consumer on %s failed: %s", queue.name, exc)
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait for in-flight jobs to be answered and acked; False if time ran out."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except TimeoutError:
+            return False
+
+    async def _on_message(self, model: str, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._in_flight.add(task)
+        self._idle.clear()
+        self.metrics.in_flight.labels(model).inc()
+        try:
+            outcome = await self.processor.process(_delivery(message, model))
+            await self._settle(message, outcome, model)
+        finally:
+            self.metrics.in_flight.labels(model).dec()
+            self._in_flight.discard(task)
+            if not self._in_flight:
+                self._idle.set()
+
+    async def _settle(self, message: AbstractIncomingMessage, outcome: Outcome, model: str) -> None:
+        try:
+            if outcome.reply_to and self._channel is not None:
+                reply = aio_pika.Message(
+                    body=outcome.result.model_dump_json(exclude_none=True).encode(),
+                    content_type="application/json",
+                    correlation_id=message.correlation_id or outcome.result.job_id,
+                    type="hotswap.result",
+                )
+                await self._channel.default_exchange.publish(reply, routing_key=outcome.reply_to, mandatory=False)
+            if outcome.dead_letter:
+                await message.reject(requeue=False)
+                code = outcome.result.error.code if outcome.result.error else "unknown"
+                self.metrics.dead_lettered.labels(model, code).inc()
+            else:
+                await message.ack()
+        except Exception as exc:  # unconfirmed: leave the job unacked so the broker redelivers it
+            self.metrics.results_unpublished.labels(model).inc()
+            log.warning("job %s not settled (%s); it will be redelivered", outcome.result.job_id, exc)
+
+
+def _delivery(message: AbstractIncomingMessage, model: str) -> Delivery:
+    # Quorum queues count earlier deliveries in x-delivery-count; absent on the first one.
+    count = (message.headers or {}).get("x-delivery-count", 0)
+    return Delivery(
+        body=message.body,
+        queue_model=model,
+        reply_to=message.reply_to,
+        correlation_id=message.correlation_id,
+        attempt=int(count) + 1 if isinstance(count, int) else 1,
+    )
+

@@ -1,0 +1,130 @@
+"""Turning a job's image (inline bytes or a URL) into pixels, within limits.
+
+Decoding runs in a thread pool (PIL releases the GIL); fetching runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import aiohttp
+import numpy as np
+from PIL import Image as PILImage
+from PIL import ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+
+from schemas.errors import ErrorCode
+from worker.runtime.backend import Image
+
+# Opened by their own plugin, never through `PIL.Image.open`: ultralytics replaces that
+# function with one that tries to install packages when it meets an unknown format.
+_OPENERS = (
+    (b"\xff\xd8\xff", JpegImagePlugin.JpegImageFile),
+    (b"\x89PNG\r\n\x1a\n", PngImagePlugin.PngImageFile),
+)
+
+# Our own pixel limit applies before decoding; PIL's guard would only warn below 2× its default.
+PILImage.MAX_IMAGE_PIXELS = None
+
+
+class ImageRejected(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int
+    max_pixels: int
+    fetch_timeout_s: float = 10.0
+    file_roots: tuple[Path, ...] = ()
+
+
+def decode_image(data: bytes, limits: ImageLimits) -> Image:
+    """Decode JPEG, PNG or WebP bytes into an H×W×3 BGR uint8 array."""
+    if not data:
+        raise ImageRejected(ErrorCode.EMPTY_IMAGE, "image data is empty")
+    if len(data) > limits.max_bytes:
+        raise ImageRejected(
+            ErrorCode.IMAGE_TOO_LARGE, f"image is {len(data)} bytes; the limit is {limits.max_bytes}"
+        )
+    picture = _open(data)
+    width, height = picture.size
+    if width == 0 or height == 0:
+        raise ImageRejected(ErrorCode.EMPTY_IMAGE, f"image is {width}×{height} pixels")
+    if width * height > limits.max_pixels:
+        raise ImageRejected(
+            ErrorCode.TOO_MANY_PIXELS,
+            f"image is {width}×{height} = {width * height} pixels; the limit is {limits.max_pixels}",
+        )
+    try:
+        picture.load()
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageRejected(_damage_code(exc), f"image data is damaged: {exc}") from exc
+    rgb = ImageOps.exif_transpose(picture).convert("RGB")
+    return np.ascontiguousarray(np.asarray(rgb)[:, :, ::-1])
+
+
+def _open(data: bytes) -> PILImage.Image:
+    """Read the header only (no pixels yet) of a JPEG, PNG or WebP image."""
+    opener: type[PILImage.Image] | None = None
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        opener = WebPImagePlugin.WebPImageFile
+    for magic, plugin in _OPENERS:
+        if data.startswith(magic):
+            opener = plugin
+    if opener is None:
+        raise ImageRejected(ErrorCode.NOT_AN_IMAGE, "bytes are not a JPEG, PNG or WebP image")
+    try:
+        return opener(io.BytesIO(data))  # type: ignore[call-arg]
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageRejected(_damage_code(exc), f"unreadable image header: {exc}") from exc
+
+
+def _damage_code(exc: Exception) -> ErrorCode:
+    # PIL says "truncated" (in various cases) for data that stops early, in header or pixels.
+    return ErrorCode.TRUNCATED_IMAGE if "truncated" in str(exc).lower() else ErrorCode.NOT_AN_IMAGE
+
+
+async def fetch_image(url: str, limits: ImageLimits, session: aiohttp.ClientSession) -> bytes:
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return await asyncio.to_thread(_read_allowed_file, Path(unquote(parsed.path)), limits)
+    try:
+        timeout = aiohttp.ClientTimeout(total=limits.fetch_timeout_s)
+        async with session.get(url, timeout=timeout) as response:
+            if response.status != 200:
+                raise ImageRejected(
+                    ErrorCode.IMAGE_FETCH_FAILED, f"GET {url} answered HTTP {response.status}"
+                )
+            data = await response.content.read(limits.max_bytes + 1)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise ImageRejected(
+            ErrorCode.IMAGE_FETCH_FAILED, f"GET {url} failed: {exc!r}"
+        ) from exc
+    if len(data) > limits.max_bytes:
+        raise ImageRejected(
+            ErrorCode.IMAGE_TOO_LARGE, f"{url} is over the {limits.max_bytes}-byte limit"
+        )
+    return data
+
+
+def _read_allowed_file(path: Path, limits: ImageLimits) -> bytes:
+    resolved = path.resolve()
+    if not any(resolved.is_relative_to(root.resolve()) for root in limits.file_roots):
+        raise ImageRejected(
+            ErrorCode.IMAGE_FETCH_FAILED, f"{path} is outside the directories images may come from"
+        )
+    try:
+        with resolved.open("rb") as f:
+            data = f.read(limits.max_bytes + 1)
+    except OSError as exc:
+        raise ImageRejected(ErrorCode.IMAGE_FETCH_FAILED, f"cannot read {path}: {exc}") from exc
+    if len(data) > limits.max_bytes:
+        raise ImageRejected(ErrorCode.IMAGE_TOO_LARGE, f"{path} is over the {limits.max_bytes}-byte limit")
+    return data

@@ -1,0 +1,245 @@
+"""From a message body to a job result: parse, route, fetch, decode, infer.
+
+Transport-free: `worker.consumer` hands a body in and publishes what comes out. Every failure
+becomes a result with a specific error code; only a bug in this module can raise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import aiohttp
+
+from schemas.errors import MALFORMED, ErrorCode
+from schemas.jobs import (
+    Detection,
+    ImageInfo,
+    InlineImage,
+    Job,
+    JobError,
+    JobResult,
+    MalformedJob,
+    Timings,
+    parse_job,
+)
+from worker.images import ImageLimits, ImageRejected, decode_image, fetch_image
+from worker.metrics import WorkerMetrics
+from worker.runtime.backend import Image
+from worker.runtime.deployment import DeploymentTable, UnknownVersion
+from worker.runtime.lifecycle import ModelVersion
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What the processor needs from an AMQP delivery."""
+
+    body: bytes
+    queue_model: str
+    reply_to: str | None
+    correlation_id: str | None
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    result: JobResult
+    #: Publish the result here; None when the message named no reply queue.
+    reply_to: str | None
+    #: Malformed messages go to the dead-letter queue after their error result.
+    dead_letter: bool
+
+
+@dataclass
+class JobStats:
+    done: int = 0
+    failed: int = 0
+    last_error: dict[str, str] | None = None
+
+    def record(self, result: JobResult) -> None:
+        if result.error is None:
+            self.done += 1
+            return
+        self.failed += 1
+        self.last_error = {
+            "job_id": result.job_id,
+            "code": result.error.code.value,
+            "message": result.error.message,
+            "at": datetime.now(UTC).isoformat(),
+        }
+
+
+class JobFailed(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _Clock:
+    """Wall-clock phases of one job, in milliseconds."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.received_at = datetime.now(UTC)
+        self.decode_ms = 0.0
+        self.inference_ms = 0.0
+
+    def timings(self, submitted_at: datetime | None) -> Timings:
+        wait = None
+        if submitted_at is not None:
+            wait = max(0.0, (self.received_at - submitted_at).total_seconds() * 1000)
+        return Timings(
+            queue_wait_ms=wait,
+            decode_ms=self.decode_ms,
+            inference_ms=self.inference_ms,
+            total_ms=(time.perf_counter() - self.start) * 1000,
+        )
+
+
+class JobProcessor:
+    def __init__(
+        self,
+        worker_id: str,
+        deployments: DeploymentTable,
+        limits: ImageLimits,
+        decode_executor: Executor,
+        inference_executor: Executor,
+        http: aiohttp.ClientSession,
+        metrics: WorkerMetrics,
+    ) -> None:
+        self.worker_id = worker_id
+        self.deployments = deployments
+        self.limits = limits
+        self.decode_executor = decode_executor
+        self.inference_executor = inference_executor
+        self.http = http
+        self.metrics = metrics
+        self.stats = JobStats()
+
+    async def process(self, delivery: Delivery) -> Outcome:
+        clock = _Clock()
+        try:
+            job = parse_job(delivery.body)
+        except MalformedJob as exc:
+            job_id = exc.job_id or delivery.correlation_id or "unknown"
+            result = self._error(job_id, delivery, clock, None, None, exc.code, exc.message)
+            return self._finish(result, delivery)
+        if not delivery.reply_to:
+            message = "the message has no reply_to property, so its result has nowhere to go"
+            result = self._error(job.job_id, delivery, clock, job, None, ErrorCode.MISSING_REPLY_TO, message)
+            return self._finish(result, delivery)
+        version: ModelVersion | None = None
+        try:
+            version = self._route(job)
+            version.in_flight += 1
+            result = await self._run(job, version, delivery, clock)
+        except JobFailed as exc:
+            result = self._error(job.job_id, delivery, clock, job, version, exc.code, exc.message)
+        finally:
+            if version is not None:
+                version.in_flight -= 1
+        return self._finish(result, delivery)
+
+    def _route(self, job: Job) -> ModelVersion:
+        _check_deadline(job)
+        deployment = self.deployments.get(job.model)
+        if deployment is None:
+            raise JobFailed(ErrorCode.UNKNOWN_MODEL, f"this worker does not serve model {job.model!r}")
+        try:
+            return deployment.resolve(job.version)
+        except UnknownVersion as exc:
+            raise JobFailed(ErrorCode.UNKNOWN_VERSION, str(exc)) from exc
+
+    async def _run(self, job: Job, version: ModelVersion, delivery: Delivery, clock: _Clock) -> JobResult:
+        image = await self._image(job, clock)
+        _check_deadline(job)
+        detections = await self._infer(version, image, job, clock)
+        return JobResult(
+            job_id=job.job_id,
+            status="ok",
+            model=version.model,
+            version=version.version,
+            worker_id=self.worker_id,
+            attempt=delivery.attempt,
+            timings=clock.timings(job.submitted_at),
+            image=ImageInfo(width=image.shape[1], height=image.shape[0]),
+            detections=detections,
+        )
+
+    async def _image(self, job: Job, clock: _Clock) -> Image:
+        try:
+            if isinstance(job.image, InlineImage):
+                data = job.image.data
+            else:
+                data = await fetch_image(job.image.url, self.limits, self.http)
+            started = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            image = await loop.run_in_executor(self.decode_executor, decode_image, data, self.limits)
+            clock.decode_ms = (time.perf_counter() - started) * 1000
+            return image
+        except ImageRejected as exc:
+            raise JobFailed(exc.code, exc.message) from exc
+
+    async def _infer(self, version: ModelVersion, image: Image, job: Job, clock: _Clock) -> list[Detection]:
+        backend = version.backend
+        if backend is None:
+            raise JobFailed(ErrorCode.INTERNAL, f"{version.model}/{version.version} has no backend")
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            batches = await loop.run_in_executor(
+                self.inference_executor, backend.predict, [image], job.params
+            )
+        except Exception as exc:  # a model failure is this job's error, not the worker's
+            raise JobFailed(ErrorCode.INFERENCE_FAILED, f"{type(exc).__name__}: {exc}") from exc
+        clock.inference_ms = (time.perf_counter() - started) * 1000
+        return batches[0]
+
+    def _error(
+        self,
+        job_id: str,
+        delivery: Delivery,
+        clock: _Clock,
+        job: Job | None,
+        version: ModelVersion | None,
+        code: ErrorCode,
+        message: str,
+    ) -> JobResult:
+        return JobResult(
+            job_id=job_id,
+            status="error",
+            model=version.model if version else (job.model if job else delivery.queue_model),
+            version=version.version if version else None,
+            worker_id=self.worker_id,
+            attempt=delivery.attempt,
+            timings=clock.timings(job.submitted_at if job else None),
+            error=JobError(code=code, message=message),
+        )
+
+    def _finish(self, result: JobResult, delivery: Delivery) -> Outcome:
+        self.stats.record(result)
+        code = result.error.code if result.error else None
+        model = result.model or delivery.queue_model
+        self.metrics.jobs.labels(model, result.version or "", result.status, code or "").inc()
+        timings = result.timings
+        phases = self.metrics.phase_seconds
+        if timings.queue_wait_ms is not None:
+            phases.labels(model, "queue_wait").observe(timings.queue_wait_ms / 1000)
+        if result.status == "ok":
+            phases.labels(model, "decode").observe(timings.decode_ms / 1000)
+            phases.labels(model, "inference").observe(timings.inference_ms / 1000)
+        phases.labels(model, "total").observe(timings.total_ms / 1000)
+        return Outcome(
+            result=result,
+            reply_to=delivery.reply_to or None,
+            dead_letter=code in MALFORMED,
+        )
+
+
+def _check_deadline(job: Job) -> None:
+    if job.deadline is not None and datetime.now(UTC) >= job.deadline:
+        raise JobFailed(ErrorCode.EXPIRED, f"the job's deadline {job.deadline.isoformat()} has passed")

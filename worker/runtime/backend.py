@@ -1,0 +1,51 @@
+"""The backend protocol every model family implements, and the registry that picks one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from schemas.jobs import Detection, InferenceParams
+from schemas.manifest import Manifest
+
+#: A decoded image: height × width × 3, uint8, BGR (OpenCV and ultralytics order).
+Image = npt.NDArray[np.uint8]
+
+
+class BackendError(Exception):
+    """Loading or running a model failed; the message says why."""
+
+
+class ModelBackend(Protocol):
+    """One loaded model version. All methods block: the worker calls them in a thread."""
+
+    def load(self, artifact: Path, manifest: Manifest) -> None: ...
+
+    def warm_up(self) -> None: ...
+
+    def predict(self, images: Sequence[Image], params: InferenceParams) -> list[list[Detection]]:
+        """One list of detections per image, boxes in that image's pixels."""
+        ...
+
+    def release(self) -> None: ...
+
+
+BackendFactory = Callable[[str], ModelBackend]
+
+
+def create_backend(name: str, device: str) -> ModelBackend:
+    factory = _factories().get(name)
+    if factory is None:
+        raise BackendError(f"unknown backend {name!r}; known: {', '.join(sorted(_factories()))}")
+    return factory(device)
+
+
+def _factories() -> dict[str, BackendFactory]:
+    # Imported lazily: each backend drags in a heavy framework.
+    from worker.runtime.ultralytics_backend import UltralyticsBackend
+
+    return {"ultralytics": UltralyticsBackend}
