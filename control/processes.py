@@ -31,12 +31,15 @@ class WorkerProcess:
     args: list[str] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
     url: str = ""
+    _log_start: int = 0
 
     def start(self, timeout_s: float = 120.0) -> WorkerProcess:
         command = [sys.executable, "-m", "worker", "--status-port", "0", *self.args]
         for model in self.models:
             command += ["--model", model]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self.url = ""
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}
@@ -50,7 +53,9 @@ class WorkerProcess:
             if self.process is not None and self.process.poll() is not None:
                 raise WorkerStartFailed(f"worker exited with {self.process.returncode}:\n{self.log_tail()}")
             if not self.url:
-                found = _LISTENING.search(self.log_path.read_text(errors="replace"))
+                with self.log_path.open("rb") as log:  # only what this start wrote
+                    log.seek(self._log_start)
+                    found = _LISTENING.search(log.read().decode(errors="replace"))
                 self.url = found.group(1) if found else ""
             if self.url and self.get("/readyz", ok_only=False).get("ready"):
                 return

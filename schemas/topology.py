@@ -22,6 +22,21 @@ class Topology:
     def dead_letter_exchange(self) -> str:
         return f"{self.namespace}.jobs.dlx"
 
+    @property
+    def control_exchange(self) -> str:
+        """Fanout exchange the operator publishes signed commands to."""
+        return f"{self.namespace}.control"
+
+    @property
+    def control_log(self) -> str:
+        """Stream every worker reads from the start: the replayable control history."""
+        return f"{self.namespace}.control.log"
+
+    @property
+    def status_exchange(self) -> str:
+        """Topic exchange of progress (`progress.<model>.<worker>`) and heartbeats (`heartbeat.<worker>`)."""
+        return f"{self.namespace}.status"
+
     def job_queue(self, model: str) -> str:
         return f"{self.namespace}.jobs.{model}"
 

@@ -6,6 +6,7 @@ meet another test's; they are deleted afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -18,10 +19,14 @@ from urllib.parse import urlparse
 
 import aio_pika
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from control.client import Client
+from control.operator import Operator
 from control.processes import WorkerProcess
 from control.zoo import ensure_zoo
+from schemas.jobs import JobResult
+from schemas.signing import Signer, generate_keys
 from schemas.topology import Topology
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,6 +71,23 @@ def bus_jpg() -> Path:
     return ULTRALYTICS_ASSETS / "bus.jpg"
 
 
+@pytest.fixture(scope="session")
+def control_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(private, public): the operator's signing key and the workers' verifying key."""
+    return generate_keys(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture
+def model_root(zoo: Path, tmp_path: Path) -> Path:
+    """A repository of this test's own: the zoo's versions (linked), room for crafted ones."""
+    root = tmp_path / "models"
+    (root / "shapes").mkdir(parents=True)
+    for version in (zoo / "shapes").iterdir():
+        if not version.name.startswith("."):
+            (root / "shapes" / version.name).symlink_to(version, target_is_directory=True)
+    return root
+
+
 @pytest.fixture
 async def namespace(amqp_url: str) -> AsyncIterator[str]:
     name = f"test-{uuid.uuid4().hex[:10]}"
@@ -73,18 +95,42 @@ async def namespace(amqp_url: str) -> AsyncIterator[str]:
     await delete_namespace(amqp_url, name, models=["shapes", "other"])
 
 
+@pytest.fixture
+async def operator(amqp_url: str, namespace: str, control_keys: tuple[Path, Path]) -> AsyncIterator[Operator]:
+    async with Operator(amqp_url, namespace=namespace, signer=Signer.from_file(control_keys[0]), issuer="tests") as op:
+        yield op
+
+
 async def delete_namespace(amqp_url: str, namespace: str, models: list[str]) -> None:
     topology = Topology(namespace)
+    queues = [q for m in models for q in (topology.job_queue(m), topology.dead_letter_queue(m))]
+    exchanges = [topology.jobs_exchange, topology.dead_letter_exchange, topology.control_exchange,
+                 topology.status_exchange]
     connection = await aio_pika.connect(amqp_url)
     async with connection:
-        for name in [q for m in models for q in (topology.job_queue(m), topology.dead_letter_queue(m))]:
+        for name in [*queues, topology.control_log]:
             channel = await connection.channel()
             with contextlib.suppress(aio_pika.exceptions.ChannelClosed):  # never declared
                 await channel.queue_delete(name)
-        for name in (topology.jobs_exchange, topology.dead_letter_exchange):
+        for name in exchanges:
             channel = await connection.channel()
             with contextlib.suppress(aio_pika.exceptions.ChannelClosed):
                 await channel.exchange_delete(name)
+
+
+def metric_value(exposition: str, name: str, **labels: str) -> float:
+    """The sum of the samples of a Prometheus text exposition matching a name and labels."""
+    return sum(
+        float(sample.value)
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+@pytest.fixture(scope="session")
+def metric() -> Callable[..., float]:
+    return metric_value
 
 
 StartWorker = Callable[..., WorkerProcess]
@@ -92,9 +138,10 @@ StartWorker = Callable[..., WorkerProcess]
 
 @pytest.fixture
 def start_worker(
-    namespace: str, zoo: Path, amqp_url: str, tmp_path: Path
+    namespace: str, model_root: Path, amqp_url: str, tmp_path: Path, control_keys: tuple[Path, Path]
 ) -> Iterator[StartWorker]:
-    """Start `python -m worker` processes in this test's namespace; all are stopped afterwards."""
+    """Start `python -m worker` processes in this test's namespace, control plane on; all are
+    stopped afterwards."""
     started: list[WorkerProcess] = []
 
     def start(*models: str, env: dict[str, str] | None = None, args: list[str] | None = None,
@@ -106,8 +153,10 @@ def start_worker(
             env={
                 "HOTSWAP_AMQP_URL": amqp_url,
                 "HOTSWAP_NAMESPACE": namespace,
-                "HOTSWAP_MODEL_ROOT": str(zoo),
+                "HOTSWAP_MODEL_ROOT": str(model_root),
                 "HOTSWAP_WORKER_ID": worker_id,
+                "HOTSWAP_CONTROL_PUBLIC_KEY": str(control_keys[1]),
+                "HOTSWAP_HEARTBEAT_INTERVAL_S": "0.5",
                 **(env or {}),
             },
             args=args or [],
@@ -125,3 +174,55 @@ def start_worker(
 async def client(namespace: str, amqp_url: str) -> AsyncIterator[Client]:
     async with Client(amqp_url, namespace=namespace, timeout_s=60) as c:
         yield c
+
+
+class BackgroundLoad:
+    """Jobs submitted continuously (`concurrency` in flight) until stopped; nothing may be lost."""
+
+    def __init__(self, client: Client, images: list[Path], concurrency: int = 8, **options: object) -> None:
+        self.client = client
+        self.images = images
+        self.options = options
+        self.results: list[tuple[Path, JobResult]] = []  # in arrival order
+        self.errors: list[BaseException] = []
+        self._stop = asyncio.Event()
+        self._tasks = [asyncio.create_task(self._loop(i)) for i in range(concurrency)]
+
+    async def _loop(self, lane: int) -> None:
+        i = lane
+        while not self._stop.is_set():
+            image = self.images[i % len(self.images)]
+            i += len(self._tasks) or 1
+            try:
+                result = await self.client.submit(image, model="shapes", timeout_s=60, **self.options)  # type: ignore[arg-type]
+                self.results.append((image, result))
+            except Exception as exc:  # a timeout is a lost job: the test reports it
+                self.errors.append(exc)
+
+    async def wait_for(self, count: int, timeout_s: float = 60.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while len(self.results) < count:
+            assert asyncio.get_running_loop().time() < deadline, "load stalled"
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> list[JobResult]:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+        assert not self.errors, f"lost jobs: {self.errors[:3]}"
+        failed = [r for _, r in self.results if r.status != "ok"]
+        assert not failed, f"{len(failed)} failed jobs, e.g. {failed[0].error}"
+        return [r for _, r in self.results]
+
+
+@pytest.fixture
+async def load(client: Client, heldout: list[HeldOut]) -> AsyncIterator[Callable[..., BackgroundLoad]]:
+    started: list[BackgroundLoad] = []
+
+    def start(concurrency: int = 8, **options: object) -> BackgroundLoad:
+        started.append(BackgroundLoad(client, [h.path for h in heldout], concurrency, **options))
+        return started[-1]
+
+    yield start
+    for running in started:
+        running._stop.set()
+        await asyncio.gather(*running._tasks, return_exceptions=True)

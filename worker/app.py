@@ -14,14 +14,18 @@ from typing import Any
 import aiohttp
 from aio_pika.abc import AbstractRobustConnection
 
+from schemas.signing import Verifier
 from worker.config import WorkerSettings
 from worker.connections import connect
 from worker.consumer import JobConsumer
+from worker.control import ControlLoop
 from worker.images import ImageLimits
 from worker.jobs import JobProcessor
 from worker.metrics import WorkerMetrics
+from worker.runtime.deployment import Deployment
 from worker.runtime.manager import ModelManager, ModelSpec
 from worker.runtime.repository import ModelRepository
+from worker.runtime.validation import LatencyBudget
 from worker.status import StatusServer
 
 log = logging.getLogger(__name__)
@@ -38,8 +42,11 @@ class Worker:
         # One inference thread: torch parallelises inside it (settings.torch_threads).
         self.inference_executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
         self.decode_executor = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        # Loading and validating a new version must not queue behind (or block) serving.
+        self.control_executor = ThreadPoolExecutor(1, thread_name_prefix="control")
         self.models = ModelManager(
-            ModelRepository(settings.model_root), settings.device, self.inference_executor
+            ModelRepository(settings.model_root), settings.device, self.control_executor,
+            LatencyBudget(factor=settings.latency_budget_factor),
         )
         self.limits = ImageLimits(
             max_bytes=settings.max_image_bytes,
@@ -50,6 +57,7 @@ class Worker:
         self.connection: AbstractRobustConnection | None = None
         self.consumer: JobConsumer | None = None
         self.processor: JobProcessor | None = None
+        self.control: ControlLoop | None = None
         self.broker_connected = False
         self.stopping = asyncio.Event()
         self.status_url = ""
@@ -62,39 +70,55 @@ class Worker:
         status = StatusServer(self, self.settings.status_host, self.settings.status_port)
         self.status_url = await status.start()
         http = aiohttp.ClientSession()
-        try:
-            await self.models.start(self.specs)
-            self.processor = JobProcessor(
-                self.settings.worker_id, self.models.table, self.limits,
-                self.decode_executor, self.inference_executor, http, self.metrics,
-            )
-            await self._serve(self.processor)
-        finally:
-            await http.close()
-            await status.stop()
-            self.inference_executor.shutdown(wait=False, cancel_futures=True)
-            self.decode_executor.shutdown(wait=False, cancel_futures=True)
-
-    async def _serve(self, processor: JobProcessor) -> None:
         self.connection = await connect(self.settings.amqp_url, f"hotswap-worker {self.settings.worker_id}")
         self.connection.close_callbacks.add(lambda *_: self._set_connected(False))
         self.connection.reconnect_callbacks.add(lambda *_: self._set_connected(True))
         self._set_connected(True)
-        self.consumer = JobConsumer(self.settings, processor, self.metrics)
         try:
-            await self.consumer.start(self.connection, [spec.model for spec in self.specs])
-            log.info("worker %s ready", self.settings.worker_id)
-            await self.stopping.wait()
-            await self._shut_down(self.consumer)
+            await self._load_models(self.connection)
+            self.processor = JobProcessor(
+                self.settings.worker_id, self.models.table, self.limits,
+                self.decode_executor, self.inference_executor, http, self.metrics,
+            )
+            await self._serve(self.connection, self.processor)
         finally:
+            if self.control is not None:
+                await self.control.stop()
             await self.connection.close()
             self._set_connected(False)
+            await http.close()
+            await status.stop()
+            self.inference_executor.shutdown(wait=False, cancel_futures=True)
+            self.decode_executor.shutdown(wait=False, cancel_futures=True)
+            self.control_executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _load_models(self, connection: AbstractRobustConnection) -> None:
+        """With a control key: what the control log says (replayed). Without: what --model says."""
+        key = self.settings.control_public_key
+        if key is None:
+            log.warning("no HOTSWAP_CONTROL_PUBLIC_KEY: control plane off, serving --model versions only")
+            await self.models.start(self.specs)
+            return
+        initial = {s.model: s.version or self.models.repository.latest(s.model) for s in self.specs}
+        self.control = ControlLoop(
+            worker_id=self.settings.worker_id, topology=self.settings.topology, manager=self.models,
+            verifier=Verifier.from_file(key), metrics=self.metrics, initial=initial,
+            keep_standby=self.settings.keep_standby, heartbeat_interval_s=self.settings.heartbeat_interval_s,
+        )
+        await self.control.start(connection)
+
+    async def _serve(self, connection: AbstractRobustConnection, processor: JobProcessor) -> None:
+        self.consumer = JobConsumer(self.settings, processor, self.metrics)
+        await self.consumer.start(connection, [spec.model for spec in self.specs])
+        log.info("worker %s ready", self.settings.worker_id)
+        await self.stopping.wait()
+        await self._shut_down(self.consumer)
 
     def _set_connected(self, connected: bool) -> None:
         # A robust connection never reports itself closed while it reconnects: track it here.
         if connected != self.broker_connected:
             log.log(logging.INFO if connected else logging.WARNING,
-                    "broker connection %s", "restored" if connected else "lost; reconnecting")
+                    "broker connection %s", "up" if connected else "lost; reconnecting")
         self.broker_connected = connected
         self.metrics.broker_connected.set(int(connected))
 
@@ -137,12 +161,27 @@ class Worker:
             "jobs_failed": stats.failed if stats else 0,
             "last_error": stats.last_error if stats else None,
             "models": {d.model: _deployment_status(d) for d in self.models.table.all()},
+            "control": self._control_status(),
+        }
+
+    def _control_status(self) -> dict[str, Any] | None:
+        if self.control is None:
+            return None
+        return {
+            "applied_seq": self.control.applied_seq,
+            "last_error": self.control.last_error,
+            "unusable": self.models.unusable,
+            "cleanups": [vars(c) for c in self.models.cleanups[-5:]],
         }
 
     def refresh_metrics(self) -> None:
         info = self.metrics.model_info
         info.clear()
+        self.metrics.traffic_weight.clear()
         for deployment in self.models.table.all():
+            weights = deployment.weights or {deployment.active.version: 100.0}
+            for name, weight in weights.items():
+                self.metrics.traffic_weight.labels(deployment.model, name).set(weight)
             for version in deployment.loaded.values():
                 manifest = version.manifest
                 info.labels(
@@ -152,9 +191,11 @@ class Worker:
                 ).set(1)
 
 
-def _deployment_status(deployment: Any) -> dict[str, Any]:
+def _deployment_status(deployment: Deployment) -> dict[str, Any]:
     return {
         "active": deployment.active.version,
+        "weights": dict(deployment.weights) if deployment.weights else None,
+        "shadow": deployment.shadow.model_dump() if deployment.shadow else None,
         "versions": {
             name: {
                 "state": v.state.value,

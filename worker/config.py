@@ -42,6 +42,11 @@ class WorkerSettings(BaseSettings):
         default_factory=list, description="directories file:// image URLs may read from"
     )
 
+    control_public_key: Path | None = Field(None, description="Ed25519 key verifying control commands")
+    keep_standby: int = Field(1, ge=0, le=16, description="earlier versions kept warm for rollback")
+    heartbeat_interval_s: float = Field(2.0, gt=0)
+    latency_budget_factor: float = Field(1.5, gt=0, description="new p50 ≤ factor × active p50")
+
     status_host: str = "127.0.0.1"
     status_port: int = Field(8080, ge=0, le=65535, description="0 picks a free port")
 

@@ -7,6 +7,7 @@ becomes a result with a specific error code; only a bug in this module can raise
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -29,8 +30,11 @@ from schemas.jobs import (
 from worker.images import ImageLimits, ImageRejected, decode_image, fetch_image
 from worker.metrics import WorkerMetrics
 from worker.runtime.backend import Image
-from worker.runtime.deployment import DeploymentTable, UnknownVersion
+from worker.runtime.deployment import Deployment, DeploymentTable, UnknownVersion
 from worker.runtime.lifecycle import ModelVersion
+from worker.runtime.matching import agreement
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,7 @@ class JobProcessor:
         self.http = http
         self.metrics = metrics
         self.stats = JobStats()
+        self._shadows: set[asyncio.Task[None]] = set()
 
     async def process(self, delivery: Delivery) -> Outcome:
         clock = _Clock()
@@ -134,9 +139,9 @@ class JobProcessor:
             return self._finish(result, delivery)
         version: ModelVersion | None = None
         try:
-            version = self._route(job)
+            deployment, version = self._route(job)
             version.in_flight += 1
-            result = await self._run(job, version, delivery, clock)
+            result = await self._run(job, deployment, version, delivery, clock)
         except JobFailed as exc:
             result = self._error(job.job_id, delivery, clock, job, version, exc.code, exc.message)
         finally:
@@ -144,20 +149,25 @@ class JobProcessor:
                 version.in_flight -= 1
         return self._finish(result, delivery)
 
-    def _route(self, job: Job) -> ModelVersion:
+    def _route(self, job: Job) -> tuple[Deployment, ModelVersion]:
         _check_deadline(job)
-        deployment = self.deployments.get(job.model)
+        deployment = self.deployments.get(job.model)  # the snapshot this job keeps to the end
         if deployment is None:
             raise JobFailed(ErrorCode.UNKNOWN_MODEL, f"this worker does not serve model {job.model!r}")
         try:
-            return deployment.resolve(job.version)
+            return deployment, deployment.resolve(job.version, _routing_key(job))
         except UnknownVersion as exc:
             raise JobFailed(ErrorCode.UNKNOWN_VERSION, str(exc)) from exc
 
-    async def _run(self, job: Job, version: ModelVersion, delivery: Delivery, clock: _Clock) -> JobResult:
+    async def _run(
+        self, job: Job, deployment: Deployment, version: ModelVersion, delivery: Delivery, clock: _Clock
+    ) -> JobResult:
         image = await self._image(job, clock)
         _check_deadline(job)
         detections = await self._infer(version, image, job, clock)
+        shadow = deployment.shadow_for(_routing_key(job), version)
+        if shadow is not None:
+            self._start_shadow(shadow, version, image, job, detections)
         return JobResult(
             job_id=job.job_id,
             status="ok",
@@ -199,6 +209,30 @@ class JobProcessor:
         clock.inference_ms = (time.perf_counter() - started) * 1000
         return batches[0]
 
+    def _start_shadow(
+        self, shadow: ModelVersion, primary: ModelVersion, image: Image, job: Job, detections: list[Detection]
+    ) -> None:
+        """Run the job on the shadow version too, after the primary; only the agreement is kept."""
+        shadow.in_flight += 1  # keeps the shadow version from being freed under this run
+
+        async def run() -> None:
+            try:
+                backend = shadow.backend
+                if backend is None:
+                    return
+                loop = asyncio.get_running_loop()
+                (theirs,) = await loop.run_in_executor(self.inference_executor, backend.predict, [image], job.params)
+                ratio = agreement(detections, theirs)
+                self.metrics.shadow_agreement.labels(job.model, primary.version, shadow.version).observe(ratio)
+            except Exception as exc:  # a shadow failure is recorded, never the producer's problem
+                log.warning("shadow run on %s/%s failed: %s", shadow.model, shadow.version, exc)
+            finally:
+                shadow.in_flight -= 1
+
+        task = asyncio.create_task(run())
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
+
     def _error(
         self,
         job_id: str,
@@ -238,6 +272,10 @@ class JobProcessor:
             reply_to=delivery.reply_to or None,
             dead_letter=code in MALFORMED,
         )
+
+
+def _routing_key(job: Job) -> str:
+    return job.routing_key or job.job_id
 
 
 def _check_deadline(job: Job) -> None:

@@ -46,6 +46,36 @@ class WorkerMetrics:
             ["model", "version", "backend", "task", "state"],
             registry=r,
         )
+        self.control_commands = Counter(
+            "hotswap_control_commands",
+            "Control commands by model, action and outcome (done, failed, refused, superseded).",
+            ["model", "action", "outcome"],
+            registry=r,
+        )
+        self.update_phase_seconds = Histogram(
+            "hotswap_update_phase_seconds",
+            "Time per update phase: preload, validate, swap, cleanup.",
+            ["model", "phase"],
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.swaps = Counter("hotswap_swaps", "Deployment snapshots swapped in.", ["model"], registry=r)
+        self.traffic_weight = Gauge(
+            "hotswap_traffic_weight_percent", "Share of jobs routed to each version.", ["model", "version"], registry=r
+        )
+        self.shadow_agreement = Histogram(
+            "hotswap_shadow_agreement_ratio",
+            "Agreement of shadow runs with the primary (matched boxes / boxes).",
+            ["model", "primary", "shadow"],
+            buckets=(0, 0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
+            registry=r,
+        )
+        self.memory_released = Gauge(
+            "hotswap_cleanup_memory_released_bytes",
+            "Memory (RSS on CPU, CUDA allocated on GPU) given back by the last cleanup of a model.",
+            ["model"],
+            registry=r,
+        )
         self.broker_connected = Gauge(
             "hotswap_broker_connected", "1 while the AMQP connection is open.", registry=r
         )

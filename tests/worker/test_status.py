@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 
 import pytest
 
@@ -13,17 +12,7 @@ from schemas.errors import ErrorCode
 pytestmark = pytest.mark.slow
 
 
-def sample(metrics: str, name: str, **labels: str) -> float:
-    """The value of one sample of the Prometheus text format, 0 if absent."""
-    for line in metrics.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            found = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
-            if all(found.get(k) == v for k, v in labels.items()):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
-async def test_status_endpoints_move_with_jobs(start_worker, client: Client, heldout) -> None:
+async def test_status_endpoints_move_with_jobs(start_worker, client: Client, heldout, metric) -> None:
     worker = start_worker("shapes@1.0.0", name="observed")
     assert worker.get("/healthz") == {"status": "ok"}
     assert worker.get("/readyz") == {"ready": True}
@@ -33,8 +22,8 @@ async def test_status_endpoints_move_with_jobs(start_worker, client: Client, hel
     assert before["models"]["shapes"]["versions"]["1.0.0"]["state"] == "active"
     assert (before["jobs_done"], before["jobs_failed"], before["last_error"]) == (0, 0, None)
     metrics_before = worker.text("/metrics")
-    assert sample(metrics_before, "hotswap_broker_connected") == 1
-    assert sample(metrics_before, "hotswap_model_version_info", model="shapes", version="1.0.0",
+    assert metric(metrics_before, "hotswap_broker_connected") == 1
+    assert metric(metrics_before, "hotswap_model_version_info", model="shapes", version="1.0.0",
                   state="active", backend="ultralytics") == 1
 
     await asyncio.gather(*(client.submit(h.path, model="shapes") for h in heldout[:10]))
@@ -47,14 +36,14 @@ async def test_status_endpoints_move_with_jobs(start_worker, client: Client, hel
     assert after["uptime_s"] > before["uptime_s"]
     metrics = worker.text("/metrics")
     ok = {"model": "shapes", "version": "1.0.0", "status": "ok", "code": ""}
-    assert sample(metrics, "hotswap_jobs_total", **ok) == 10
-    assert sample(metrics, "hotswap_jobs_total", model="shapes", status="error", code="not_an_image") == 1
-    assert sample(metrics, "hotswap_job_phase_seconds_count", model="shapes", phase="queue_wait") == 11
+    assert metric(metrics, "hotswap_jobs_total", **ok) == 10
+    assert metric(metrics, "hotswap_jobs_total", model="shapes", status="error", code="not_an_image") == 1
+    assert metric(metrics, "hotswap_job_phase_seconds_count", model="shapes", phase="queue_wait") == 11
     for phase in ("decode", "inference"):
-        assert sample(metrics, "hotswap_job_phase_seconds_count", model="shapes", phase=phase) == 10
-    assert sample(metrics, "hotswap_job_phase_seconds_count", model="shapes", phase="total") == 11
-    assert sample(metrics, "hotswap_job_phase_seconds_sum", model="shapes", phase="inference") > 0
-    assert sample(metrics, "hotswap_jobs_in_flight", model="shapes") == 0
+        assert metric(metrics, "hotswap_job_phase_seconds_count", model="shapes", phase=phase) == 10
+    assert metric(metrics, "hotswap_job_phase_seconds_count", model="shapes", phase="total") == 11
+    assert metric(metrics, "hotswap_job_phase_seconds_sum", model="shapes", phase="inference") > 0
+    assert metric(metrics, "hotswap_jobs_in_flight", model="shapes") == 0
     assert "# TYPE hotswap_job_phase_seconds histogram" in metrics
 
 

@@ -16,12 +16,18 @@ from schemas.manifest import Manifest
 Image = npt.NDArray[np.uint8]
 
 
+def blank_image(size: int) -> Image:
+    """A grey square: warm-up input, and latency probe for versions without calibration images."""
+    return np.full((size, size, 3), 114, dtype=np.uint8)
+
+
 class BackendError(Exception):
     """Loading or running a model failed; the message says why."""
 
 
 class ModelBackend(Protocol):
-    """One loaded model version. All methods block: the worker calls them in a thread."""
+    """One loaded model version. All methods block: the worker calls them in threads, and
+    `predict` may be called from two at once (serving, and validation measuring a baseline)."""
 
     def load(self, artifact: Path, manifest: Manifest) -> None: ...
 

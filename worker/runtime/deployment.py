@@ -6,15 +6,24 @@ resolved from it; a swap replaces the snapshot whole, so a job never sees half a
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 
+from schemas.control import Shadow
 from worker.runtime.lifecycle import ModelVersion
+
+#: Version aliases a job may pin instead of a version name.
+STABLE, CANARY = "stable", "canary"
 
 
 class UnknownVersion(LookupError):
     pass
+
+
+def bucket(key: str, buckets: int = 10_000) -> int:
+    """A stable bucket for a routing key: the same key lands in the same bucket on every worker."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % buckets
 
 
 @dataclass(frozen=True)
@@ -22,20 +31,44 @@ class Deployment:
     model: str
     active: ModelVersion
     loaded: Mapping[str, ModelVersion]
+    #: Percent per version under a traffic split; None sends everything to `active`.
+    weights: Mapping[str, float] | None = None
+    shadow: Shadow | None = None
 
-    @classmethod
-    def single(cls, version: ModelVersion) -> Deployment:
-        return cls(version.model, version, MappingProxyType({version.version: version}))
-
-    def resolve(self, pin: str | None) -> ModelVersion:
-        """The version a job runs on: its pin if it names a loaded version, else the active one."""
+    def resolve(self, pin: str | None, routing_key: str) -> ModelVersion:
+        """The version a job runs on: its pin (a version or an alias), else by traffic weight."""
         if pin is None:
-            return self.active
-        version = self.loaded.get(pin)
+            return self._weighted(routing_key)
+        name = {STABLE: self.active.version, CANARY: self._canary()}.get(pin, pin)
+        version = self.loaded.get(name) if name else None
         if version is None or not version.serving:
             loaded = ", ".join(sorted(self.loaded)) or "none"
             raise UnknownVersion(f"{self.model}/{pin} is not loaded on this worker (loaded: {loaded})")
         return version
+
+    def shadow_for(self, routing_key: str, primary: ModelVersion) -> ModelVersion | None:
+        """The shadow version this job also runs on, if it falls in the shadow share."""
+        if self.shadow is None or self.shadow.version == primary.version:
+            return None
+        # A different salt from the split, so the shadow share is independent of the A/B bucket.
+        if bucket("shadow:" + routing_key) >= self.shadow.percent * 100:
+            return None
+        return self.loaded.get(self.shadow.version)
+
+    def _weighted(self, routing_key: str) -> ModelVersion:
+        if not self.weights:
+            return self.active
+        point = bucket(routing_key) / 100  # 0 ≤ point < 100
+        upto = 0.0
+        for name, weight in sorted(self.weights.items()):
+            upto += weight
+            if point < upto:
+                return self.loaded[name]
+        return self.active
+
+    def _canary(self) -> str | None:
+        others = [n for n in (self.weights or {}) if n != self.active.version]
+        return others[0] if others else None
 
 
 class DeploymentTable:

@@ -1,18 +1,40 @@
-"""Loads model versions off the event loop and keeps the deployment table."""
+"""Brings each model's loaded versions to its desired state: preload → validate → swap → cleanup.
+
+One reconcile per model at a time (a lock), all blocking work in the control executor, state
+changes on the event loop. Serving never waits for any of it: the old deployment snapshot
+serves until the new one replaces it whole.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, TypeVar
 
-from worker.runtime.backend import create_backend
+from schemas.control import Phase
+from worker.runtime.backend import blank_image, create_backend
 from worker.runtime.deployment import Deployment, DeploymentTable
+from worker.runtime.desired import DesiredState
 from worker.runtime.lifecycle import ModelVersion, VersionState
+from worker.runtime.memory import memory_in_use
 from worker.runtime.repository import ModelRepository
+from worker.runtime.validation import LatencyBudget, check_calibration, check_latency
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Called at each phase boundary: (model, version, phase, reason, seconds the phase took).
+ProgressCallback = Callable[[str, str, Phase, str | None, float | None], Awaitable[None]]
+
+
+async def no_progress(*_: Any) -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -34,37 +56,120 @@ class LoadFailed(Exception):
         self.version = version
 
 
+@dataclass(frozen=True)
+class Cleanup:
+    version: str
+    memory_before: int
+    memory_after: int
+
+
 class ModelManager:
-    def __init__(self, repository: ModelRepository, device: str, executor: Executor) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        device: str,
+        control_executor: Executor,
+        budget: LatencyBudget | None = None,
+    ) -> None:
         self.repository = repository
         self.device = device
-        self.executor = executor
+        self.executor = control_executor
+        self.budget = budget or LatencyBudget()
         self.table = DeploymentTable()
+        #: Versions holding a backend (not freed), per model.
+        self.loaded: dict[str, dict[str, ModelVersion]] = {}
+        #: Versions that failed here, with why: updates to them are ignored (DesiredState).
+        self.unusable: dict[str, dict[str, str]] = {}
+        self.cleanups: list[Cleanup] = []
+        self._locks: dict[str, asyncio.Lock] = {}
 
     async def start(self, specs: list[ModelSpec]) -> None:
         """Load and activate one version per model; raises LoadFailed on the first failure."""
         for spec in specs:
-            version = await self.load(spec.model, spec.version or self.repository.latest(spec.model))
-            if version.state is VersionState.FAILED:
-                raise LoadFailed(version)
-            version.advance(VersionState.ACTIVE)
-            self.table.swap(Deployment.single(version))
+            name = spec.version or self.repository.latest(spec.model)
+            await self.reconcile(DesiredState(spec.model, active=name))
 
-    async def load(self, model: str, version_name: str) -> ModelVersion:
-        """Preload and validate in the executor; the returned version is READY or FAILED."""
-        version = ModelVersion(model, version_name)
-        loop = asyncio.get_running_loop()
+    async def reconcile(self, desired: DesiredState, progress: ProgressCallback = no_progress) -> None:
+        """Make the model's deployment match `desired`; raises LoadFailed, leaving serving as it was."""
+        model = desired.model
+        async with self._locks.setdefault(model, asyncio.Lock()):
+            loaded = self.loaded.setdefault(model, {})
+            current = self.table.get(model)
+            for name in desired.needed:
+                if name not in loaded:
+                    baseline = current.active if current else None
+                    loaded[name] = await self._load(model, name, baseline, progress)
+            self._swap(desired, loaded)
+            await progress(model, desired.active or "", "swap", None, None)
+            for name in [n for n in loaded if n not in desired.needed]:
+                await self._free(loaded.pop(name), progress)
+
+    async def _load(
+        self, model: str, name: str, baseline: ModelVersion | None, progress: ProgressCallback
+    ) -> ModelVersion:
+        version = ModelVersion(model, name)
+        started = time.perf_counter()
+        await progress(model, name, "preload", None, None)
         try:
-            entry = self.repository.get(model, version_name)
+            entry = self.repository.get(model, name)
             version.manifest = entry.manifest
-            artifact = await loop.run_in_executor(self.executor, self.repository.verified_artifact, entry)
+            artifact = await self._run(self.repository.verified_artifact, entry)
             backend = create_backend(entry.manifest.backend, self.device)
-            await loop.run_in_executor(self.executor, backend.load, artifact, entry.manifest)
+            await self._run(backend.load, artifact, entry.manifest)
             version.backend = backend
             version.advance(VersionState.VALIDATING)
-            await loop.run_in_executor(self.executor, backend.warm_up)
+            await progress(model, name, "validate", None, time.perf_counter() - started)
+            started = time.perf_counter()
+            await self._run(backend.warm_up)
+            calibrated = await self._run(check_calibration, backend, entry.manifest, entry.path)
+            other = baseline.backend if baseline is not None and baseline.version != name else None
+            # Without calibration images, a blank frame still shows the cost of the network.
+            images = calibrated.images or [blank_image(entry.manifest.input_size)]
+            await self._run(check_latency, backend, other, images, self.budget)
             version.advance(VersionState.READY)
-        except Exception as exc:  # every failure is reported as the version's reason
-            log.warning("loading %s/%s failed: %s", model, version_name, exc)
+        except Exception as exc:  # every failure is the version's reason; serving is untouched
+            log.warning("%s/%s refused: %s", model, name, exc)
             version.fail(str(exc))
+            self.unusable.setdefault(model, {})[name] = str(exc)
+            if version.backend is not None:
+                await self._run(_release, version)
+            raise LoadFailed(version) from exc
+        log.info("%s/%s ready (validated in %.2f s)", model, name, time.perf_counter() - started)
         return version
+
+    def _swap(self, desired: DesiredState, loaded: dict[str, ModelVersion]) -> None:
+        assert desired.active is not None
+        for name in desired.needed:
+            target = VersionState.ACTIVE if name == desired.active else VersionState.STANDBY
+            if loaded[name].state is not target:
+                loaded[name].advance(target)
+        deployment = Deployment(
+            model=desired.model,
+            active=loaded[desired.active],
+            loaded=MappingProxyType({name: loaded[name] for name in desired.needed}),
+            weights=MappingProxyType(dict(desired.weights)) if desired.weights else None,
+            shadow=desired.shadow,
+        )
+        self.table.swap(deployment)  # the only step jobs can see: one reference assignment
+
+    async def _free(self, version: ModelVersion, progress: ProgressCallback) -> None:
+        version.advance(VersionState.DRAINING)
+        await progress(version.model, version.version, "cleanup", None, None)
+        while version.in_flight:  # jobs dispatched on the old snapshot finish on it
+            await asyncio.sleep(0.005)
+        before = memory_in_use(self.device)
+        await self._run(_release, version)
+        after = memory_in_use(self.device)
+        version.advance(VersionState.FREED)
+        self.cleanups.append(Cleanup(version.version, before, after))
+        log.info("%s/%s freed: memory %d → %d bytes", version.model, version.version, before, after)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+
+def _release(version: ModelVersion) -> None:
+    if version.backend is not None:
+        version.backend.release()
+        version.backend = None
+    gc.collect()

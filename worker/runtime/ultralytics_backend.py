@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from schemas.jobs import Box, Detection, InferenceParams
 from schemas.manifest import Manifest
-from worker.runtime.backend import BackendError, Image
+from worker.runtime.backend import BackendError, Image, blank_image
 
 if TYPE_CHECKING:
     from ultralytics import YOLO
@@ -30,6 +29,9 @@ class UltralyticsBackend:
         self.device = device
         self._model: YOLO | None = None
         self._manifest: Manifest | None = None
+        # A YOLO predictor keeps per-call state: serving and validation (measuring this version
+        # as a latency baseline) must take turns.
+        self._lock = threading.Lock()
 
     def load(self, artifact: Path, manifest: Manifest) -> None:
         # The caller has checked the sha256: YOLO() unpickles, and a pickle is code.
@@ -48,20 +50,20 @@ class UltralyticsBackend:
         self._model, self._manifest = model, manifest
 
     def warm_up(self) -> None:
-        size = self._loaded_manifest().input_size
-        self.predict([np.zeros((size, size, 3), dtype=np.uint8)], InferenceParams())
+        self.predict([blank_image(self._loaded_manifest().input_size)], InferenceParams())
 
     def predict(self, images: Sequence[Image], params: InferenceParams) -> list[list[Detection]]:
         model, manifest = self._loaded_model(), self._loaded_manifest()
-        results = model.predict(
-            list(images),
-            conf=params.conf,
-            iou=params.iou,
-            max_det=params.max_det,
-            imgsz=params.imgsz or manifest.input_size,
-            device=self.device,
-            verbose=False,
-        )
+        with self._lock:
+            results = model.predict(
+                list(images),
+                conf=params.conf,
+                iou=params.iou,
+                max_det=params.max_det,
+                imgsz=params.imgsz or manifest.input_size,
+                device=self.device,
+                verbose=False,
+            )
         return [self._detections(result, manifest) for result in results]
 
     def release(self) -> None:

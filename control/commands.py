@@ -1,0 +1,237 @@
+"""`hotswap update | rollback | traffic | unload | status | watch | keys`: the operator's CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from control.client import DEFAULT_AMQP_URL
+from control.operator import Operator, WaitReport
+from schemas.control import Action, ArtifactRef, Heartbeat, Progress, Rollback, Shadow, Traffic, Unload, Update
+from schemas.signing import Signer, generate_keys
+
+console = Console()
+keys_app = typer.Typer(help="Ed25519 keys that sign control commands.", no_args_is_help=True)
+
+AmqpUrl = Annotated[str | None, typer.Option(envvar="HOTSWAP_AMQP_URL", help="AMQP URL of the broker")]
+Namespace = Annotated[str, typer.Option(envvar="HOTSWAP_NAMESPACE", help="prefix of exchange and queue names")]
+KeyPath = Annotated[Path, typer.Option("--key", envvar="HOTSWAP_CONTROL_KEY", help="private signing key")]
+Wait = Annotated[bool, typer.Option("--wait", help="follow every worker to an outcome; non-zero if any fails")]
+Timeout = Annotated[float, typer.Option(help="seconds --wait waits for every worker")]
+AsJson = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+
+
+@keys_app.command("generate")
+def keys_generate(
+    out: Annotated[Path, typer.Option(help="directory for control.key and control.pub")] = Path("keys"),
+) -> None:
+    """Write a key pair: the CLI signs with control.key, workers verify with control.pub."""
+    try:
+        private, public = generate_keys(out)
+    except FileExistsError as exc:
+        console.print(f"[red]{out}/control.key exists; refusing to overwrite a signing key[/red]")
+        raise typer.Exit(1) from exc
+    console.print(f"private key: {private} (keep it secret)")
+    console.print(f"public key:  {public} (HOTSWAP_CONTROL_PUBLIC_KEY for workers)")
+
+
+def update(
+    model: str,
+    version: str,
+    artifact: Annotated[str | None, typer.Option(help="file:// or http(s):// URI (default: the repository)")] = None,
+    sha256: Annotated[str | None, typer.Option(help="sha256 of --artifact")] = None,
+    canary: Annotated[float | None, typer.Option(help="send this percent to the new version, keep the rest")] = None,
+    standby: Annotated[bool, typer.Option(help="preload and validate only; do not serve yet")] = False,
+    wait: Wait = False, timeout: Timeout = 120.0, as_json: AsJson = False,
+    amqp_url: AmqpUrl = None, namespace: Namespace = "hotswap", key: KeyPath = Path("keys/control.key"),
+) -> None:
+    """Roll out a new version on every worker: preload → validate → swap → cleanup."""
+    if (artifact is None) != (sha256 is None):
+        raise typer.BadParameter("--artifact and --sha256 go together")
+    activate = "canary" if canary is not None else "standby" if standby else "now"
+    action = Update(
+        version=version, activate=activate, canary_percent=canary,
+        artifact=ArtifactRef(uri=artifact, sha256=sha256) if artifact and sha256 else None,
+    )
+    _send(model, action, wait, timeout, as_json, amqp_url, namespace, key)
+
+
+def rollback(
+    model: str,
+    to: Annotated[str | None, typer.Option(help="version to go back to (default: the previous one)")] = None,
+    wait: Wait = False, timeout: Timeout = 120.0, as_json: AsJson = False,
+    amqp_url: AmqpUrl = None, namespace: Namespace = "hotswap", key: KeyPath = Path("keys/control.key"),
+) -> None:
+    """Go back to the previous version (instant while it is warm on standby)."""
+    _send(model, Rollback(to=to), wait, timeout, as_json, amqp_url, namespace, key)
+
+
+def traffic(
+    model: str,
+    weights: Annotated[list[str], typer.Argument(help="VERSION=PERCENT ..., adding up to 100")],
+    shadow: Annotated[str | None, typer.Option(help="VERSION:PERCENT of jobs also run on VERSION")] = None,
+    wait: Wait = False, timeout: Timeout = 120.0, as_json: AsJson = False,
+    amqp_url: AmqpUrl = None, namespace: Namespace = "hotswap", key: KeyPath = Path("keys/control.key"),
+) -> None:
+    """Split traffic between versions (sticky by routing key), optionally shadowing one."""
+    try:
+        split = {v: float(p) for v, _, p in (w.partition("=") for w in weights)}
+        shadow_spec = None
+        if shadow:
+            name, _, percent = shadow.partition(":")
+            shadow_spec = Shadow(version=name, percent=float(percent))
+    except ValueError as exc:
+        raise typer.BadParameter(f"weights look like 1.0.0=90 2.0.0=10, shadow like 2.0.0:20 ({exc})") from exc
+    _send(model, Traffic(weights=split, shadow=shadow_spec), wait, timeout, as_json, amqp_url, namespace, key)
+
+
+def unload(
+    model: str, version: str,
+    wait: Wait = False, timeout: Timeout = 120.0, as_json: AsJson = False,
+    amqp_url: AmqpUrl = None, namespace: Namespace = "hotswap", key: KeyPath = Path("keys/control.key"),
+) -> None:
+    """Free a standby version on every worker."""
+    _send(model, Unload(version=version), wait, timeout, as_json, amqp_url, namespace, key)
+
+
+def status(
+    listen: Annotated[float, typer.Option(help="seconds to listen for heartbeats")] = 2.5,
+    as_json: AsJson = False, amqp_url: AmqpUrl = None, namespace: Namespace = "hotswap",
+) -> None:
+    """Every live worker × model: active, standby, traffic, state, last error (from heartbeats)."""
+
+    async def run() -> dict[str, Heartbeat]:
+        async with Operator(_url(amqp_url), namespace=namespace) as op:
+            return await op.heartbeats(listen)
+
+    beats = asyncio.run(run())
+    if as_json:
+        print(json.dumps({w: json.loads(h.model_dump_json()) for w, h in sorted(beats.items())}, indent=2))
+        return
+    console.print(status_table(beats))
+    if not beats:
+        console.print(f"[yellow]no heartbeat within {listen} s: no worker with a control key is running[/yellow]")
+
+
+def watch(
+    duration: Annotated[float | None, typer.Option(help="stop after this many seconds")] = None,
+    amqp_url: AmqpUrl = None, namespace: Namespace = "hotswap",
+) -> None:
+    """A live view of every worker, refreshed on each heartbeat and progress event."""
+
+    async def run() -> None:
+        beats: dict[str, Heartbeat] = {}
+        recent: list[Progress] = []
+        async with Operator(_url(amqp_url), namespace=namespace) as op, op.events() as events:
+            with Live(status_table(beats), console=console, refresh_per_second=4) as live:
+                end = time.monotonic() + duration if duration else None
+                while end is None or time.monotonic() < end:
+                    try:
+                        event = await asyncio.wait_for(events.get(), 0.5)
+                    except TimeoutError:
+                        continue
+                    if isinstance(event, Heartbeat):
+                        beats[event.worker_id] = event
+                    else:
+                        recent = [*recent[-7:], event]
+                    live.update(status_table(beats, recent))
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+
+
+def status_table(beats: dict[str, Heartbeat], recent: list[Progress] | None = None) -> Table:
+    table = Table(title="hotswap workers", title_justify="left")
+    for column in ("worker", "model", "active", "standby", "traffic", "shadow", "seq"):
+        table.add_column(column)
+    table.add_column("last error", max_width=48, no_wrap=True, overflow="ellipsis")
+    for worker, beat in sorted(beats.items()):
+        for model, state in sorted(beat.models.items()):
+            standby = [v for v, s in state.versions.items() if s.state == "standby"]
+            failed = [f"{v} failed" for v, s in state.versions.items() if s.state == "failed"]
+            split = ", ".join(f"{v} {s.weight:g}%" for v, s in state.versions.items() if s.weight)
+            shadow = f"{state.shadow.version} {state.shadow.percent:g}%" if state.shadow else ""
+            table.add_row(worker, model, state.active or "-", ", ".join(standby) or "-", split, shadow,
+                          str(state.last_seq), beat.last_error or ", ".join(failed))
+    if recent:
+        table.caption = " | ".join(f"{p.worker_id} {p.model}#{p.seq} {p.phase}" for p in recent[-4:])
+    return table
+
+
+def _send(
+    model: str, action: Action, wait: bool, timeout: float, as_json: bool,
+    amqp_url: str | None, namespace: str, key: Path,
+) -> None:
+    if not key.is_file():
+        console.print(f"[red]no signing key at {key}[/red]: `hotswap keys generate`, or --key / HOTSWAP_CONTROL_KEY")
+        raise typer.Exit(2)
+    signer = Signer.from_file(key)
+    issuer = f"{os.environ.get('USER', 'operator')}@{os.uname().nodename}"
+
+    async def run() -> WaitReport | None:
+        async with Operator(_url(amqp_url), namespace=namespace, signer=signer, issuer=issuer) as op:
+            if wait:
+                return await op.publish_and_wait(model, action, timeout_s=timeout)
+            command = await op.publish(model, action)
+            console.print(f"published {action.kind} for {model} as seq {command.seq} ({command.command_id})")
+            return None
+
+    report = asyncio.run(run())
+    if report is None:
+        return
+    if as_json:
+        print(json.dumps(_report_json(report), indent=2))
+    else:
+        console.print(_report_table(report))
+    if not report.ok:
+        for worker in report.missing:
+            console.print(f"[red]{worker}: no outcome within {timeout} s[/red]")
+        for worker, reason in report.failures.items():
+            console.print(f"[red]{worker}: {reason}[/red]")
+        if not report.workers:
+            console.print("[red]no worker answered: is any running with the control public key?[/red]")
+        raise typer.Exit(1)
+
+
+def _report_table(report: WaitReport) -> Table:
+    c = report.command
+    table = Table(title=f"{c.action.kind} {c.model} (seq {c.seq})", title_justify="left")
+    for column in ("worker", "phases", "outcome", "seconds", "reason"):
+        table.add_column(column)
+    for worker in report.workers:
+        events = report.progress.get(worker, [])
+        final = report.final(worker)
+        colour = "green" if final and final.phase == "done" else "red"
+        table.add_row(
+            worker, " → ".join(dict.fromkeys(e.phase for e in events)),
+            f"[{colour}]{final.phase if final else 'no answer'}[/{colour}]",
+            f"{final.seconds:.2f}" if final and final.seconds is not None else "",
+            (final.reason if final else "") or "",
+        )
+    return table
+
+
+def _report_json(report: WaitReport) -> dict[str, object]:
+    return {
+        "command": json.loads(report.command.model_dump_json()),
+        "ok": report.ok,
+        "workers": {
+            w: [json.loads(p.model_dump_json()) for p in report.progress.get(w, [])] for w in report.workers
+        },
+        "missing": report.missing,
+        "failures": report.failures,
+    }
+
+
+def _url(amqp_url: str | None) -> str:
+    return amqp_url or DEFAULT_AMQP_URL

@@ -1,0 +1,201 @@
+"""The operator's side of the control plane: sign and publish commands, follow what workers do.
+
+    async with Operator(url, signer=Signer.from_file(Path("keys/control.key"))) as op:
+        command = await op.publish("shapes", Update(version="2.0.0"))
+        report = await op.wait(command, timeout_s=120)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import TracebackType
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
+from pydantic import TypeAdapter, ValidationError
+
+from schemas.control import Action, Command, Heartbeat, Progress, StatusEvent
+from schemas.signing import Refused, Signer
+from schemas.topology import Topology
+from worker.control import SYNC_TYPE, declare_control_topology
+
+FINAL_PHASES = frozenset({"done", "failed", "refused"})
+_EVENTS: TypeAdapter[Progress | Heartbeat] = TypeAdapter(StatusEvent)
+
+
+@dataclass
+class WaitReport:
+    command: Command
+    published_at: float
+    #: Every progress event per worker, in arrival order.
+    progress: dict[str, list[Progress]] = field(default_factory=dict)
+    heartbeats: dict[str, Heartbeat] = field(default_factory=dict)
+
+    def final(self, worker: str) -> Progress | None:
+        return next((p for p in reversed(self.progress.get(worker, [])) if p.phase in FINAL_PHASES), None)
+
+    @property
+    def workers(self) -> list[str]:
+        return sorted({*self.progress, *self.heartbeats})
+
+    @property
+    def missing(self) -> list[str]:
+        return [w for w in self.workers if self.final(w) is None]
+
+    @property
+    def failures(self) -> dict[str, str]:
+        return {w: f"{p.phase}: {p.reason}" for w in self.workers if (p := self.final(w)) and p.phase != "done"}
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.workers) and not self.missing and not self.failures
+
+
+class Operator:
+    def __init__(
+        self, url: str, *, namespace: str = "hotswap", signer: Signer | None = None, issuer: str = "operator"
+    ) -> None:
+        self.url = url
+        self.topology = Topology(namespace)
+        self.signer = signer
+        self.issuer = issuer
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._control: AbstractExchange | None = None
+
+    async def __aenter__(self) -> Operator:
+        self._connection = await aio_pika.connect_robust(
+            self.url, client_properties={"connection_name": "hotswap-operator"}
+        )
+        self._channel = await self._connection.channel(publisher_confirms=True)
+        self._control = await declare_control_topology(self._channel, self.topology)
+        await self._channel.declare_exchange(self.topology.status_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+
+    async def read_log(self, timeout_s: float = 30.0) -> list[Command]:
+        """Every validly signed command in the control log so far."""
+        assert self._connection is not None and self._control is not None and self.signer is not None
+        verifier = self.signer.verifier()
+        marker = uuid.uuid4().hex
+        commands: list[Command] = []
+        done = asyncio.Event()
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=256)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            await message.ack()
+            if message.type == SYNC_TYPE:
+                if message.message_id == marker:
+                    done.set()
+                return
+            with contextlib.suppress(Refused):  # forged or broken entries are not part of the history
+                commands.append(verifier.open(message.body))
+
+        queue = await channel.get_queue(self.topology.control_log, ensure=False)
+        await queue.consume(on_message, arguments={"x-stream-offset": "first"})
+        await self._control.publish(aio_pika.Message(b"", type=SYNC_TYPE, message_id=marker), routing_key="")
+        try:
+            await asyncio.wait_for(done.wait(), timeout_s)
+        finally:
+            await channel.close()
+        return commands
+
+    async def publish(self, model: str, action: Action, *, seq: int | None = None) -> Command:
+        """Sign and publish; the sequence number is the log's newest for the model plus one."""
+        assert self._control is not None
+        if self.signer is None:
+            raise ValueError("publishing a command needs the private key (hotswap keys generate)")
+        if seq is None:
+            seq = max((c.seq for c in await self.read_log() if c.model == model), default=0) + 1
+        command = Command(
+            command_id=uuid.uuid4().hex, model=model, seq=seq, issued_at=datetime.now(UTC),
+            issuer=self.issuer, action=action,
+        )
+        await self.publish_envelope(self.signer.sign(command).model_dump_json().encode(), command.command_id)
+        return command
+
+    async def publish_envelope(self, body: bytes, message_id: str) -> None:
+        """Publish raw bytes to the control exchange (also how a forged command would arrive)."""
+        assert self._control is not None
+        message = aio_pika.Message(
+            body, content_type="application/json", message_id=message_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+        )
+        await self._control.publish(message, routing_key="")
+
+    @asynccontextmanager
+    async def events(self) -> AsyncIterator[asyncio.Queue[Progress | Heartbeat]]:
+        """Status events (progress and heartbeats) as they arrive, from now on."""
+        assert self._connection is not None
+        channel = await self._connection.channel()
+        exchange = await channel.get_exchange(self.topology.status_exchange, ensure=False)
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(exchange, routing_key="#")
+        events: asyncio.Queue[Progress | Heartbeat] = asyncio.Queue()
+
+        async def on_event(message: AbstractIncomingMessage) -> None:
+            with contextlib.suppress(ValidationError):
+                events.put_nowait(_EVENTS.validate_json(message.body))
+
+        await queue.consume(on_event, no_ack=True)
+        try:
+            yield events
+        finally:
+            await channel.close()
+
+    async def publish_and_wait(
+        self, model: str, action: Action, *, timeout_s: float = 120.0, settle_s: float = 2.5
+    ) -> WaitReport:
+        """Publish, then follow every live worker until each reports an outcome or time runs out.
+
+        Live workers are those whose heartbeat (or progress) arrives while waiting; `settle_s`
+        (a little over one heartbeat interval) makes sure each has been heard from at least once.
+        """
+        async with self.events() as events:
+            command = await self.publish(model, action)
+            report = WaitReport(command, time.monotonic())
+            deadline = report.published_at + timeout_s
+            while time.monotonic() < deadline:
+                settled = time.monotonic() - report.published_at >= settle_s
+                if settled and report.workers and not report.missing:
+                    break
+                try:
+                    event = await asyncio.wait_for(events.get(), min(0.2, max(0.0, deadline - time.monotonic())))
+                except TimeoutError:
+                    continue
+                _record(report, event)
+            return report
+
+    async def heartbeats(self, listen_s: float = 2.5) -> dict[str, Heartbeat]:
+        """The latest heartbeat of every worker heard within `listen_s`."""
+        seen: dict[str, Heartbeat] = {}
+        async with self.events() as events:
+            deadline = time.monotonic() + listen_s
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    event = await asyncio.wait_for(events.get(), left)
+                except TimeoutError:
+                    break
+                if isinstance(event, Heartbeat):
+                    seen[event.worker_id] = event
+        return seen
+
+
+def _record(report: WaitReport, event: Progress | Heartbeat) -> None:
+    if isinstance(event, Heartbeat):
+        if event.models.get(report.command.model) is not None:
+            report.heartbeats[event.worker_id] = event
+    elif event.command_id == report.command.command_id:
+        report.progress.setdefault(event.worker_id, []).append(event)

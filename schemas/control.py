@@ -1,0 +1,127 @@
+"""Wire contract of the control plane: signed commands, progress events, heartbeats.
+
+A command travels as a `SignedEnvelope` whose `body` is the command's JSON text, signed as
+those exact bytes (Ed25519): no canonical-JSON rules to agree on, in any language.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+
+from schemas.manifest import ModelName, Sha256, VersionName
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ArtifactRef(_Wire):
+    """Where a version's artifact comes from when it is not in the model repository already."""
+
+    uri: str = Field(pattern=r"^(file|https?)://", max_length=4096)
+    sha256: Sha256
+
+
+class Update(_Wire):
+    kind: Literal["update"] = "update"
+    version: VersionName
+    artifact: ArtifactRef | None = Field(None, description="None: the repository's version directory")
+    activate: Literal["now", "standby", "canary"] = "now"
+    canary_percent: float | None = Field(None, gt=0, lt=100, description="with activate=canary")
+
+    @model_validator(mode="after")
+    def _canary_needs_a_share(self) -> Update:
+        if (self.activate == "canary") != (self.canary_percent is not None):
+            raise ValueError("canary_percent is given exactly when activate is 'canary'")
+        return self
+
+
+class Rollback(_Wire):
+    kind: Literal["rollback"] = "rollback"
+    to: VersionName | None = Field(None, description="None: the version active before this one")
+
+
+class Shadow(_Wire):
+    version: VersionName
+    percent: float = Field(gt=0, le=100, description="share of jobs also run on the shadow version")
+
+
+class Traffic(_Wire):
+    kind: Literal["traffic"] = "traffic"
+    weights: dict[VersionName, float] = Field(min_length=1, description="percent per version, sum 100")
+    shadow: Shadow | None = None
+
+    @model_validator(mode="after")
+    def _weights_add_up(self) -> Traffic:
+        if any(w < 0 for w in self.weights.values()) or abs(sum(self.weights.values()) - 100) > 1e-6:
+            raise ValueError("weights are percentages ≥ 0 that add up to 100")
+        return self
+
+
+class Unload(_Wire):
+    kind: Literal["unload"] = "unload"
+    version: VersionName
+
+
+Action = Annotated[Update | Rollback | Traffic | Unload, Field(discriminator="kind")]
+
+
+class Command(_Wire):
+    schema_version: Literal[1] = 1
+    command_id: str = Field(min_length=1, max_length=64)
+    model: ModelName
+    seq: int = Field(ge=1, description="per-model sequence number: applied at most once, in order")
+    issued_at: AwareDatetime
+    issuer: str = Field(max_length=128)
+    action: Action
+
+
+class SignedEnvelope(_Wire):
+    schema_version: Literal[1] = 1
+    key_id: str = Field(description="sha256 prefix of the public key that verifies this")
+    body: str = Field(description="the Command's JSON text, exactly as signed")
+    signature: str = Field(description="Ed25519 signature of body's UTF-8 bytes, standard base64")
+
+
+Phase = Literal["received", "preload", "validate", "swap", "cleanup", "done", "failed", "refused"]
+
+
+class Progress(_Wire):
+    """One worker's progress through one command."""
+
+    kind: Literal["progress"] = "progress"
+    worker_id: str
+    command_id: str
+    model: str
+    seq: int
+    phase: Phase
+    reason: str | None = None
+    seconds: float | None = Field(None, description="time the finished phase took")
+    at: datetime
+
+
+class VersionStatus(_Wire):
+    state: str
+    reason: str | None = None
+    weight: float = 0.0
+
+
+class ModelStatus(_Wire):
+    active: str | None
+    versions: dict[str, VersionStatus]
+    shadow: Shadow | None = None
+    last_seq: int = 0
+
+
+class Heartbeat(_Wire):
+    kind: Literal["heartbeat"] = "heartbeat"
+    worker_id: str
+    at: datetime
+    models: dict[str, ModelStatus]
+    last_error: str | None = None
+
+
+StatusEvent = Annotated[Progress | Heartbeat, Field(discriminator="kind")]

@@ -1,0 +1,252 @@
+"""Update, rollback, A/B and refusals across two worker processes under continuous load."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+from collections import Counter, defaultdict
+from itertools import groupby
+from pathlib import Path
+
+import pytest
+
+from control.client import Client
+from control.operator import Operator, WaitReport
+from schemas.control import Rollback, Shadow, Traffic, Update
+from schemas.jobs import Box, JobResult
+from schemas.signing import Signer, generate_keys
+
+pytestmark = pytest.mark.slow
+
+
+def assert_ok(report: WaitReport, workers: set[str]) -> None:
+    assert set(report.workers) == workers, report.workers
+    assert report.ok, (report.missing, report.failures)
+
+
+def versions_in_order(results: list[JobResult], worker: str) -> list[str]:
+    """The versions a worker served, in order, with repeats collapsed."""
+    return [v for v, _ in groupby(r.version for r in results if r.worker_id == worker)]
+
+
+async def test_update_under_load_switches_each_worker_once_and_improves(
+    start_worker, operator: Operator, load, heldout
+) -> None:
+    start_worker("shapes@1.0.0", name="a"), start_worker("shapes@1.0.0", name="b")
+    running = load(concurrency=8)
+    await running.wait_for(100)
+    report = await operator.publish_and_wait("shapes", Update(version="2.0.0"))
+    assert_ok(report, {"a", "b"})
+    for worker in ("a", "b"):
+        assert [p.phase for p in report.progress[worker]] == ["received", "preload", "validate", "swap", "done"]
+    done = len(running.results)
+    await running.wait_for(done + 100)
+    results = await running.stop()
+    for worker in ("a", "b"):
+        assert versions_in_order(results, worker) == ["1.0.0", "2.0.0"], worker
+    truth = {h.path: h.boxes for h in heldout}
+    recall: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for path, result in running.results:
+        for name, box in truth[path]:
+            recall[result.version or ""][1] += 1
+            recall[result.version or ""][0] += any(
+                d.class_name == name and d.box.iou(Box.of(box)) >= 0.5 for d in result.detections
+            )
+    rates = {v: found / total for v, (found, total) in recall.items()}
+    print(f"held-out recall by version under load: {rates}")
+    assert rates["2.0.0"] > rates["1.0.0"]
+
+
+async def test_warm_rollback_is_a_swap_without_loading(start_worker, operator: Operator, load) -> None:
+    start_worker("shapes@1.0.0", name="a"), start_worker("shapes@1.0.0", name="b")
+    assert_ok(await operator.publish_and_wait("shapes", Update(version="2.0.0")), {"a", "b"})
+    running = load(concurrency=8)
+    await running.wait_for(50)
+    report = await operator.publish_and_wait("shapes", Rollback())
+    assert_ok(report, {"a", "b"})
+    for worker in ("a", "b"):
+        assert [p.phase for p in report.progress[worker]] == ["received", "swap", "done"]
+    last = max(p.at for events in report.progress.values() for p in events if p.phase == "done")
+    elapsed_ms = (last - report.command.issued_at).total_seconds() * 1000
+    print(f"warm rollback: publish → last worker done in {elapsed_ms:.0f} ms")
+    done = len(running.results)
+    await running.wait_for(done + 60)
+    results = await running.stop()
+    for worker in ("a", "b"):
+        assert versions_in_order(results, worker) == ["2.0.0", "1.0.0"]
+
+
+async def test_traffic_split_is_weighted_sticky_and_shadowed(
+    start_worker, operator: Operator, client: Client, heldout, metric
+) -> None:
+    a, _ = start_worker("shapes@1.0.0", name="a"), start_worker("shapes@1.0.0", name="b")
+    assert_ok(await operator.publish_and_wait("shapes", Update(version="2.0.0", activate="standby")), {"a", "b"})
+    split = Traffic(weights={"1.0.0": 90, "2.0.0": 10}, shadow=Shadow(version="2.0.0", percent=20))
+    assert_ok(await operator.publish_and_wait("shapes", split), {"a", "b"})
+
+    semaphore = asyncio.Semaphore(32)
+
+    async def one(i: int, key: str | None = None) -> JobResult:
+        async with semaphore:
+            return await client.submit(heldout[i % len(heldout)].path, model="shapes", routing_key=key)
+
+    results = await asyncio.gather(*(one(i) for i in range(2000)))
+    shares = Counter(r.version for r in results)
+    print(f"traffic 90/10 over 2,000 jobs: {dict(shares)}")
+    assert all(r.status == "ok" for r in results)
+    assert abs(shares["2.0.0"] / 2000 - 0.10) <= 0.03
+    for key in ("user-1", "user-2", "user-3", "user-4"):
+        sticky = await asyncio.gather(*(one(i, key) for i in range(20)))
+        assert len({r.version for r in sticky}) == 1, key
+    pinned = await client.submit(heldout[0].path, model="shapes", version="canary")
+    assert pinned.version == "2.0.0"
+    await asyncio.sleep(0.5)  # shadow runs finish after their results
+    metrics = a.text("/metrics")
+    assert metric(metrics, "hotswap_shadow_agreement_ratio_count", primary="1.0.0", shadow="2.0.0") > 0
+    assert metric(metrics, "hotswap_traffic_weight_percent", version="2.0.0") == 10
+
+
+def craft(model_root: Path, name: str, source: str, edit) -> None:  # type: ignore[no-untyped-def]
+    """A new version directory copied from `source`, its manifest (and files) edited."""
+    target = model_root / "shapes" / name
+    shutil.copytree((model_root / "shapes" / source).resolve(), target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["version"] = name
+    edit(target, manifest)
+    (target / "manifest.json").write_text(json.dumps(manifest))
+
+
+async def test_bad_updates_are_refused_with_reasons_and_serving_goes_on(
+    start_worker, operator: Operator, load, model_root: Path, amqp_url: str, namespace: str, metric
+) -> None:
+    import hashlib
+
+    def sha(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    def wrong_sha(_: Path, m: dict) -> None:  # type: ignore[type-arg]
+        m["sha256"] = "0" * 64
+
+    def corrupt(d: Path, m: dict) -> None:  # type: ignore[type-arg]
+        (d / "model.pt").write_bytes((d / "model.pt").read_bytes()[:5000])
+        m["sha256"] = sha(d / "model.pt")
+
+    def not_yolo(d: Path, m: dict) -> None:  # type: ignore[type-arg]
+        import torch
+
+        torch.save({"weights": torch.zeros(3)}, d / "model.pt")
+        m["sha256"] = sha(d / "model.pt")
+
+    def slow(_: Path, m: dict) -> None:  # type: ignore[type-arg]
+        m["input_size"] = 640  # the same network at 25× the pixels
+        m["calibration"] = None
+
+    def missing(d: Path, _: dict) -> None:  # type: ignore[type-arg]
+        (d / "model.pt").unlink()
+
+    def unknown_backend(_: Path, m: dict) -> None:  # type: ignore[type-arg]
+        m["backend"] = "onnx"
+
+    crafted = {"3.0.0-wrongsha": wrong_sha, "3.0.0-corrupt": corrupt, "3.0.0-notyolo": not_yolo,
+               "3.0.0-slow": slow, "3.0.0-missing": missing, "3.0.0-onnx": unknown_backend}
+    for name, edit in crafted.items():
+        craft(model_root, name, "2.0.0", edit)
+    a, _ = start_worker("shapes@1.0.0", name="a"), start_worker("shapes@1.0.0", name="b")
+    running = load(concurrency=8)
+    await running.wait_for(40)
+
+    expected = {"3.0.0-wrongsha": "sha256", "3.0.0-corrupt": "could not load", "3.0.0-notyolo": "could not load",
+                "3.0.0-slow": "latency", "3.0.0-missing": "missing", "3.0.0-onnx": "unknown backend",
+                "0.9.0-bad": "calibration recall", "9.9.9": "not found"}
+    for version, reason in expected.items():
+        report = await operator.publish_and_wait("shapes", Update(version=version))
+        assert set(report.workers) == {"a", "b"} and not report.missing
+        for worker in ("a", "b"):
+            final = report.final(worker)
+            assert final is not None and final.phase == "failed" and reason in (final.reason or ""), final
+
+    # A forged command (another key) and a replayed one (an old envelope sent again).
+    async with Operator(amqp_url, namespace=namespace, signer=Signer.from_file(
+            generate_keys(model_root.parent / "intruder")[0])) as intruder:
+        async with operator.events() as events:
+            forged = await intruder.publish("shapes", Update(version="2.0.0"), seq=1000)
+            refusals = await _collect(events, forged.command_id, {"a", "b"})
+        assert all("bad signature" in (p.reason or "") for p in refusals.values())
+    good = await operator.publish_and_wait("shapes", Rollback(to="1.0.0"))
+    envelope = operator.signer.sign(good.command)  # type: ignore[union-attr]
+    async with operator.events() as events:
+        await operator.publish_envelope(envelope.model_dump_json().encode(), good.command.command_id)
+        refusals = await _collect(events, good.command.command_id, {"a", "b"}, phase="refused")
+    assert all("duplicate" in (p.reason or "") for p in refusals.values())
+
+    results = await running.stop()
+    assert {r.version for r in results} == {"1.0.0"}
+    beats = await operator.heartbeats(1.5)
+    assert beats["a"].models["shapes"].active == "1.0.0"
+    assert beats["a"].models["shapes"].versions["0.9.0-bad"].state == "failed"
+    metrics = a.text("/metrics")
+    assert metric(metrics, "hotswap_control_commands_total", action="update", outcome="failed") == len(expected)
+    assert metric(metrics, "hotswap_control_commands_total", outcome="refused") == 2
+    assert "0.9.0-bad" in a.get("/status")["control"]["unusable"]["shapes"]
+
+
+async def _collect(events, command_id: str, workers: set[str], phase: str = "refused", timeout_s: float = 15):  # type: ignore[no-untyped-def]
+    found = {}
+    async with asyncio.timeout(timeout_s):
+        while set(found) != workers:
+            event = await events.get()
+            if getattr(event, "command_id", None) == command_id and event.phase == phase:
+                found[event.worker_id] = event
+    return found
+
+
+async def test_a_late_or_restarted_worker_converges_without_loading_replaced_versions(
+    start_worker, operator: Operator, client: Client, heldout
+) -> None:
+    first = start_worker("shapes@1.0.0", name="first")
+    for action in (Update(version="2.0.0"), Update(version="0.9.0-bad"), Rollback(),
+                   Update(version="2.0.0", activate="canary", canary_percent=30),
+                   Traffic(weights={"1.0.0": 50, "2.0.0": 50})):
+        await operator.publish_and_wait("shapes", action, settle_s=0.6)
+    late = start_worker("shapes@1.0.0", name="late")
+    beats = await operator.heartbeats(1.5)
+
+    def view(worker: str) -> object:
+        state = beats[worker].models["shapes"]
+        return state.active, state.last_seq, {v: (s.state, s.weight) for v, s in state.versions.items()}
+
+    assert view("late") == view("first")
+    assert view("late")[0] == "1.0.0" and view("late")[2]["2.0.0"] == ("standby", 50)
+    loaded = re.findall(r"shapes/(\S+) ready", late.log_path.read_text())
+    assert sorted(loaded) == ["1.0.0", "2.0.0"], loaded  # never 0.9.0-bad, nothing twice
+
+    first.stop()
+    restarted = start_worker("shapes@1.0.0", name="first")  # the same deployment, restarted
+    beats = await operator.heartbeats(1.5)
+    assert view("first") == view("late")
+    assert "0.9.0-bad ready" not in restarted.log_path.read_text()
+    result = await client.submit(heldout[0].path, model="shapes")
+    assert result.status == "ok" and result.version in {"1.0.0", "2.0.0"}
+
+
+async def test_update_cleanup_cycles_return_memory(start_worker, operator: Operator) -> None:
+    worker = start_worker("shapes@1.0.0", env={"HOTSWAP_KEEP_STANDBY": "0"})
+
+    def rss() -> int:
+        assert worker.process is not None
+        status = Path(f"/proc/{worker.process.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024  # type: ignore[union-attr]
+
+    after: list[int] = []
+    for cycle in range(20):
+        version = "2.0.0" if cycle % 2 == 0 else "1.0.0"
+        assert_ok(await operator.publish_and_wait("shapes", Update(version=version), settle_s=0.2), {"w1"})
+        after.append(rss())
+    growth = after[-1] / after[0]
+    print(f"RSS after cycle 1: {after[0] / 2**20:.1f} MiB, after cycle 20: {after[-1] / 2**20:.1f} MiB "
+          f"({growth:.3f}×)")
+    assert growth <= 1.10
+    cleanups = worker.get("/status")["control"]["cleanups"]
+    assert cleanups and all(c["memory_before"] > 0 for c in cleanups)

@@ -1,0 +1,255 @@
+"""The worker's side of the control plane: read the signed control log, apply it, report.
+
+Every worker reads the stream `<ns>.control.log` from its first entry. Until it reaches a sync
+marker it published itself, it only folds commands into each model's log; then it reduces the
+log to the desired state and loads just that (a late or restarted worker never loads versions
+that later commands replaced). After that, commands apply live, strictly one at a time in
+stream order: a command arriving while another is being applied waits, and when several wait,
+the reduction of all of them is applied at once (intermediate versions are never loaded).
+
+Outcomes, per worker and command: `done`, `failed` (with the reason; serving is untouched),
+`refused` (bad signature, stale or duplicate sequence number, duplicate command id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from datetime import UTC, datetime
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
+
+from schemas.control import Command, Heartbeat, ModelStatus, Phase, Progress, VersionStatus
+from schemas.signing import Refused, Verifier, peek
+from schemas.topology import Topology
+from worker.metrics import WorkerMetrics
+from worker.runtime.desired import DesiredState, reduce
+from worker.runtime.manager import LoadFailed, ModelManager, ProgressCallback, no_progress
+
+log = logging.getLogger(__name__)
+
+SYNC_TYPE = "hotswap.sync"
+
+
+class ControlLoop:
+    def __init__(
+        self,
+        *,
+        worker_id: str,
+        topology: Topology,
+        manager: ModelManager,
+        verifier: Verifier,
+        metrics: WorkerMetrics,
+        initial: dict[str, str],
+        keep_standby: int = 1,
+        heartbeat_interval_s: float = 2.0,
+    ) -> None:
+        self.worker_id = worker_id
+        self.topology = topology
+        self.manager = manager
+        self.verifier = verifier
+        self.metrics = metrics
+        #: The version each served model starts on before any command: from --model.
+        self.initial = initial
+        self.keep_standby = keep_standby
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.logs: dict[str, list[Command]] = {model: [] for model in initial}
+        self.applied_seq: dict[str, int] = dict.fromkeys(initial, 0)
+        self.last_error: str | None = None
+        self._seen_ids: set[str] = set()
+        self._last_offset = -1
+        self._marker = uuid.uuid4().hex
+        self._caught_up = asyncio.Event()
+        self._queue: asyncio.Queue[Command] = asyncio.Queue()
+        self._status: AbstractExchange | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def desired(self, model: str) -> DesiredState:
+        unusable = self.manager.unusable.get(model, {}).keys()
+        return reduce(model, self.logs[model], unusable, self.keep_standby, self.initial[model])
+
+    async def start(self, connection: AbstractRobustConnection, catch_up_timeout_s: float = 60.0) -> None:
+        """Replay the log, bring every model to its desired state, then follow live."""
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=256)  # a stream consumer needs credit
+        control = await declare_control_topology(channel, self.topology)
+        status_channel = await connection.channel(publisher_confirms=False)
+        self._status = await status_channel.declare_exchange(
+            self.topology.status_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        queue = await channel.get_queue(self.topology.control_log, ensure=False)
+        await queue.consume(self._on_message, arguments={"x-stream-offset": "first"})
+        await control.publish(aio_pika.Message(b"", type=SYNC_TYPE, message_id=self._marker), routing_key="")
+        await asyncio.wait_for(self._caught_up.wait(), catch_up_timeout_s)
+        for model in self.initial:
+            await self._converge(model, no_progress)
+            self.applied_seq[model] = self.desired(model).seq
+        self._tasks = [asyncio.create_task(self._apply_live()), asyncio.create_task(self._heartbeats())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # --- reading the log ---------------------------------------------------------------------
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        await message.ack()
+        raw_offset = (message.headers or {}).get("x-stream-offset")
+        offset = raw_offset if isinstance(raw_offset, int) else -1
+        if 0 <= offset <= self._last_offset:
+            return  # read again after a reconnect: already handled
+        self._last_offset = max(offset, self._last_offset)
+        if message.type == SYNC_TYPE:
+            if message.message_id == self._marker:
+                self._caught_up.set()
+            return
+        try:
+            command = self.verifier.open(message.body)
+            self._admit(command)
+        except Refused as exc:
+            await self._refuse(message, str(exc))
+            return
+        if command.model in self.logs:
+            self.logs[command.model].append(command)
+            if self._caught_up.is_set():
+                self._queue.put_nowait(command)
+
+    def _admit(self, command: Command) -> None:
+        if command.command_id in self._seen_ids:
+            raise Refused(f"duplicate command {command.command_id}: already received")
+        self._seen_ids.add(command.command_id)
+        if command.model not in self.logs:
+            return
+        newest = max((c.seq for c in self.logs[command.model]), default=0)
+        if command.seq <= newest:
+            raise Refused(f"stale: sequence {command.seq} is not after {newest}, the newest for {command.model}")
+
+    async def _refuse(self, message: AbstractIncomingMessage, reason: str) -> None:
+        if not self._caught_up.is_set():
+            return  # refused when it was live; replaying it changes nothing and reports nothing
+        claimed = peek(message.body)  # unverified: only to say what was refused
+        if claimed is not None and claimed.model not in self.logs:
+            return  # another worker's model
+        model = claimed.model if claimed else "?"
+        command_id = claimed.command_id if claimed else message.message_id or "?"
+        seq, action = (claimed.seq, claimed.action.kind) if claimed else (0, "?")
+        log.warning("refused control command %s: %s", command_id, reason)
+        self.last_error = f"refused {command_id}: {reason}"
+        self.metrics.control_commands.labels(model, action, "refused").inc()
+        await self._progress(model, command_id, seq, "refused", reason)
+
+    # --- applying ----------------------------------------------------------------------------
+
+    async def _apply_live(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            for model in dict.fromkeys(c.model for c in batch):
+                try:
+                    await self._apply([c for c in batch if c.model == model])
+                except Exception:  # a bug here must not stop the control plane for good
+                    log.exception("applying control commands for %s failed", model)
+
+    async def _apply(self, commands: list[Command]) -> None:
+        """Apply the newest of `commands` (one model); the older ones it supersedes are done too."""
+        newest = commands[-1]
+        for command in commands:
+            await self._progress(command.model, command.command_id, command.seq, "received")
+
+        async def progress(
+            model: str, version: str, phase: Phase, reason: str | None, seconds: float | None
+        ) -> None:
+            if seconds is not None:
+                self.metrics.update_phase_seconds.labels(model, phase).observe(seconds)
+            await self._progress(model, newest.command_id, newest.seq, phase, reason, seconds)
+
+        started = time.perf_counter()
+        failure = await self._converge(newest.model, progress)
+        outcome: Phase = "failed" if failure else "done"
+        for command in commands:
+            self.applied_seq[command.model] = command.seq
+            label = outcome if command is newest else "superseded"
+            self.metrics.control_commands.labels(command.model, command.action.kind, label).inc()
+            await self._progress(command.model, command.command_id, command.seq, outcome, failure,
+                                 time.perf_counter() - started)
+
+    async def _converge(self, model: str, progress: ProgressCallback) -> str | None:
+        """Reconcile to the desired state; when a version fails, it becomes unusable and the
+        state without it is reconciled instead. Returns the first failure's reason; raises
+        LoadFailed when there is nothing left to fall back to (a worker that cannot start)."""
+        failure: str | None = None
+        while True:
+            desired = self.desired(model)
+            try:
+                # Falling back after a failure restores what served: nothing to report for it.
+                await self.manager.reconcile(desired, no_progress if failure else progress)
+                self.metrics.swaps.labels(model).inc()
+                return failure
+            except LoadFailed as exc:
+                failure = failure or str(exc)
+                self.last_error = failure
+                if self.desired(model) == desired:
+                    raise
+
+    # --- reporting ---------------------------------------------------------------------------
+
+    async def _progress(
+        self, model: str, command_id: str, seq: int, phase: Phase,
+        reason: str | None = None, seconds: float | None = None,
+    ) -> None:
+        event = Progress(worker_id=self.worker_id, command_id=command_id, model=model, seq=seq, phase=phase,
+                         reason=reason, seconds=seconds, at=datetime.now(UTC))
+        await self._publish(f"progress.{model}.{self.worker_id}", event.model_dump_json().encode())
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await self._publish(f"heartbeat.{self.worker_id}", self.heartbeat().model_dump_json().encode())
+            await asyncio.sleep(self.heartbeat_interval_s)
+
+    def heartbeat(self) -> Heartbeat:
+        return Heartbeat(worker_id=self.worker_id, at=datetime.now(UTC), models=self.model_status(),
+                         last_error=self.last_error)
+
+    def model_status(self) -> dict[str, ModelStatus]:
+        statuses = {}
+        for deployment in self.manager.table.all():
+            weights = deployment.weights or {deployment.active.version: 100.0}
+            versions = {
+                name: VersionStatus(state=v.state.value, reason=v.reason, weight=weights.get(name, 0.0))
+                for name, v in deployment.loaded.items()
+            }
+            for name, reason in self.manager.unusable.get(deployment.model, {}).items():
+                versions.setdefault(name, VersionStatus(state="failed", reason=reason))
+            statuses[deployment.model] = ModelStatus(
+                active=deployment.active.version, versions=versions, shadow=deployment.shadow,
+                last_seq=self.applied_seq.get(deployment.model, 0),
+            )
+        return statuses
+
+    async def _publish(self, routing_key: str, body: bytes) -> None:
+        if self._status is None:
+            return
+        try:
+            message = aio_pika.Message(body, content_type="application/json")
+            await self._status.publish(message, routing_key, mandatory=False)  # nobody listening is fine
+        except Exception as exc:  # status is best effort; the control log is the truth
+            log.debug("status event not sent: %s", exc)
+
+
+async def declare_control_topology(channel: AbstractChannel, topology: Topology) -> AbstractExchange:
+    """The control exchange and the stream it feeds; the operator declares them too."""
+    control = await channel.declare_exchange(topology.control_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+    log_queue = await channel.declare_queue(
+        topology.control_log, durable=True, arguments={"x-queue-type": "stream"}
+    )
+    await log_queue.bind(control, routing_key="")
+    return control
+

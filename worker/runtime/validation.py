@@ -1,0 +1,90 @@
+"""The validation gate a version passes before it may serve (DESIGN.md, "Validation gate").
+
+sha256 and the isolated load happen in `ModelManager.load`; this module adds the calibration
+expectations from the manifest and the latency budget against the active version. Everything
+here blocks: it runs in the control executor, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from schemas.jobs import Box, InferenceParams
+from schemas.manifest import Manifest
+from worker.images import ImageLimits, decode_image
+from worker.runtime.backend import Image, ModelBackend
+from worker.runtime.matching import matched
+
+_LIMITS = ImageLimits(max_bytes=50 * 1024 * 1024, max_pixels=100_000_000)
+
+
+class ValidationFailed(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class LatencyBudget:
+    factor: float = 1.5
+    #: Absolute slack, so that tiny models are not failed by timer noise.
+    slack_ms: float = 2.0
+    repeats: int = 3
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    images: list[Image]
+    recall: float | None
+
+
+def check_calibration(backend: ModelBackend, manifest: Manifest, version_dir: Path) -> Calibrated:
+    """Run the manifest's calibration images; fail when recall is below its minimum."""
+    calibration = manifest.calibration
+    if calibration is None or not calibration.images:
+        return Calibrated([], None)
+    images = [decode_image((version_dir / item.file).read_bytes(), _LIMITS) for item in calibration.images]
+    results = backend.predict(images, InferenceParams(conf=calibration.conf))
+    expected = found = 0
+    for item, detections in zip(calibration.images, results, strict=True):
+        boxes = [(e.class_name, Box.of(e.box)) for e in item.expected]
+        expected += len(boxes)
+        found += matched(boxes, detections, calibration.match_iou)
+    recall = found / expected if expected else 1.0
+    if recall < calibration.min_recall:
+        raise ValidationFailed(
+            f"calibration recall {recall:.2f} is below the manifest's minimum {calibration.min_recall:.2f} "
+            f"({found} of {expected} expected boxes found)"
+        )
+    return Calibrated(images, recall)
+
+
+def median_latency_ms(backend: ModelBackend, images: list[Image], repeats: int) -> float:
+    """Median single-image predict time over the images, `repeats` rounds."""
+    times = []
+    for _ in range(repeats):
+        for image in images:
+            started = time.perf_counter()
+            backend.predict([image], InferenceParams())
+            times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def check_latency(
+    candidate: ModelBackend, baseline: ModelBackend | None, images: list[Image], budget: LatencyBudget
+) -> tuple[float, float | None]:
+    """Candidate and baseline p50 in ms, measured back to back on the same images and thread."""
+    if not images:
+        return 0.0, None
+    candidate_ms = median_latency_ms(candidate, images, budget.repeats)
+    if baseline is None:
+        return candidate_ms, None
+    baseline_ms = median_latency_ms(baseline, images, budget.repeats)
+    allowed = baseline_ms * budget.factor + budget.slack_ms
+    if candidate_ms > allowed:
+        raise ValidationFailed(
+            f"p50 latency {candidate_ms:.1f} ms is over the budget {allowed:.1f} ms "
+            f"({budget.factor}× the active version's {baseline_ms:.1f} ms + {budget.slack_ms} ms)"
+        )
+    return candidate_ms, baseline_ms
