@@ -22,6 +22,7 @@ from worker.control import ControlLoop
 from worker.images import ImageLimits
 from worker.jobs import JobProcessor
 from worker.metrics import WorkerMetrics
+from worker.runtime.artifacts import ArtifactCache
 from worker.runtime.deployment import Deployment
 from worker.runtime.manager import ModelManager, ModelSpec
 from worker.runtime.repository import ModelRepository
@@ -46,7 +47,8 @@ class Worker:
         self.control_executor = ThreadPoolExecutor(1, thread_name_prefix="control")
         self.models = ModelManager(
             ModelRepository(settings.model_root), settings.device, self.control_executor,
-            LatencyBudget(factor=settings.latency_budget_factor),
+            LatencyBudget(factor=settings.latency_budget_factor), self.metrics,
+            ArtifactCache(settings.artifact_cache, settings.artifact_sources),
         )
         self.limits = ImageLimits(
             max_bytes=settings.max_image_bytes,

@@ -43,6 +43,10 @@ class WorkerSettings(BaseSettings):
     )
 
     control_public_key: Path | None = Field(None, description="Ed25519 key verifying control commands")
+    artifact_sources: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="URI prefixes artifacts may be fetched from, comma separated"
+    )
+    artifact_cache: Path = Path.home() / ".cache" / "hotswap" / "artifacts"
     keep_standby: int = Field(1, ge=0, le=16, description="earlier versions kept warm for rollback")
     heartbeat_interval_s: float = Field(2.0, gt=0)
     latency_budget_factor: float = Field(1.5, gt=0, description="new p50 ≤ factor × active p50")
@@ -54,7 +58,7 @@ class WorkerSettings(BaseSettings):
     def topology(self) -> Topology:
         return Topology(self.namespace)
 
-    @field_validator("models", "image_file_roots", mode="before")
+    @field_validator("models", "image_file_roots", "artifact_sources", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         # NoDecode hands comma-separated environment values over as plain strings.

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
 
-from schemas.control import Command, Heartbeat, ModelStatus, Phase, Progress, VersionStatus
+from schemas.control import Command, Heartbeat, ModelStatus, Phase, Progress, Update, VersionStatus
 from schemas.signing import Refused, Verifier, peek
 from schemas.topology import Topology
 from worker.metrics import WorkerMetrics
@@ -163,12 +163,12 @@ class ControlLoop:
         newest = commands[-1]
         for command in commands:
             await self._progress(command.model, command.command_id, command.seq, "received")
+            if isinstance(command.action, Update):  # asked again: worth another try (it may have been transient)
+                self.manager.unusable.get(command.model, {}).pop(command.action.version, None)
 
         async def progress(
             model: str, version: str, phase: Phase, reason: str | None, seconds: float | None
         ) -> None:
-            if seconds is not None:
-                self.metrics.update_phase_seconds.labels(model, phase).observe(seconds)
             await self._progress(model, newest.command_id, newest.seq, phase, reason, seconds)
 
         started = time.perf_counter()

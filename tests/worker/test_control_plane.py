@@ -250,3 +250,82 @@ async def test_update_cleanup_cycles_return_memory(start_worker, operator: Opera
     assert growth <= 1.10
     cleanups = worker.get("/status")["control"]["cleanups"]
     assert cleanups and all(c["memory_before"] > 0 for c in cleanups)
+
+
+async def test_artifacts_by_uri_from_allowed_sources_only(
+    start_worker, operator: Operator, client: Client, heldout, model_root: Path, tmp_path: Path
+) -> None:
+    from aiohttp import web
+
+    published = tmp_path / "published"
+    for name in ("4.0.0", "4.1.0"):
+        craft(model_root, name, "2.0.0", lambda _d, _m: None)
+        shutil.move(model_root / "shapes" / name, published / "shapes" / name)  # only reachable by URI
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(published, elsewhere)
+    sha = json.loads((published / "shapes" / "4.0.0" / "manifest.json").read_text())["sha256"]
+
+    app = web.Application()
+    app.router.add_static("/models/", published)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    http = f"http://127.0.0.1:{runner.addresses[0][1]}/models"
+    start_worker("shapes@1.0.0", name="a", env={
+        "HOTSWAP_ARTIFACT_SOURCES": f"file://{published}/,{http}/",
+        "HOTSWAP_ARTIFACT_CACHE": str(tmp_path / "cache"),
+    })
+
+    async def update(version: str, uri: str, pinned: str = sha) -> WaitReport:
+        from schemas.control import ArtifactRef
+
+        return await operator.publish_and_wait(
+            "shapes", Update(version=version, artifact=ArtifactRef(uri=uri, sha256=pinned)), settle_s=0.6
+        )
+
+    try:
+        refused = {
+            f"file://{elsewhere}/shapes/4.0.0/model.pt": "not under an allowed artifact source",
+            f"file://{published}/shapes/4.2.0/model.pt": "cannot fetch",
+            f"{http}/shapes/4.2.0/model.pt": "cannot fetch",
+        }
+        for uri, reason in refused.items():
+            report = await update("4.0.0" if "4.0.0" in uri else "4.2.0", uri)
+            final = report.final("a")
+            assert final is not None and final.phase == "failed" and reason in (final.reason or ""), final
+        wrong = await update("4.1.0", f"{http}/shapes/4.1.0/model.pt", pinned="1" * 64)
+        assert "sha256" in (wrong.final("a").reason or "")  # type: ignore[union-attr]
+
+        assert_ok(await update("4.0.0", f"file://{published}/shapes/4.0.0/model.pt"), {"a"})
+        assert (await client.submit(heldout[0].path, model="shapes")).version == "4.0.0"
+    finally:
+        await runner.cleanup()
+
+
+async def test_concurrency_rules(start_worker, operator: Operator, client: Client, heldout) -> None:
+    start_worker("shapes@1.0.0", name="a"), start_worker("shapes@1.0.0", name="b")
+    # An update arriving while another is applied waits, and only the newest is loaded.
+    async with operator.events() as events:
+        first = await operator.publish("shapes", Update(version="2.0.0"))
+        second = await operator.publish("shapes", Update(version="0.9.0-bad", activate="standby"))
+        third = await operator.publish("shapes", Rollback())
+        outcomes = {}
+        async with asyncio.timeout(60):
+            while len(outcomes) < 6:
+                event = await events.get()
+                if getattr(event, "phase", None) in {"done", "failed", "refused"}:
+                    outcomes[(event.worker_id, event.seq)] = event.phase
+    assert (first.seq, second.seq, third.seq) == (1, 2, 3)
+    beats = await operator.heartbeats(1.2)
+    for worker in ("a", "b"):
+        assert beats[worker].models["shapes"].active == "1.0.0"
+        assert beats[worker].models["shapes"].last_seq == 3
+
+    # Two operators racing for the same sequence number: the first in the log wins.
+    async with operator.events() as events:
+        winner = await operator.publish("shapes", Update(version="2.0.0"), seq=4)
+        loser = await operator.publish("shapes", Rollback(to="1.0.0"), seq=4)
+        refused = await _collect(events, loser.command_id, {"a", "b"})
+    assert all("stale" in (p.reason or "") for p in refused.values())
+    assert (await client.submit(heldout[0].path, model="shapes")).version == "2.0.0"
+    assert winner.seq == 4

@@ -11,19 +11,22 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Executor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from schemas.control import Phase
+from schemas.control import ArtifactRef, Phase
+from worker.metrics import WorkerMetrics
+from worker.runtime.artifacts import ArtifactCache
 from worker.runtime.backend import blank_image, create_backend
 from worker.runtime.deployment import Deployment, DeploymentTable
 from worker.runtime.desired import DesiredState
 from worker.runtime.lifecycle import ModelVersion, VersionState
 from worker.runtime.memory import memory_in_use
-from worker.runtime.repository import ModelRepository
+from worker.runtime.repository import ModelRepository, RepositoryError
 from worker.runtime.validation import LatencyBudget, check_calibration, check_latency
 
 log = logging.getLogger(__name__)
@@ -70,8 +73,12 @@ class ModelManager:
         device: str,
         control_executor: Executor,
         budget: LatencyBudget | None = None,
+        metrics: WorkerMetrics | None = None,
+        artifacts: ArtifactCache | None = None,
     ) -> None:
         self.repository = repository
+        self.artifacts = artifacts
+        self.metrics = metrics
         self.device = device
         self.executor = control_executor
         self.budget = budget or LatencyBudget()
@@ -98,34 +105,45 @@ class ModelManager:
             for name in desired.needed:
                 if name not in loaded:
                     baseline = current.active if current else None
-                    loaded[name] = await self._load(model, name, baseline, progress)
-            self._swap(desired, loaded)
+                    source = desired.sources.get(name)
+                    ref = source.artifact if source is not None else None
+                    loaded[name] = await self._load(model, name, baseline, progress, ref)
+            with self._timed(model, "swap"):
+                self._swap(desired, loaded)
             await progress(model, desired.active or "", "swap", None, None)
             for name in [n for n in loaded if n not in desired.needed]:
-                await self._free(loaded.pop(name), progress)
+                with self._timed(model, "cleanup"):
+                    await self._free(loaded.pop(name), progress)
 
     async def _load(
-        self, model: str, name: str, baseline: ModelVersion | None, progress: ProgressCallback
+        self, model: str, name: str, baseline: ModelVersion | None, progress: ProgressCallback,
+        ref: ArtifactRef | None = None,
     ) -> ModelVersion:
         version = ModelVersion(model, name)
         started = time.perf_counter()
         await progress(model, name, "preload", None, None)
         try:
-            entry = self.repository.get(model, name)
-            version.manifest = entry.manifest
-            artifact = await self._run(self.repository.verified_artifact, entry)
-            backend = create_backend(entry.manifest.backend, self.device)
-            await self._run(backend.load, artifact, entry.manifest)
-            version.backend = backend
+            with self._timed(model, "preload"):
+                if ref is None:
+                    entry = self.repository.get(model, name)
+                elif self.artifacts is None:
+                    raise RepositoryError("this worker fetches no artifacts by URI (no HOTSWAP_ARTIFACT_SOURCES)")
+                else:
+                    entry = await self._run(self.artifacts.fetch, model, name, ref)
+                version.manifest = entry.manifest
+                artifact = await self._run(self.repository.verified_artifact, entry)
+                backend = create_backend(entry.manifest.backend, self.device)
+                await self._run(backend.load, artifact, entry.manifest)
+                version.backend = backend
             version.advance(VersionState.VALIDATING)
-            await progress(model, name, "validate", None, time.perf_counter() - started)
-            started = time.perf_counter()
-            await self._run(backend.warm_up)
-            calibrated = await self._run(check_calibration, backend, entry.manifest, entry.path)
-            other = baseline.backend if baseline is not None and baseline.version != name else None
-            # Without calibration images, a blank frame still shows the cost of the network.
-            images = calibrated.images or [blank_image(entry.manifest.input_size)]
-            await self._run(check_latency, backend, other, images, self.budget)
+            await progress(model, name, "validate", None, None)
+            with self._timed(model, "validate"):
+                await self._run(backend.warm_up)
+                calibrated = await self._run(check_calibration, backend, entry.manifest, entry.path)
+                other = baseline.backend if baseline is not None and baseline.version != name else None
+                # Without calibration images, a blank frame still shows the cost of the network.
+                images = calibrated.images or [blank_image(entry.manifest.input_size)]
+                await self._run(check_latency, backend, other, images, self.budget)
             version.advance(VersionState.READY)
         except Exception as exc:  # every failure is the version's reason; serving is untouched
             log.warning("%s/%s refused: %s", model, name, exc)
@@ -134,7 +152,7 @@ class ModelManager:
             if version.backend is not None:
                 await self._run(_release, version)
             raise LoadFailed(version) from exc
-        log.info("%s/%s ready (validated in %.2f s)", model, name, time.perf_counter() - started)
+        log.info("%s/%s ready (loaded and validated in %.2f s)", model, name, time.perf_counter() - started)
         return version
 
     def _swap(self, desired: DesiredState, loaded: dict[str, ModelVersion]) -> None:
@@ -162,7 +180,16 @@ class ModelManager:
         after = memory_in_use(self.device)
         version.advance(VersionState.FREED)
         self.cleanups.append(Cleanup(version.version, before, after))
+        if self.metrics is not None:
+            self.metrics.memory_released.labels(version.model).set(before - after)
         log.info("%s/%s freed: memory %d → %d bytes", version.model, version.version, before, after)
+
+    @contextmanager
+    def _timed(self, model: str, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        yield
+        if self.metrics is not None:
+            self.metrics.update_phase_seconds.labels(model, phase).observe(time.perf_counter() - started)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
