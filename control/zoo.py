@@ -9,7 +9,6 @@ set in `<root>/_data/shapes-heldout/`.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ import cv2
 import numpy as np
 
 from schemas.manifest import Calibration, CalibrationImage, ExpectedBox, Manifest
+from worker.runtime.repository import sha256_of
 
 CLASSES: dict[int, str] = {0: "circle", 1: "square", 2: "triangle"}
 IMAGE_SIZE = 128
@@ -196,19 +196,11 @@ def _train(recipe: Recipe, data_yaml: str, project: str) -> tuple[str, float]:
 # --- zoo ----------------------------------------------------------------------------------------
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def is_complete(version_dir: Path) -> bool:
     """A version counts as built only if its manifest parses and pins the artifact beside it."""
     try:
         manifest = Manifest.model_validate_json((version_dir / "manifest.json").read_bytes())
-        return sha256_file(version_dir / manifest.artifact) == manifest.sha256
+        return sha256_of(version_dir / manifest.artifact) == manifest.sha256
     except (OSError, ValueError):
         return False
 
@@ -224,6 +216,20 @@ def _locked(root: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _scratch(parent: Path, prefix: str) -> Path:
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    tmp.chmod(0o755)  # mkdtemp makes it owner-only; workers may run as another user
+    return tmp
+
+
+def _sweep(root: Path) -> None:
+    # Leftovers of a builder killed mid-way; safe to remove because we hold the lock.
+    for pattern in (f"{MODEL_NAME}/.tmp-*", f"{MODEL_NAME}/.old-*", "_data/.tmp-*", "_data/.old-*", ".work/*"):
+        for leftover in root.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def _publish(tmp: Path, final: Path) -> None:
     # os.replace cannot overwrite a non-empty directory: move the stale one aside first.
     if final.exists():
@@ -236,8 +242,7 @@ def _publish(tmp: Path, final: Path) -> None:
 def _build_heldout(root: Path) -> Path:
     final = root / "_data" / "shapes-heldout"
     if not (final / "labels.json").exists():
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-heldout-", dir=final.parent))
+        tmp = _scratch(final.parent, ".tmp-heldout-")
         write_dataset(tmp, N_HELDOUT, HELDOUT_SEED, yolo_labels=False)
         _publish(tmp, final)
     return final
@@ -246,7 +251,7 @@ def _build_heldout(root: Path) -> Path:
 def _write_version(
     recipe: Recipe, checkpoint: Path, map50: float, heldout: Path, final: Path
 ) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{recipe.version}-", dir=final.parent))
+    tmp = _scratch(final.parent, f".tmp-{recipe.version}-")
     shutil.copyfile(checkpoint, tmp / "model.pt")
     (tmp / "calibration").mkdir()
     records = json.loads((heldout / "labels.json").read_text())[:N_CALIBRATION]
@@ -259,7 +264,7 @@ def _write_version(
     recipe_info = {k: v for k, v in asdict(recipe).items() if k not in ("version", "parent")}
     manifest = Manifest(
         name=MODEL_NAME, version=recipe.version, backend="ultralytics", task="detect",
-        artifact="model.pt", sha256=sha256_file(tmp / "model.pt"), classes=CLASSES,
+        artifact="model.pt", sha256=sha256_of(tmp / "model.pt"), classes=CLASSES,
         input_size=IMAGE_SIZE, created_at=CREATED_AT,
         calibration=Calibration(images=images, min_recall=0.5, match_iou=0.5, conf=0.25),
         lineage={
@@ -289,11 +294,11 @@ def build_zoo(root: Path, *, force: bool = False, progress: Progress | None = No
     root = root.resolve()
     finals = [root / MODEL_NAME / r.version for r in RECIPES]
     with _locked(root):
+        _sweep(root)
         heldout = _build_heldout(root)
         todo = [(r, f) for r, f in zip(RECIPES, finals, strict=True) if force or not is_complete(f)]
         if not todo:
             return finals
-        (root / MODEL_NAME).mkdir(exist_ok=True)
         (root / ".work").mkdir(exist_ok=True)
         with tempfile.TemporaryDirectory(dir=root / ".work") as work_name:
             work = Path(work_name)

@@ -55,3 +55,38 @@ def test_schema_command_prints_what_is_published() -> None:
 def test_worker_without_a_model_is_a_usage_error() -> None:
     result = hotswap("worker")
     assert result.returncode == 2 and "--model" in result.stderr
+
+
+@pytest.mark.slow
+def test_operator_commands_wait_report_and_fail_loudly(
+    start_worker, namespace: str, amqp_url: str, control_keys
+) -> None:
+    start_worker("shapes@1.0.0", name="cli-a")
+    env = {"HOTSWAP_AMQP_URL": amqp_url, "HOTSWAP_NAMESPACE": namespace, "HOTSWAP_CONTROL_KEY": str(control_keys[0])}
+
+    updated = hotswap("update", "shapes", "2.0.0", "--wait", "--json", env=env)
+    assert updated.returncode == 0, updated.stdout + updated.stderr
+    report = json.loads(updated.stdout)
+    assert report["ok"] and [e["phase"] for e in report["workers"]["cli-a"]][-1] == "done"
+
+    bad = hotswap("update", "shapes", "0.9.0-bad", "--wait", env=env)
+    assert bad.returncode == 1 and "calibration recall" in bad.stdout
+
+    split = hotswap("traffic", "shapes", "2.0.0=80", "1.0.0=20", "--shadow", "1.0.0:10", "--wait", env=env)
+    assert split.returncode == 0, split.stdout
+    status = json.loads(hotswap("status", "--json", "--listen", "1.5", env=env).stdout)
+    versions = status["cli-a"]["models"]["shapes"]["versions"]
+    assert (versions["2.0.0"]["weight"], versions["1.0.0"]["weight"]) == (80, 20)
+    assert versions["0.9.0-bad"]["state"] == "failed"
+    table = hotswap("status", "--listen", "1.5", env=env)
+    assert "cli-a" in table.stdout and "2.0.0" in table.stdout
+
+    rolled = hotswap("rollback", "shapes", "--to", "1.0.0", "--wait", env=env)
+    assert rolled.returncode == 0 and "done" in rolled.stdout
+    assert hotswap("update", "shapes", "2.0.0", env={**env, "HOTSWAP_CONTROL_KEY": "/nonexistent"}).returncode == 2
+
+
+def test_keys_generate_refuses_to_overwrite(tmp_path: Path) -> None:
+    assert hotswap("keys", "generate", "--out", str(tmp_path)).returncode == 0
+    assert (tmp_path / "control.key").stat().st_mode & 0o077 == 0
+    assert hotswap("keys", "generate", "--out", str(tmp_path)).returncode == 1
