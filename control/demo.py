@@ -122,7 +122,9 @@ async def _throughput(client: Client, paths: list[Path]) -> None:
     latencies = sorted(
         (r.timings.queue_wait_ms or 0) + r.timings.total_ms for r in results
     )
-    table = Table(title="throughput", title_justify="left")
+    table = Table(
+        title="throughput (all jobs submitted at once: latency includes the wait in the queue)", title_justify="left"
+    )
     for column in ("jobs", "ok", "seconds", "jobs/s", "p50 ms", "p95 ms", "per worker"):
         table.add_column(column, justify="right")
     per_worker = ", ".join(f"{w}: {n}" for w, n in sorted(Counter(r.worker_id for r in results).items()))
