@@ -14,12 +14,14 @@ from rich.console import Console
 from rich.table import Table
 
 from control import commands
+from loadtest.cli import app as loadtest_app
 from schemas.jobs import InferenceParams, Job, JobResult
 
 app = typer.Typer(help="Serve vision models from RabbitMQ and change them while they serve.", no_args_is_help=True)
 zoo_app = typer.Typer(help="The demo model zoo, trained locally.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 app.add_typer(commands.keys_app, name="keys")
+app.add_typer(loadtest_app, name="loadtest")
 for _command in (commands.update, commands.rollback, commands.traffic, commands.unload, commands.status,
                  commands.watch):
     app.command()(_command)

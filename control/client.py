@@ -10,8 +10,10 @@ queue; delivery is at-least-once, so a second result for a job is counted and dr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
@@ -27,6 +29,16 @@ from schemas.topology import Topology
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 ImageInput = bytes | str | os.PathLike[str] | InlineImage | UrlImage
+
+
+#: Sees every result message as it arrives, duplicates included: (correlation id, body, redelivered).
+ResultObserver = Callable[[str | None, bytes, bool], None]
+
+_RECONNECTING = (
+    aio_pika.exceptions.AMQPConnectionError,
+    aio_pika.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+)
 
 
 class JobOptions(TypedDict, total=False):
@@ -57,13 +69,19 @@ class Client:
         namespace: str = "hotswap",
         timeout_s: float = 60.0,
         reply_queue_ttl_s: float = 60.0,
+        observer: ResultObserver | None = None,
+        connection_name: str = "hotswap-client",
     ) -> None:
         self.url = url or os.environ.get("HOTSWAP_AMQP_URL", DEFAULT_AMQP_URL)
         self.topology = Topology(namespace)
         self.timeout_s = timeout_s
         self.reply_queue_ttl_s = reply_queue_ttl_s
+        self.observer = observer
+        self.connection_name = connection_name
         self.duplicates = 0
         self.late = 0
+        #: Publishes retried across a reconnect (each may have made a duplicate job).
+        self.republished = 0
         self._pending: dict[str, asyncio.Future[JobResult]] = {}
         self._answered: set[str] = set()
         self._connection: AbstractRobustConnection | None = None
@@ -87,14 +105,16 @@ class Client:
 
     async def connect(self) -> None:
         self._connection = await aio_pika.connect_robust(
-            self.url, client_properties={"connection_name": "hotswap-client"}
+            self.url, client_properties={"connection_name": self.connection_name}, reconnect_interval=0.5
         )
         self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-        # Kept for a while after a disconnect, so a reconnecting client still finds its results.
+        await self._channel.set_qos(prefetch_count=1000)
+        # Kept for a while after a disconnect, so a reconnecting client still finds its results;
+        # acked by hand, so a result in flight when the connection drops is sent again.
         queue = await self._channel.declare_queue(
             self._reply_queue, arguments={"x-expires": int(self.reply_queue_ttl_s * 1000)}
         )
-        await queue.consume(self._on_result, no_ack=True)
+        await queue.consume(self._on_result)
         # Declared here too (idempotent) so that publishing before any worker ran is a clean NoRoute.
         self._exchange = await self._channel.declare_exchange(
             self.topology.jobs_exchange, aio_pika.ExchangeType.DIRECT, durable=True
@@ -103,8 +123,13 @@ class Client:
     async def close(self) -> None:
         for future in self._pending.values():
             future.cancel()
-        if self._connection is not None:
-            await self._connection.close()
+        if self._connection is None:
+            return
+        if self._channel is not None:
+            with contextlib.suppress(Exception):  # it expires on its own anyway
+                await self._channel.queue_delete(self._reply_queue)
+        await self._connection.close()
+        self._connection = None
 
     def build_job(self, image: ImageInput, *, model: str, **options: Unpack[JobOptions]) -> Job:
         now = datetime.now(UTC)
@@ -133,50 +158,53 @@ class Client:
     async def submit_raw(
         self, body: bytes, *, model: str, job_id: str, timeout_s: float | None = None
     ) -> JobResult:
-        """Publish any body under a job id; for producers that build their own JSON (and tests)."""
-        if self._exchange is None:
-            raise ClientError("client is not connected; use `async with Client(...)`")
+        """Publish any body under a job id and wait for its result (producers with their own JSON)."""
         future: asyncio.Future[JobResult] = asyncio.get_running_loop().create_future()
         self._pending[job_id] = future
+        timeout = timeout_s or self.timeout_s
         try:
-            message = aio_pika.Message(
-                body=body,
-                content_type="application/json",
-                correlation_id=job_id,
-                message_id=job_id,
-                reply_to=self._reply_queue,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                type="hotswap.job",
-            )
-            timeout = timeout_s or self.timeout_s
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._publish(message, model)
-                    return await future
-            except TimeoutError as exc:
-                raise JobTimeout(f"no result for job {job_id} within {timeout} s") from exc
+            async with asyncio.timeout(timeout):
+                await self.publish_raw(body, model=model, job_id=job_id)
+                return await future
+        except TimeoutError as exc:
+            raise JobTimeout(f"no result for job {job_id} within {timeout} s") from exc
         finally:
             self._pending.pop(job_id, None)
 
-    async def _publish(self, message: aio_pika.Message, model: str) -> None:
-        """Publish under confirms; across a reconnect, wait for the channel and publish again.
+    async def publish_raw(self, body: bytes, *, model: str, job_id: str) -> None:
+        """Publish under a confirm without waiting for the result (the observer sees it).
 
-        A publish cut off before its confirm may have reached the broker: publishing again can
-        make a duplicate job, whose second result is dropped like any duplicate.
+        Across a reconnect the publish is retried: one cut off before its confirm may have
+        reached the broker, so a retry can make a duplicate job, whose second result is dropped.
         """
-        assert self._exchange is not None and self._channel is not None
+        if self._exchange is None or self._channel is None:
+            raise ClientError("client is not connected; use `async with Client(...)`")
+        message = aio_pika.Message(
+            body=body,
+            content_type="application/json",
+            correlation_id=job_id,
+            message_id=job_id,
+            reply_to=self._reply_queue,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            type="hotswap.job",
+        )
         while True:
             try:
                 await self._exchange.publish(message, routing_key=model, mandatory=True)
                 return
             except aio_pika.exceptions.PublishError as exc:
                 raise NoRoute(f"no queue is bound for model {model!r}: no worker serves it") from exc
-            except (aio_pika.exceptions.AMQPConnectionError, aio_pika.exceptions.ChannelInvalidStateError,
-                    ConnectionError):
+            except _RECONNECTING:
+                self.republished += 1
                 await asyncio.sleep(0.1)
-                await self._channel.ready()  # type: ignore[attr-defined]
+                with contextlib.suppress(*_RECONNECTING):
+                    await self._channel.ready()  # type: ignore[attr-defined]
 
     async def _on_result(self, message: AbstractIncomingMessage) -> None:
+        if self.observer is not None:
+            self.observer(message.correlation_id, message.body, bool(message.redelivered))
+        with contextlib.suppress(*_RECONNECTING, RuntimeError):  # unacked, the broker sends it again
+            await message.ack()
         try:
             result = JobResult.model_validate_json(message.body)
         except ValidationError:

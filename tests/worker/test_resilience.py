@@ -98,7 +98,8 @@ async def test_a_broker_connection_cut_is_survived(start_worker, client: Client,
     before = await client.submit(heldout[0].path, model="shapes")
     assert before.status == "ok"
     subprocess.run(["rabbitmqctl", "-q", "close_all_connections", "test: connection cut"], check=True)
-    await wait_until(lambda: not worker.get("/readyz", ok_only=False).get("ready"), timeout_s=10)
+    # The worker notices (its not-ready window can be a few milliseconds: too short to poll).
+    await wait_until(lambda: "broker connection lost" in worker.log_tail(), timeout_s=10)
     await wait_until(lambda: bool(worker.get("/readyz", ok_only=False).get("ready")), timeout_s=60)
     after = await asyncio.wait_for(client.submit(heldout[1].path, model="shapes"), 60)
     assert after.status == "ok" and after.worker_id == "w1"
