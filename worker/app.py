@@ -15,6 +15,7 @@ import aiohttp
 from aio_pika.abc import AbstractRobustConnection
 
 from schemas.signing import Verifier
+from worker.batching import MicroBatcher
 from worker.config import WorkerSettings
 from worker.connections import connect
 from worker.consumer import JobConsumer
@@ -80,7 +81,9 @@ class Worker:
             await self._load_models(self.connection)
             self.processor = JobProcessor(
                 self.settings.worker_id, self.models.table, self.limits,
-                self.decode_executor, self.inference_executor, http, self.metrics,
+                self.decode_executor,
+                MicroBatcher(self.inference_executor, self.settings.max_batch, self.settings.max_wait_ms, self.metrics),
+                http, self.metrics,
             )
             await self._serve(self.connection, self.processor)
         finally:

@@ -32,6 +32,8 @@ class WorkerSettings(BaseSettings):
     prefetch: int = Field(8, ge=1, le=10_000)
     delivery_limit: int = Field(3, ge=1, le=1000, description="quorum queue x-delivery-limit")
     torch_threads: int = Field(1, ge=1, le=256)
+    max_batch: int = Field(8, ge=1, le=256, description="jobs per inference batch at most")
+    max_wait_ms: float = Field(5.0, ge=0, description="longest a job waits for its batch to fill")
     decode_threads: int = Field(2, ge=1, le=64)
     grace_period_s: float = Field(30.0, ge=0)
 

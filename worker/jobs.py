@@ -27,6 +27,7 @@ from schemas.jobs import (
     Timings,
     parse_job,
 )
+from worker.batching import MicroBatcher
 from worker.images import ImageLimits, ImageRejected, decode_image, fetch_image
 from worker.metrics import WorkerMetrics
 from worker.runtime.backend import Image
@@ -111,7 +112,7 @@ class JobProcessor:
         deployments: DeploymentTable,
         limits: ImageLimits,
         decode_executor: Executor,
-        inference_executor: Executor,
+        batcher: MicroBatcher,
         http: aiohttp.ClientSession,
         metrics: WorkerMetrics,
     ) -> None:
@@ -119,7 +120,7 @@ class JobProcessor:
         self.deployments = deployments
         self.limits = limits
         self.decode_executor = decode_executor
-        self.inference_executor = inference_executor
+        self.batcher = batcher
         self.http = http
         self.metrics = metrics
         self.stats = JobStats()
@@ -195,19 +196,13 @@ class JobProcessor:
             raise JobFailed(exc.code, exc.message) from exc
 
     async def _infer(self, version: ModelVersion, image: Image, job: Job, clock: _Clock) -> list[Detection]:
-        backend = version.backend
-        if backend is None:
-            raise JobFailed(ErrorCode.INTERNAL, f"{version.model}/{version.version} has no backend")
         started = time.perf_counter()
-        loop = asyncio.get_running_loop()
         try:
-            batches = await loop.run_in_executor(
-                self.inference_executor, backend.predict, [image], job.params
-            )
+            detections = await self.batcher.predict(version, image, job.params)
         except Exception as exc:  # a model failure is this job's error, not the worker's
             raise JobFailed(ErrorCode.INFERENCE_FAILED, f"{type(exc).__name__}: {exc}") from exc
-        clock.inference_ms = (time.perf_counter() - started) * 1000
-        return batches[0]
+        clock.inference_ms = (time.perf_counter() - started) * 1000  # its batch's wait included
+        return detections
 
     def _start_shadow(
         self, shadow: ModelVersion, primary: ModelVersion, image: Image, job: Job, detections: list[Detection]
@@ -217,11 +212,7 @@ class JobProcessor:
 
         async def run() -> None:
             try:
-                backend = shadow.backend
-                if backend is None:
-                    return
-                loop = asyncio.get_running_loop()
-                (theirs,) = await loop.run_in_executor(self.inference_executor, backend.predict, [image], job.params)
+                theirs = await self.batcher.predict(shadow, image, job.params)
                 ratio = agreement(detections, theirs)
                 self.metrics.shadow_agreement.labels(job.model, primary.version, shadow.version).observe(ratio)
             except Exception as exc:  # a shadow failure is recorded, never the producer's problem

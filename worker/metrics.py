@@ -25,6 +25,13 @@ class WorkerMetrics:
             buckets=_SECONDS_BUCKETS,
             registry=r,
         )
+        self.batch_size = Histogram(
+            "hotswap_batch_size",
+            "Images per inference batch (micro-batching).",
+            ["model"],
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+            registry=r,
+        )
         self.in_flight = Gauge(
             "hotswap_jobs_in_flight", "Jobs received and not yet acked.", ["model"], registry=r
         )

@@ -1,0 +1,96 @@
+"""Micro-batching: jobs for the same model version run as one batch.
+
+A job joins the open batch of its version, parameters and image size (only then does a batch
+give each image exactly what a single predict would: ultralytics letterboxes mixed sizes
+differently). A batch runs when it holds `max_batch` jobs, or when its first job has waited
+`max_wait_ms` and the inference thread is idle; while that thread is busy, waiting batches keep
+filling, and the oldest runs as soon as it is free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from schemas.jobs import Detection, InferenceParams
+from worker.metrics import WorkerMetrics
+from worker.runtime.backend import Image
+from worker.runtime.lifecycle import ModelVersion
+
+BatchKey = tuple[int, InferenceParams, tuple[int, ...]]
+
+
+@dataclass
+class _Batch:
+    version: ModelVersion
+    params: InferenceParams
+    images: list[Image] = field(default_factory=list)
+    futures: list[asyncio.Future[list[Detection]]] = field(default_factory=list)
+    timer: asyncio.TimerHandle | None = None
+
+
+class MicroBatcher:
+    def __init__(self, executor: Executor, max_batch: int, max_wait_ms: float, metrics: WorkerMetrics) -> None:
+        self.executor = executor
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000
+        self.metrics = metrics
+        self._open: dict[BatchKey, _Batch] = {}
+        self._due: dict[BatchKey, None] = {}  # waited long enough; run when the thread is free
+        self._busy = 0  # batches handed to the executor and not finished
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def predict(self, version: ModelVersion, image: Image, params: InferenceParams) -> list[Detection]:
+        loop = asyncio.get_running_loop()
+        key = (id(version), params, image.shape)
+        batch = self._open.get(key)
+        if batch is None:
+            batch = self._open[key] = _Batch(version, params)
+            if self.max_batch > 1 and self.max_wait_s > 0:
+                batch.timer = loop.call_later(self.max_wait_s, self._on_timer, key)
+        future: asyncio.Future[list[Detection]] = loop.create_future()
+        batch.images.append(image)
+        batch.futures.append(future)
+        if len(batch.images) >= self.max_batch or batch.timer is None:
+            self._flush(key)
+        return await future
+
+    def _on_timer(self, key: BatchKey) -> None:
+        if self._busy:
+            self._due[key] = None
+        else:
+            self._flush(key)
+
+    def _flush(self, key: BatchKey) -> None:
+        self._due.pop(key, None)
+        batch = self._open.pop(key, None)
+        if batch is None:
+            return
+        if batch.timer is not None:
+            batch.timer.cancel()
+        self._busy += 1
+        task = asyncio.get_running_loop().create_task(self._run(batch))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _run(self, batch: _Batch) -> None:
+        backend = batch.version.backend
+        self.metrics.batch_size.labels(batch.version.model).observe(len(batch.images))
+        try:
+            if backend is None:
+                raise RuntimeError(f"{batch.version.model}/{batch.version.version} has no backend")
+            loop = asyncio.get_running_loop()
+            results = await loop.run_in_executor(self.executor, backend.predict, batch.images, batch.params)
+        except Exception as exc:  # every job of the batch gets the error
+            for future in batch.futures:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        finally:
+            self._busy -= 1
+            if self._due:
+                self._flush(next(iter(self._due)))
+        for future, detections in zip(batch.futures, results, strict=True):
+            if not future.done():
+                future.set_result(detections)
