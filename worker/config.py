@@ -29,7 +29,7 @@ class WorkerSettings(BaseSettings):
     worker_id: str = Field(default_factory=_default_worker_id)
     device: str = "cpu"
 
-    prefetch: int = Field(8, ge=1, le=10_000)
+    prefetch: int = Field(16, ge=1, le=10_000, description="above max_batch, so batches can fill")
     delivery_limit: int = Field(3, ge=1, le=1000, description="quorum queue x-delivery-limit")
     torch_threads: int = Field(1, ge=1, le=256)
     max_batch: int = Field(8, ge=1, le=256, description="jobs per inference batch at most")
