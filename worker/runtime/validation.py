@@ -60,27 +60,28 @@ def check_calibration(backend: ModelBackend, manifest: Manifest, version_dir: Pa
     return Calibrated(images, recall)
 
 
-def median_latency_ms(backend: ModelBackend, images: list[Image], repeats: int) -> float:
-    """Median single-image predict time over the images, `repeats` rounds."""
-    times = []
+def median_latencies_ms(backends: list[ModelBackend], images: list[Image], repeats: int) -> list[float]:
+    """Median single-image predict time per backend. The backends take turns on every image, so
+    a burst of load elsewhere on the machine slows them alike instead of whichever ran then."""
+    times: list[list[float]] = [[] for _ in backends]
     for _ in range(repeats):
         for image in images:
-            started = time.perf_counter()
-            backend.predict([image], InferenceParams())
-            times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
+            for backend, samples in zip(backends, times, strict=True):
+                started = time.perf_counter()
+                backend.predict([image], InferenceParams())
+                samples.append((time.perf_counter() - started) * 1000)
+    return [statistics.median(samples) for samples in times]
 
 
 def check_latency(
     candidate: ModelBackend, baseline: ModelBackend | None, images: list[Image], budget: LatencyBudget
 ) -> tuple[float, float | None]:
-    """Candidate and baseline p50 in ms, measured back to back on the same images and thread."""
+    """Candidate and baseline p50 in ms, measured interleaved on the same images and thread."""
     if not images:
         return 0.0, None
-    candidate_ms = median_latency_ms(candidate, images, budget.repeats)
     if baseline is None:
-        return candidate_ms, None
-    baseline_ms = median_latency_ms(baseline, images, budget.repeats)
+        return median_latencies_ms([candidate], images, budget.repeats)[0], None
+    candidate_ms, baseline_ms = median_latencies_ms([candidate, baseline], images, budget.repeats)
     allowed = baseline_ms * budget.factor + budget.slack_ms
     if candidate_ms > allowed:
         raise ValidationFailed(
