@@ -33,9 +33,14 @@ IMAGE_SIZE = 128
 MODEL_NAME = "shapes"
 # Fixed so that rebuilding gives identical manifests apart from the weights' hash.
 CREATED_AT = datetime(2026, 1, 1, tzinfo=UTC)
-DATA_SEED, N_TRAIN, N_VAL = 0, 400, 100
+GENERATOR = 2  # bump when make_shapes_image changes: built versions then count as stale
+DATA_SEED, N_TRAIN, N_VAL = 0, 256, 64
 HELDOUT_SEED, N_HELDOUT, N_CALIBRATION = 1000, 40, 8
 TRAIN_THREADS = 2
+# ultralytics accumulates gradients up to a nominal batch of 64 and warms up for at least 100
+# steps: on 256 images that left 1.0.0 too few real steps to pass its calibration. Mosaic
+# quarters 128 px images, shrinking the shapes (2.0.0: 0.46 with it, 0.99 without).
+TRAIN_ARGS: dict[str, Any] = {"batch": 8, "nbs": 8, "mosaic": 0.0}
 
 Box = tuple[int, int, int, int, int]  # class_id, x1, y1, x2, y2 (pixel edges, x2/y2 exclusive)
 Progress = Callable[[str], None]
@@ -54,8 +59,8 @@ class Recipe:
 RECIPES: tuple[Recipe, ...] = (
     Recipe("1.0.0", None, epochs=10, optimizer="AdamW", lr0=0.004, warmup_epochs=1.0),
     Recipe("2.0.0", "1.0.0", epochs=20),
-    # Still inside warm-up when it stops: a real model that detects next to nothing.
-    Recipe("0.9.0-bad", "2.0.0", epochs=5),
+    # Stops right after warm-up: a real model that detects next to nothing (5 epochs: mAP50 0.16).
+    Recipe("0.9.0-bad", "2.0.0", epochs=4),
 )
 
 
@@ -71,7 +76,7 @@ def make_shapes_image(rng: np.random.Generator, size: int = IMAGE_SIZE) -> tuple
     for _ in range(int(rng.integers(1, 5))):
         for _attempt in range(30):
             class_id = int(rng.integers(0, 3))
-            half = int(rng.integers(size // 12, size // 5))
+            half = int(rng.integers(size // 8, size // 4))
             cx, cy = (int(v) for v in rng.integers(half + 1, size - half - 1, 2))
             box = (class_id, cx - half, cy - half, cx + half + 1, cy + half + 1)
             if not any(_overlap(box, other) for other in boxes):
@@ -120,21 +125,13 @@ def write_dataset(
         image, boxes = make_shapes_image(rng, size)
         cv2.imwrite(str(directory / f"images/{i:03d}.png"), image)
         if yolo_labels:
-            lines = [
-                f"{c} {(x1 + x2) / 2 / size:.6f} {(y1 + y2) / 2 / size:.6f} "
-                f"{(x2 - x1) / size:.6f} {(y2 - y1) / size:.6f}"
-                for c, x1, y1, x2, y2 in boxes
-            ]
-            (directory / f"labels/{i:03d}.txt").write_text("".join(f"{line}\n" for line in lines))
-        records.append({
-            "file": f"images/{i:03d}.png",
-            "width": size,
-            "height": size,
-            "boxes": [
-                {"class_id": c, "class_name": CLASSES[c], "box": [x1, y1, x2, y2]}
-                for c, x1, y1, x2, y2 in boxes
-            ],
-        })
+            xywh = [(c, (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1) for c, x1, y1, x2, y2 in boxes]
+            lines = "".join(
+                f"{c} {x / size:.6f} {y / size:.6f} {w / size:.6f} {h / size:.6f}\n" for c, x, y, w, h in xywh
+            )
+            (directory / f"labels/{i:03d}.txt").write_text(lines)
+        labelled = [{"class_id": b[0], "class_name": CLASSES[b[0]], "box": list(b[1:])} for b in boxes]
+        records.append({"file": f"images/{i:03d}.png", "width": size, "height": size, "boxes": labelled})
     (directory / "labels.json").write_text(json.dumps(records, indent=1))
     return records
 
@@ -153,7 +150,9 @@ def _config_dir(root: Path) -> Path:
     font = config / "Arial.ttf"
     if not font.exists():
         config.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(_any_font(), font)
+        partial = config / f".Arial.ttf.{os.getpid()}"  # readers elsewhere never see half a font
+        shutil.copyfile(_any_font(), partial)
+        os.replace(partial, font)
     return config
 
 
@@ -185,7 +184,7 @@ def _train(recipe: Recipe, data_yaml: str, project: str) -> tuple[str, float]:
         data=data_yaml, imgsz=IMAGE_SIZE, epochs=recipe.epochs, optimizer=recipe.optimizer,
         lr0=recipe.lr0, warmup_epochs=recipe.warmup_epochs, pretrained=False, amp=False,
         plots=False, seed=0, workers=0, deterministic=True, device="cpu", verbose=False,
-        project=project, name=recipe.version, exist_ok=True,
+        project=project, name=recipe.version, exist_ok=True, **TRAIN_ARGS,
     )  # fmt: skip
     trainer = model.trainer
     assert trainer is not None and metrics is not None
@@ -196,13 +195,26 @@ def _train(recipe: Recipe, data_yaml: str, project: str) -> tuple[str, float]:
 # --- zoo ----------------------------------------------------------------------------------------
 
 
-def is_complete(version_dir: Path) -> bool:
-    """A version counts as built only if its manifest parses and pins the artifact beside it."""
+def is_complete(version_dir: Path, recipe: Recipe | None = None) -> bool:
+    """Built = the manifest parses, pins the artifact beside it and (given) matches the recipe."""
     try:
         manifest = Manifest.model_validate_json((version_dir / "manifest.json").read_bytes())
+        if recipe is not None:
+            expected = _lineage(recipe)
+            if any(manifest.lineage.get(key) != expected[key] for key in ("dataset", "recipe")):
+                return False
         return sha256_of(version_dir / manifest.artifact) == manifest.sha256
     except (OSError, ValueError):
         return False
+
+
+def _lineage(recipe: Recipe) -> dict[str, Any]:
+    settings = {k: v for k, v in asdict(recipe).items() if k not in ("version", "parent")}
+    return {
+        "parent": recipe.parent,
+        "dataset": {"generator": GENERATOR, "seed": DATA_SEED, "train": N_TRAIN, "val": N_VAL},
+        "recipe": {"model": "yolov8n.yaml", "imgsz": IMAGE_SIZE, **settings, **TRAIN_ARGS},
+    }
 
 
 @contextmanager
@@ -241,16 +253,20 @@ def _publish(tmp: Path, final: Path) -> None:
 
 def _build_heldout(root: Path) -> Path:
     final = root / "_data" / "shapes-heldout"
-    if not (final / "labels.json").exists():
-        tmp = _scratch(final.parent, ".tmp-heldout-")
-        write_dataset(tmp, N_HELDOUT, HELDOUT_SEED, yolo_labels=False)
-        _publish(tmp, final)
+    spec = {"generator": GENERATOR, "seed": HELDOUT_SEED, "n": N_HELDOUT, "size": IMAGE_SIZE}
+    try:
+        if json.loads((final / "dataset.json").read_text()) == spec:
+            return final
+    except (OSError, ValueError):
+        pass
+    tmp = _scratch(final.parent, ".tmp-heldout-")
+    write_dataset(tmp, N_HELDOUT, HELDOUT_SEED, yolo_labels=False)
+    (tmp / "dataset.json").write_text(json.dumps(spec) + "\n")  # written last: marks it complete
+    _publish(tmp, final)
     return final
 
 
-def _write_version(
-    recipe: Recipe, checkpoint: Path, map50: float, heldout: Path, final: Path
-) -> None:
+def _write_version(recipe: Recipe, checkpoint: Path, map50: float, heldout: Path, final: Path) -> None:
     tmp = _scratch(final.parent, f".tmp-{recipe.version}-")
     shutil.copyfile(checkpoint, tmp / "model.pt")
     (tmp / "calibration").mkdir()
@@ -261,18 +277,12 @@ def _write_version(
         shutil.copyfile(heldout / record["file"], tmp / name)
         expected = [ExpectedBox(class_name=b["class_name"], box=b["box"]) for b in record["boxes"]]
         images.append(CalibrationImage(file=name, expected=expected))
-    recipe_info = {k: v for k, v in asdict(recipe).items() if k not in ("version", "parent")}
     manifest = Manifest(
         name=MODEL_NAME, version=recipe.version, backend="ultralytics", task="detect",
         artifact="model.pt", sha256=sha256_of(tmp / "model.pt"), classes=CLASSES,
         input_size=IMAGE_SIZE, created_at=CREATED_AT,
         calibration=Calibration(images=images, min_recall=0.5, match_iou=0.5, conf=0.25),
-        lineage={
-            "parent": recipe.parent,
-            "dataset": {"seed": DATA_SEED, "train": N_TRAIN, "val": N_VAL},
-            "recipe": {"model": "yolov8n.yaml", "imgsz": IMAGE_SIZE, "seed": 0, **recipe_info},
-            "metrics": {"mAP50": round(map50, 4)},
-        },
+        lineage={**_lineage(recipe), "metrics": {"mAP50": round(map50, 4)}},
     )  # fmt: skip
     (tmp / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
     _publish(tmp, final)
@@ -296,7 +306,7 @@ def build_zoo(root: Path, *, force: bool = False, progress: Progress | None = No
     with _locked(root):
         _sweep(root)
         heldout = _build_heldout(root)
-        todo = [(r, f) for r, f in zip(RECIPES, finals, strict=True) if force or not is_complete(f)]
+        todo = [(r, f) for r, f in zip(RECIPES, finals, strict=True) if force or not is_complete(f, r)]
         if not todo:
             return finals
         (root / ".work").mkdir(exist_ok=True)
@@ -320,7 +330,3 @@ def build_zoo(root: Path, *, force: bool = False, progress: Progress | None = No
 def ensure_zoo(root: Path = Path("models")) -> Path:
     build_zoo(root)
     return root
-
-
-if __name__ == "__main__":
-    build_zoo(Path("models"), progress=print)
