@@ -75,7 +75,7 @@ class Operator:
             self.url, client_properties={"connection_name": "hotswap-operator"}
         )
         self._channel = await self._connection.channel(publisher_confirms=True)
-        self._control = await declare_control_topology(self._channel, self.topology)
+        self._control, _ = await declare_control_topology(self._channel, self.topology)
         await self._channel.declare_exchange(self.topology.status_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
         return self
 
@@ -104,7 +104,9 @@ class Operator:
             with contextlib.suppress(Refused):  # forged or broken entries are not part of the history
                 commands.append(verifier.open(message.body))
 
-        queue = await channel.get_queue(self.topology.control_log, ensure=False)
+        queue = await channel.declare_queue(
+            self.topology.control_log, durable=True, arguments={"x-queue-type": "stream"}
+        )
         await queue.consume(on_message, arguments={"x-stream-offset": "first"})
         await self._control.publish(aio_pika.Message(b"", type=SYNC_TYPE, message_id=marker), routing_key="")
         try:

@@ -21,7 +21,13 @@ import uuid
 from datetime import UTC, datetime
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 
 from schemas.control import Command, Heartbeat, ModelStatus, Phase, Progress, Update, VersionStatus
 from schemas.signing import Refused, Verifier, peek
@@ -76,12 +82,13 @@ class ControlLoop:
         """Replay the log, bring every model to its desired state, then follow live."""
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=256)  # a stream consumer needs credit
-        control = await declare_control_topology(channel, self.topology)
+        # Consume on the queue object the robust channel declared: only that one (and its
+        # consumer) is restored after a reconnect.
+        control, queue = await declare_control_topology(channel, self.topology)
         status_channel = await connection.channel(publisher_confirms=False)
         self._status = await status_channel.declare_exchange(
             self.topology.status_exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
-        queue = await channel.get_queue(self.topology.control_log, ensure=False)
         await queue.consume(self._on_message, arguments={"x-stream-offset": "first"})
         await control.publish(aio_pika.Message(b"", type=SYNC_TYPE, message_id=self._marker), routing_key="")
         await asyncio.wait_for(self._caught_up.wait(), catch_up_timeout_s)
@@ -103,6 +110,7 @@ class ControlLoop:
         await message.ack()
         raw_offset = (message.headers or {}).get("x-stream-offset")
         offset = raw_offset if isinstance(raw_offset, int) else -1
+        log.debug("control log entry at offset %s (type %s)", offset, message.type)
         if 0 <= offset <= self._last_offset:
             return  # read again after a reconnect: already handled
         self._last_offset = max(offset, self._last_offset)
@@ -244,12 +252,14 @@ class ControlLoop:
             log.debug("status event not sent: %s", exc)
 
 
-async def declare_control_topology(channel: AbstractChannel, topology: Topology) -> AbstractExchange:
+async def declare_control_topology(
+    channel: AbstractChannel, topology: Topology
+) -> tuple[AbstractExchange, AbstractQueue]:
     """The control exchange and the stream it feeds; the operator declares them too."""
     control = await channel.declare_exchange(topology.control_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
     log_queue = await channel.declare_queue(
         topology.control_log, durable=True, arguments={"x-queue-type": "stream"}
     )
     await log_queue.bind(control, routing_key="")
-    return control
+    return control, log_queue
 

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from control.client import Client
 from control.processes import WorkerProcess
+from schemas.control import Update
 from schemas.jobs import JobResult
 from schemas.topology import Topology
 
@@ -93,7 +94,7 @@ async def test_sigterm_finishes_in_flight_jobs_and_exits_in_time(start_worker, c
     assert {r.worker_id for r in results} == {"leaving", "next"}
 
 
-async def test_a_broker_connection_cut_is_survived(start_worker, client: Client, heldout) -> None:
+async def test_a_broker_connection_cut_is_survived(start_worker, client: Client, heldout, operator) -> None:
     worker = start_worker("shapes@1.0.0")
     before = await client.submit(heldout[0].path, model="shapes")
     assert before.status == "ok"
@@ -104,6 +105,10 @@ async def test_a_broker_connection_cut_is_survived(start_worker, client: Client,
     after = await asyncio.wait_for(client.submit(heldout[1].path, model="shapes"), 60)
     assert after.status == "ok" and after.worker_id == "w1"
     assert "hotswap_broker_connected 1.0" in worker.text("/metrics")
+    # The control plane came back too: the worker still follows the control log.
+    report = await operator.publish_and_wait("shapes", Update(version="2.0.0"), timeout_s=60)
+    assert report.ok and report.workers == ["w1"], (report.missing, report.failures)
+    assert (await client.submit(heldout[2].path, model="shapes")).version == "2.0.0"
 
 
 async def test_a_message_that_kills_workers_ends_in_the_dead_letter_queue(
