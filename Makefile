@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 ZOO    ?= models
 
-.PHONY: setup demo test test-fast zoo lint typecheck schema clean
+.PHONY: setup demo test test-fast zoo lint typecheck schema bench clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python >= 3.11 is needed (set PYTHON=...)")'
@@ -27,6 +27,11 @@ test: zoo
 # Unit tests only: no worker processes.
 test-fast: zoo
 	HOTSWAP_TEST_ZOO=$(ZOO) $(PY) -m pytest -m 'not slow'
+
+# The performance benchmarks (ratios against the targets in DESIGN.md); `hotswap loadtest bench --quick`
+# for a shorter run. Reports; exits non-zero only when a benchmark cannot run.
+bench: zoo
+	$(VENV)/bin/hotswap loadtest bench
 
 lint: setup
 	$(VENV)/bin/ruff check schemas worker control loadtest tests

@@ -1,5 +1,6 @@
 """`hotswap loadtest run`: load, a scenario, exact accounting, a report. Exits 1 on any lost or
-failed job (or failed scenario check), 2 when the run cannot start.
+failed job (or failed scenario check), 2 when the run cannot start. `hotswap loadtest bench`: the
+performance benchmarks (`loadtest/bench.py`).
 
 Only cheap imports here: `hotswap --help` must not pay for aio-pika or matplotlib.
 """
@@ -123,3 +124,42 @@ def run(
         console.print(f"[red]cannot run {scenario.value}: {exc}[/red]")
         raise typer.Exit(2) from exc
     raise typer.Exit(outcome.exit_code)
+
+
+class Device(StrEnum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@app.command()
+def bench(
+    only: Annotated[str | None, typer.Option(help="benchmarks to run, e.g. 1,3 (default: all five)")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="shorter runs: the whole suite in a few minutes")] = False,
+    out: Annotated[Path, typer.Option(help="where bench.json and the worker logs go")] = Path("out/bench"),
+    device: Annotated[Device, typer.Option(help="where workers and the in-process baseline run")] = Device.cpu,
+    amqp_url: Annotated[str | None, typer.Option(envvar="HOTSWAP_AMQP_URL", help="AMQP URL of the broker")] = None,
+    model_root: Annotated[Path, typer.Option(envvar="HOTSWAP_MODEL_ROOT", help="model repository")] = Path("models"),
+) -> None:
+    """The performance benchmarks (DESIGN.md "Targets"): ratios measured side by side, a summary
+    table and bench.json. A missed goal is reported, not an error: exits non-zero only on errors."""
+    import asyncio
+
+    from rich.console import Console
+
+    from control.client import DEFAULT_AMQP_URL
+    from loadtest.bench import BenchOptions, BenchSetupError, check_zoo, parse_only, run_bench
+
+    console = Console()
+    if not console.is_terminal:  # a log file or a pipe: wide enough for the tables
+        console = Console(width=160)
+    try:
+        options = BenchOptions(
+            only=parse_only(only), quick=quick, out=out, device=device.value, model_root=model_root,
+            url=amqp_url or os.environ.get("HOTSWAP_AMQP_URL", DEFAULT_AMQP_URL),
+        )
+        check_zoo(model_root)
+    except BenchSetupError as exc:
+        console.print(f"[red]cannot run the benchmarks: {exc}[/red]")
+        raise typer.Exit(2) from exc
+    results = asyncio.run(run_bench(options, console))
+    raise typer.Exit(1 if any(r.error is not None for r in results) else 0)

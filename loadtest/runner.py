@@ -89,6 +89,7 @@ class Runner:
         self._images = [(p.name, p.read_bytes()) for p in shape.images]
         self._next = 0
         self.no_route = False  # the broker had no queue for the model: the load stops at once
+        self.stop_requested = False  # `stop()`: no job is submitted after this
         self._waiters: dict[str, asyncio.Future[None]] = {}
         accountant.on_answer = self._answered
 
@@ -123,6 +124,10 @@ class Runner:
             self.stopped_at = time.monotonic()
             await ticker
 
+    def stop(self) -> None:
+        """End the load early (something running beside it is done): nothing more is submitted."""
+        self.stop_requested = True
+
     async def drain(self) -> None:
         """Wait up to `grace_s` for results still out, then `settle_s` more for late duplicates."""
         deadline = time.monotonic() + self.shape.grace_s
@@ -133,7 +138,7 @@ class Runner:
 
     def _done(self) -> bool:
         assert self.started_at is not None
-        if self.no_route:
+        if self.no_route or self.stop_requested:
             return True
         if self.shape.jobs is not None and self._next >= self.shape.jobs:
             return True

@@ -52,6 +52,7 @@ def create_backend(name: str, device: str) -> ModelBackend:
 
 def _factories() -> dict[str, BackendFactory]:
     # Imported lazily: each backend drags in a heavy framework.
+    from worker.runtime.trivial_backend import TrivialBackend
     from worker.runtime.ultralytics_backend import UltralyticsBackend
 
-    return {"ultralytics": UltralyticsBackend}
+    return {"ultralytics": UltralyticsBackend, "trivial": TrivialBackend}

@@ -1,0 +1,296 @@
+"""What every benchmark needs: workers in a private namespace, a load run, helper processes.
+
+Each benchmark gets namespaces of its own (`bench-<run>-<tag>`), starts its own workers
+(`HOTSWAP_MODEL_ROOT`, one torch thread, a fast heartbeat) and deletes what it declared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from control.client import Client
+from control.processes import WorkerProcess, WorkerStartFailed
+from loadtest.harness import delete_namespace
+from loadtest.records import Accountant, ControlEvent, JobRecord
+from loadtest.report import build_report
+from loadtest.runner import LoadShape, Runner
+from schemas.manifest import Manifest
+from worker.runtime.repository import sha256_of
+from worker.runtime.trivial_backend import trivial_artifact
+
+TRIVIAL_MODEL = "trivial"
+
+
+class BenchError(RuntimeError):
+    """A benchmark could not run (a worker did not start, a helper process failed)."""
+
+
+@dataclass
+class BenchEnv:
+    url: str
+    model_root: Path
+    out: Path
+    device: str
+    quick: bool
+    console: Console
+    run_id: str
+    images: list[Path]
+    #: jobs/s two workers sustain on shapes (closed loop); measured once, shared by benchmarks.
+    capacity: float | None = None
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    def namespace(self, tag: str) -> str:
+        return f"bench-{self.run_id}-{tag}"
+
+    def worker(self, namespace: str, name: str, models: list[str], *, model_root: Path | None = None,
+               public_key: Path | None = None, env: dict[str, str] | None = None) -> WorkerProcess:
+        """A worker process (not started yet) with the bench's settings."""
+        return WorkerProcess(
+            models=models,
+            log_path=self.out / "logs" / f"{namespace}-{name}.log",
+            env={
+                "HOTSWAP_AMQP_URL": self.url,
+                "HOTSWAP_NAMESPACE": namespace,
+                "HOTSWAP_MODEL_ROOT": str((model_root or self.model_root).resolve()),
+                "HOTSWAP_WORKER_ID": f"{namespace}-{name}",
+                "HOTSWAP_TORCH_THREADS": "1",
+                "HOTSWAP_DEVICE": self.device,
+                "HOTSWAP_HEARTBEAT_INTERVAL_S": "0.5",
+                **({"HOTSWAP_CONTROL_PUBLIC_KEY": str(public_key)} if public_key else {}),
+                **(env or {}),
+            },
+        )
+
+    async def start(self, *workers: WorkerProcess, timeout_s: float = 180.0) -> None:
+        started = await asyncio.gather(*(asyncio.to_thread(w.start, timeout_s) for w in workers),
+                                       return_exceptions=True)
+        failures = [r for r in started if isinstance(r, BaseException)]
+        if failures:
+            await self.stop(*workers)
+            raise BenchError(f"a worker did not start: {failures[0]}")
+
+    async def stop(self, *workers: WorkerProcess) -> None:
+        await asyncio.gather(*(asyncio.to_thread(w.stop, 30.0) for w in workers))
+
+    async def restart(self, worker: WorkerProcess, models: list[str], timeout_s: float = 180.0) -> WorkerProcess:
+        """The traditional way: SIGTERM, wait for the exit, start again with other models, wait ready."""
+        await asyncio.to_thread(worker.stop, 60.0)
+        fresh = replace(worker, models=models, process=None, url="")
+        try:
+            await asyncio.to_thread(fresh.start, timeout_s)
+        except WorkerStartFailed as exc:
+            raise BenchError(f"restarted worker did not start: {exc}") from exc
+        return fresh
+
+    async def cleanup(self, namespace: str, *models: str) -> None:
+        for model in models:
+            await delete_namespace(self.url, namespace, model)
+
+
+@dataclass
+class LoadRun:
+    accountant: Accountant
+    started_at: float
+    stopped_at: float
+    report: dict[str, Any]
+    producer_cpu_s: float  # this process's CPU time over the run (publishing, results, accounting)
+
+    @property
+    def records(self) -> list[JobRecord]:
+        return list(self.accountant.records.values())
+
+    @property
+    def throughput(self) -> float:
+        return float(self.report["summary"]["throughput_jobs_per_s"])
+
+    def latency(self, q: str) -> float | None:
+        value = self.report["summary"]["latency_ms"][q]
+        return None if value is None else float(value)
+
+    @property
+    def lost(self) -> int:
+        return int(self.report["summary"]["lost"])
+
+    @property
+    def failed(self) -> int:
+        return int(self.report["summary"]["failed"])
+
+
+Beside = Callable[[Runner, list[ControlEvent]], Coroutine[Any, Any, None]]
+
+
+async def run_load(env: BenchEnv, namespace: str, shape: LoadShape, *, beside: Beside | None = None,
+                   tag: str = "", accountant: Accountant | None = None) -> LoadRun:
+    """One load run through the harness's runner and accounting; `beside` runs alongside it (it may
+    call `runner.stop()`), and its events go into the report."""
+    accountant = Accountant() if accountant is None else accountant
+    events: list[ControlEvent] = []
+    name = f"hotswap-bench {env.run_id}{' ' + tag if tag else ''}"
+    async with Client(env.url, namespace=namespace, observer=accountant.received, connection_name=name,
+                      reply_queue_ttl_s=300) as client:
+        runner = Runner(client, accountant, shape, console=env.console, show_progress=False)
+        cpu = time.process_time()
+        alongside = asyncio.create_task(beside(runner, events)) if beside is not None else None
+        if alongside is not None:  # what runs beside the load broke: the load ends with it
+
+            def stop_on_error(task: asyncio.Task[None]) -> None:
+                if task.cancelled() or task.exception() is not None:
+                    runner.stop()
+
+            alongside.add_done_callback(stop_on_error)
+        try:
+            await runner.run()
+            if alongside is not None:
+                await alongside
+        finally:
+            if alongside is not None and not alongside.done():
+                alongside.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await alongside
+        await runner.drain()
+        cpu = time.process_time() - cpu
+    assert runner.started_at is not None and runner.stopped_at is not None
+    report = build_report(accountant, started_at=runner.started_at, stopped_at=runner.stopped_at, events=events,
+                          checks=[], run={"namespace": namespace, "loop": shape.loop, "tag": tag})
+    return LoadRun(accountant, runner.started_at, runner.stopped_at, report, cpu)
+
+
+def closed_loop(env: BenchEnv, model: str, seconds: float, concurrency: int = 32) -> LoadShape:
+    return LoadShape(model=model, images=env.images, concurrency=concurrency, duration_s=seconds, grace_s=30.0)
+
+
+def open_loop(env: BenchEnv, model: str, rate: float, seconds: float, *, seed: int = 0) -> LoadShape:
+    return LoadShape(model=model, images=env.images, rate=rate, duration_s=seconds, grace_s=60.0, seed=seed)
+
+
+async def warm_up(env: BenchEnv, namespace: str, model: str, jobs: int = 48) -> None:
+    """A few jobs first: the first inferences and the connections' set-up are not measured."""
+    shape = LoadShape(model=model, images=env.images, concurrency=8, jobs=jobs, grace_s=30.0)
+    run = await run_load(env, namespace, shape, tag="warm-up")
+    if run.lost or run.failed:
+        raise BenchError(f"warm-up on {model}: {run.lost} lost, {run.failed} failed jobs")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) a process has used, from /proc."""
+    return cpu_seconds_of(f"/proc/{pid}/stat")
+
+
+def cpu_seconds_of(stat_path: str) -> float:
+    with open(stat_path) as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU time of each thread of a process, by thread id."""
+    times: dict[int, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError, ValueError):  # a thread that ended meanwhile
+            times[int(tid)] = cpu_seconds_of(f"/proc/{pid}/task/{tid}/stat")
+    return times
+
+
+def busiest_thread_share(before: dict[int, float], after: dict[int, float], wall_s: float) -> float | None:
+    """The CPU share (of one core) of the thread that used the most CPU between two snapshots: for
+    a worker, its inference thread; well under 1 while it is always busy means it waited for a core."""
+    used = [t - before.get(tid, 0.0) for tid, t in after.items()]
+    return max(used) / wall_s if used and wall_s > 0 else None
+
+
+def broker_pid() -> int | None:
+    """The local RabbitMQ (Erlang VM) process, when the broker runs on this machine."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{entry}/comm").read_text().strip() == "beam.smp":
+                    return int(entry)
+    return None
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of a process, in KiB."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise BenchError(f"no VmRSS for pid {pid}")
+
+
+def write_trivial_model(root: Path, version: str = "1.0.0") -> Path:
+    """`<root>/trivial/<version>/` with the trivial artifact and its manifest; returns the directory."""
+    directory = root / TRIVIAL_MODEL / version
+    directory.mkdir(parents=True, exist_ok=True)
+    artifact = directory / "model.json"
+    artifact.write_bytes(trivial_artifact())
+    manifest = Manifest(
+        name=TRIVIAL_MODEL, version=version, backend="trivial", task="detect", artifact=artifact.name,
+        sha256=sha256_of(artifact), classes={0: "thing"}, input_size=32, created_at=datetime.now(UTC),
+        lineage={"note": "written by hotswap loadtest bench: no network, no torch"},
+    )
+    (directory / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
+    return directory
+
+
+async def helper_json(args: Sequence[str], timeout_s: float) -> dict[str, Any]:
+    """Run `python -m <args>` to completion; its last stdout line is a JSON object."""
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", *args], capture_output=True, timeout=timeout_s, check=False
+    )
+    lines = done.stdout.decode(errors="replace").strip().splitlines()
+    if done.returncode != 0 or not lines:
+        tail = done.stderr.decode(errors="replace").strip().splitlines()[-5:]
+        raise BenchError(f"{args[0]} exited {done.returncode}: {' / '.join(tail)}")
+    return dict(json.loads(lines[-1]))
+
+
+class HelperProcess:
+    """A long-running `python -m <args>` that prints `ready` once it serves; stopped with SIGTERM."""
+
+    def __init__(self, args: Sequence[str], log_path: Path) -> None:
+        self.args = list(args)
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    async def start(self, timeout_s: float = 30.0) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", *self.args], stdout=subprocess.PIPE, stderr=log)
+        assert self.process.stdout is not None
+        try:
+            line = await asyncio.wait_for(asyncio.to_thread(self.process.stdout.readline), timeout_s)
+        except TimeoutError:
+            line = b""
+        if line.strip() != b"ready":
+            await self.stop()
+            raise BenchError(f"{self.args[0]} did not start (see {self.log_path})")
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    async def stop(self) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.to_thread(self.process.wait, 15.0)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return await asyncio.to_thread(self.process.wait)

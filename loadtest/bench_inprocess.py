@@ -1,0 +1,71 @@
+"""The in-process baseline of bench 1: ultralytics predict in a loop, nothing else.
+
+    python -m loadtest.bench_inprocess --artifact models/shapes/1.0.0/model.pt --images DIR \
+        --batch 8 --seconds 8 [--device cpu] [--imgsz 128]
+
+Run as a process of its own (with no worker running) so it competes with nothing of ours. The
+images are decoded once, up front; one torch thread, like a worker. Prints one JSON line:
+images per second, wall and CPU ms per image, batches and the seconds measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def measure(artifact: Path, images_dir: Path, batch: int, seconds: float, device: str, imgsz: int,
+            threads: int) -> dict[str, float | int]:
+    import cv2
+    import torch
+
+    from worker.runtime.ultralytics_backend import prepare_offline_environment
+
+    torch.set_num_threads(threads)
+    prepare_offline_environment()
+    from ultralytics import YOLO
+
+    if not artifact.is_file():  # YOLO() of a missing path asks GitHub for release assets
+        raise SystemExit(f"no artifact at {artifact}")
+    model = YOLO(str(artifact), task="detect")
+    files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
+    images = [cv2.imread(str(p)) for p in files]
+    if not images:
+        raise SystemExit(f"no images in {images_dir}")
+
+    def predict(start: int) -> None:
+        chunk = [images[(start + i) % len(images)] for i in range(batch)]
+        model.predict(chunk, imgsz=imgsz, device=device, conf=0.25, iou=0.7, max_det=300, verbose=False)
+
+    for i in range(5):  # the predictor is built, caches warm
+        predict(i * batch)
+    done = batches = 0
+    started, cpu = time.perf_counter(), time.process_time()
+    while (elapsed := time.perf_counter() - started) < seconds:
+        predict(done)
+        done += batch
+        batches += 1
+    cpu = time.process_time() - cpu
+    return {"images_per_s": done / elapsed, "ms_per_image": 1000 * elapsed / done,
+            "cpu_ms_per_image": 1000 * cpu / done, "batch": batch, "batches": batches, "images": done,
+            "seconds": elapsed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--artifact", type=Path, required=True)
+    parser.add_argument("--images", type=Path, required=True)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--imgsz", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    result = measure(args.artifact, args.images, args.batch, args.seconds, args.device, args.imgsz, args.threads)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""Benchmarks 1 and 2: throughput of the pool against in-process predict and a raw AMQP loop.
+
+1. One worker (max_batch 1, then max_batch 8 / max_wait 5 ms) fed by a closed loop, against
+   ultralytics predict in a process of its own (batch 1 and batch 8), never both at once.
+2. One worker serving the trivial model against a raw aio-pika consume → reply → ack process,
+   both on the same quorum queue, fed by the same closed loop with the same images.
+
+Runs alternate (round 2 goes in the opposite order) and each figure is the mean of its rounds.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from control.processes import WorkerProcess
+from loadtest.bench_core import BenchResult, Goal, Metric, Totals, histogram_totals, mean, ratio, worker_means
+from loadtest.bench_env import (
+    TRIVIAL_MODEL,
+    BenchEnv,
+    BenchError,
+    HelperProcess,
+    LoadRun,
+    broker_pid,
+    busiest_thread_share,
+    closed_loop,
+    cpu_seconds,
+    helper_json,
+    run_load,
+    thread_cpu_seconds,
+    warm_up,
+    write_trivial_model,
+)
+
+CONCURRENCY = 32
+
+
+@dataclass
+class Series:
+    """One measured configuration over the rounds."""
+
+    label: str
+    jobs_per_s: list[float] = field(default_factory=list)
+    p50_ms: list[float] = field(default_factory=list)
+    p99_ms: list[float] = field(default_factory=list)
+    server_cpu_ms: list[float] = field(default_factory=list)  # the worker's (or consumer's) CPU per job
+    busiest_thread: list[float] = field(default_factory=list)  # its busiest thread's CPU / wall time
+    broker_cpu_ms: list[float] = field(default_factory=list)  # RabbitMQ's CPU per job (when local)
+    producer_cpu_ms: list[float] = field(default_factory=list)  # this process's CPU per job
+    producer_busy: list[float] = field(default_factory=list)  # this process's CPU / wall time
+    worker: dict[str, list[float]] = field(default_factory=dict)  # from its /metrics: batch, phases
+
+    @property
+    def rate(self) -> float | None:
+        return mean(self.jobs_per_s)
+
+    def add_run(self, run: LoadRun, use: ServerUse, means: dict[str, float | None]) -> None:
+        answered = max(1, int(run.report["summary"]["answered"]))
+        self.jobs_per_s.append(run.throughput)
+        self.p50_ms.extend(v for v in [run.latency("p50")] if v is not None)
+        self.p99_ms.extend(v for v in [run.latency("p99")] if v is not None)
+        self.server_cpu_ms.append(1000 * use.cpu_s / answered)
+        if use.busiest_thread is not None:
+            self.busiest_thread.append(use.busiest_thread)
+        if use.broker_cpu_s is not None:
+            self.broker_cpu_ms.append(1000 * use.broker_cpu_s / answered)
+        self.producer_cpu_ms.append(1000 * run.producer_cpu_s / answered)
+        self.producer_busy.append(run.producer_cpu_s / max(run.stopped_at - run.started_at, 1e-9))
+        for key, value in means.items():
+            if value is not None:
+                self.worker.setdefault(key, []).append(value)
+
+    def row(self) -> dict[str, Any]:
+        rate = self.rate
+        return {
+            "measured": self.label, "jobs/s": rate, "ms/job": ratio(1000.0, rate),
+            "p50 ms": mean(self.p50_ms), "p99 ms": mean(self.p99_ms),
+            "mean batch": mean(self.worker.get("mean_batch", [])),
+            "server CPU ms/job": mean(self.server_cpu_ms), "busiest thread CPU": _percent(mean(self.busiest_thread)),
+            "broker CPU ms/job": mean(self.broker_cpu_ms), "load gen CPU ms/job": mean(self.producer_cpu_ms),
+        }
+
+    @property
+    def total_cpu_ms(self) -> float | None:
+        """CPU per job of everything serving it on this machine: server, broker, load generator."""
+        parts = [mean(self.server_cpu_ms), mean(self.broker_cpu_ms), mean(self.producer_cpu_ms)]
+        return None if any(p is None for p in parts) else sum(p for p in parts if p is not None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.row(), "busiest thread CPU": mean(self.busiest_thread), "total CPU ms/job": self.total_cpu_ms,
+                "rounds": self.jobs_per_s, "producer_busy": self.producer_busy,
+                "worker_metrics": {k: mean(v) for k, v in self.worker.items()}}
+
+
+@dataclass(frozen=True)
+class ServerUse:
+    """What serving one load run cost the server process (and the broker), from /proc."""
+
+    cpu_s: float
+    busiest_thread: float | None
+    broker_cpu_s: float | None
+
+
+async def _measured_load(env: BenchEnv, namespace: str, model: str, pid: int, tag: str) -> tuple[LoadRun, ServerUse]:
+    broker = broker_pid()
+    broker_cpu = cpu_seconds(broker) if broker else None
+    cpu, threads, started = cpu_seconds(pid), thread_cpu_seconds(pid), time.monotonic()
+    run = await run_load(env, namespace, closed_loop(env, model, _seconds(env), CONCURRENCY), tag=tag)
+    wall = time.monotonic() - started
+    use = ServerUse(cpu_seconds(pid) - cpu, busiest_thread_share(threads, thread_cpu_seconds(pid), wall),
+                    cpu_seconds(broker) - broker_cpu if broker and broker_cpu is not None else None)
+    return run, use
+
+
+def _percent(share: float | None) -> str | None:
+    return None if share is None else f"{share:.0%}"
+
+
+def _rounds(env: BenchEnv) -> int:
+    return 1 if env.quick else 2
+
+
+def _seconds(env: BenchEnv) -> float:
+    return 6.0 if env.quick else 10.0
+
+
+async def _measure_worker(env: BenchEnv, namespace: str, worker: WorkerProcess, model: str, series: Series) -> None:
+    await env.start(worker)
+    try:
+        await warm_up(env, namespace, model)
+        assert worker.process is not None
+        before: Totals = histogram_totals(worker.text("/metrics"))
+        run, use = await _measured_load(env, namespace, model, worker.process.pid, series.label)
+        means = worker_means(before, histogram_totals(worker.text("/metrics")))
+    finally:
+        await env.stop(worker)
+    if run.lost or run.failed:
+        raise BenchError(f"{series.label}: {run.lost} lost, {run.failed} failed jobs")
+    series.add_run(run, use, means)
+
+
+async def pool_vs_inprocess(env: BenchEnv) -> BenchResult:
+    result = BenchResult(1, "pool vs in-process predict")
+    artifact = env.model_root / "shapes" / "1.0.0" / "model.pt"
+    inprocess = {1: Series("in-process, batch 1"), 8: Series("in-process, batch 8")}
+    pool = {1: Series("worker, max_batch 1"), 8: Series("worker, max_batch 8, 5 ms")}
+    namespace = env.namespace("pool")
+
+    async def baseline(batch: int) -> None:
+        figures = await helper_json([
+            "loadtest.bench_inprocess", "--artifact", str(artifact), "--images", str(env.images[0].parent),
+            "--batch", str(batch), "--seconds", str(_seconds(env)), "--device", env.device, "--threads", "1",
+        ], timeout_s=300)
+        inprocess[batch].jobs_per_s.append(float(figures["images_per_s"]))
+        inprocess[batch].server_cpu_ms.append(float(figures["cpu_ms_per_image"]))
+        inprocess[batch].busiest_thread.append(float(figures["cpu_ms_per_image"]) / float(figures["ms_per_image"]))
+
+    async def pooled(max_batch: int) -> None:
+        worker = env.worker(namespace, f"b{max_batch}", ["shapes@1.0.0"],
+                            env={"HOTSWAP_MAX_BATCH": str(max_batch), "HOTSWAP_MAX_WAIT_MS": "5"})
+        await _measure_worker(env, namespace, worker, "shapes", pool[max_batch])
+
+    try:
+        for round_ in range(_rounds(env)):
+            steps = [partial(baseline, 1), partial(baseline, 8), partial(pooled, 1), partial(pooled, 8)]
+            for step in steps if round_ % 2 == 0 else steps[::-1]:
+                await step()
+    finally:
+        await env.cleanup(namespace, "shapes")
+    base = inprocess[1].rate
+    result.rows = [s.row() for s in (*inprocess.values(), *pool.values())]
+    result.metrics = [
+        Metric("pool(batch 1) / in-process(batch 1)", ratio(pool[1].rate, base), Goal(">=", 0.9)),
+        Metric("pool(micro-batch) / in-process(batch 1)", ratio(pool[8].rate, base), Goal(">=", 1.5)),
+        Metric("in-process(batch 8) / in-process(batch 1): the ceiling", ratio(inprocess[8].rate, base)),
+        # CPU per job hardly depends on what else the machine runs: the worker's overhead, robustly.
+        Metric("CPU/job: worker(batch 1) / in-process(batch 1)",
+               ratio(mean(pool[1].server_cpu_ms), mean(inprocess[1].server_cpu_ms))),
+        Metric("CPU/job: worker(micro-batch) / in-process(batch 8)",
+               ratio(mean(pool[8].server_cpu_ms), mean(inprocess[8].server_cpu_ms))),
+    ]
+    result.figures = {"series": {s.label: s.to_json() for s in (*inprocess.values(), *pool.values())},
+                      "seconds_per_run": _seconds(env), "rounds": _rounds(env), "concurrency": CONCURRENCY}
+    env.figures["single_worker_jobs_per_s"] = pool[8].rate
+    result.notes.append(f"in-process: YOLO.predict on pre-decoded images, one torch thread, a process of its own; "
+                        f"workers: one each, fed by a closed loop of {CONCURRENCY}, {_seconds(env):g} s per run, "
+                        f"{_rounds(env)} round(s)")
+    result.notes.append("busiest thread CPU: the share of a core that the process's busiest thread got (a "
+                        "worker's inference thread, always busy under this load): under 100 % it waited for a core")
+    result.notes.append(_phases_note(pool[8]))
+    batch = mean(pool[8].worker.get("mean_batch", []))
+    if batch is not None and batch < 7:
+        result.notes.append(f"micro-batches ran part-full (mean {batch:.1f} of 8) although {CONCURRENCY} jobs were in "
+                            "flight: jobs did not reach the batcher fast enough while a batch ran (with prefetch 16, "
+                            "a batch fills only from what the acks of the one before let in)")
+    _producer_note(result, pool.values())
+    return result
+
+
+async def trivial_vs_raw(env: BenchEnv) -> BenchResult:
+    result = BenchResult(2, "trivial model vs raw aio-pika loop")
+    raw = Series("raw aio-pika loop")
+    ours = Series("worker, trivial model")
+    namespace = env.namespace("trivial")
+    with tempfile.TemporaryDirectory(prefix="hotswap-bench-") as temp:
+        root = Path(temp) / "models"
+        write_trivial_model(root)
+
+        async def raw_loop() -> None:
+            helper = HelperProcess(["loadtest.bench_raw", "--url", env.url, "--namespace", namespace,
+                                    "--model", TRIVIAL_MODEL, "--prefetch", "16"],
+                                   env.out / "logs" / f"{namespace}-raw.log")
+            await helper.start()
+            try:
+                await warm_up(env, namespace, TRIVIAL_MODEL)
+                run, use = await _measured_load(env, namespace, TRIVIAL_MODEL, helper.pid, "raw")
+            finally:
+                await helper.stop()
+            if run.lost or run.failed:
+                raise BenchError(f"raw loop: {run.lost} lost, {run.failed} failed jobs")
+            raw.add_run(run, use, {})
+
+        async def worker_loop() -> None:
+            worker = env.worker(namespace, "trivial", [f"{TRIVIAL_MODEL}@1.0.0"], model_root=root)
+            await _measure_worker(env, namespace, worker, TRIVIAL_MODEL, ours)
+
+        try:
+            for round_ in range(_rounds(env)):
+                steps = [raw_loop, worker_loop]
+                for step in steps if round_ % 2 == 0 else steps[::-1]:
+                    await step()
+        finally:
+            await env.cleanup(namespace, TRIVIAL_MODEL)
+    result.rows = [raw.row(), ours.row()]
+    result.metrics = [
+        Metric("worker(trivial) / raw loop", ratio(ours.rate, raw.rate), Goal(">=", 0.6)),
+        # When the machine's cores are the limit, throughput goes as 1 / (all the CPU a job costs).
+        Metric("CPU/job of server + broker + load gen: raw / worker", ratio(raw.total_cpu_ms, ours.total_cpu_ms)),
+    ]
+    result.figures = {"series": {s.label: s.to_json() for s in (raw, ours)}, "seconds_per_run": _seconds(env),
+                      "rounds": _rounds(env), "concurrency": CONCURRENCY}
+    result.notes.append(f"both consume the same quorum queue (prefetch 16), fed by a closed loop of {CONCURRENCY} "
+                        "with the held-out PNGs inline; the raw loop replies a fixed result under confirms, then acks")
+    result.notes.append(_phases_note(ours))
+    _producer_note(result, (raw, ours))
+    return result
+
+
+def _phases_note(series: Series) -> str:
+    shown = ", ".join(f"{k} {v:.2f}" for k, values in series.worker.items() if (v := mean(values)) is not None)
+    return f"{series.label}, means per job from its /metrics: {shown}"
+
+
+def _producer_note(result: BenchResult, series: Any) -> None:
+    busy = max((b for s in series for b in s.producer_busy), default=0.0)
+    result.figures["producer_busy_max"] = busy
+    if busy >= 0.8:
+        result.notes.append(f"the load generator (this process) was {busy:.0%} busy on one core: it may cap "
+                            "the throughput measured, and squeeze the ratio towards 1")

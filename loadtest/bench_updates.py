@@ -1,0 +1,160 @@
+"""Benchmarks 3 to 5: latency while the control plane works, memory over many swaps, and a hot
+update against a rolling restart.
+
+3. Two workers, open loop at 70 % of their measured capacity: a steady phase, then a phase with
+   10 updates and 10 rollbacks (each followed to "done" on every worker before the next).
+4. One worker with no standby: alternate updates between the two versions; VmRSS after each.
+5. Two workers at the same open-loop load, twice: (a) restarted one at a time on the new version
+   (SIGTERM, exit, start, ready), (b) one hot update through the control plane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from control.client import Client
+from control.operator import Operator
+from loadtest.bench_core import BenchResult, Goal, Metric, ratio, visible_after_ms
+from loadtest.bench_env import BenchEnv, BenchError, LoadRun, closed_loop, open_loop, rss_kib, run_load, warm_up
+from loadtest.records import Accountant, ControlEvent
+from loadtest.runner import Runner
+from loadtest.scenarios import Rollbacks, ScenarioContext
+from schemas.control import Rollback, Update
+from schemas.signing import Signer, generate_keys
+
+MODEL, OLD, NEW = "shapes", "1.0.0", "2.0.0"
+LOAD_SHARE = 0.7  # of the measured capacity
+FOREVER_S = 900.0  # the load's cap; what runs beside it stops it
+SETTLE_S = 1.2  # a little over two heartbeats: every live worker is heard from
+COMMAND_TIMEOUT_S = 60.0  # a command not done on every worker by then has failed
+
+
+async def measure_capacity(env: BenchEnv, namespace: str) -> float:
+    """jobs/s the running workers sustain on a closed loop; kept for the other benchmarks."""
+    run = await run_load(env, namespace, closed_loop(env, MODEL, 4.0 if env.quick else 8.0), tag="capacity")
+    if run.lost or run.failed or run.throughput <= 0:
+        raise BenchError(f"capacity run: {run.lost} lost, {run.failed} failed, {run.throughput:.1f} jobs/s")
+    env.capacity = run.throughput
+    return run.throughput
+
+
+def phase_row(label: str, run: LoadRun, rate: float, p99: float | None = None) -> dict[str, Any]:
+    s = run.report["summary"]
+    return {"phase": label, "offered jobs/s": rate, "jobs": s["submitted"], "jobs/s": s["throughput_jobs_per_s"],
+            "p50 ms": run.latency("p50"), "p99 ms": run.latency("p99") if p99 is None else p99,
+            "max ms": run.latency("max"), "lost": s["lost"], "failed": s["failed"]}
+
+
+async def p99_during_updates(env: BenchEnv) -> BenchResult:
+    result = BenchResult(3, "p99 during 10 updates + 10 rollbacks")
+    pairs, steady_s = 10, 10.0 if env.quick else 30.0
+    namespace = env.namespace("updates")
+    with tempfile.TemporaryDirectory(prefix="hotswap-bench-") as temp:
+        private, public = generate_keys(Path(temp))
+        workers = [env.worker(namespace, f"w{i}", [f"{MODEL}@{OLD}"], public_key=public) for i in (1, 2)]
+        await env.start(*workers)
+        try:
+            await warm_up(env, namespace, MODEL)
+            capacity = await measure_capacity(env, namespace)
+            rate = LOAD_SHARE * capacity
+            steady = await run_load(env, namespace, open_loop(env, MODEL, rate, steady_s), tag="steady")
+            accountant = Accountant()
+            ctx = ScenarioContext(url=env.url, namespace=namespace, model=MODEL, accountant=accountant,
+                                  progress=lambda: 1.0, versions=(OLD, NEW), signer=Signer.from_file(private),
+                                  workers=workers, settle_s=SETTLE_S, command_timeout_s=COMMAND_TIMEOUT_S)
+            scenario = Rollbacks()
+            await scenario.prepare(ctx)
+
+            async def commands(runner: Runner, events: list[ControlEvent]) -> None:
+                ctx.events = events
+                await asyncio.sleep(1.0)
+                for i in range(pairs):  # a command not done everywhere ends the phase: the rest would wait too
+                    if not (await ctx.command(Update(version=NEW), f"update → {NEW} ({i + 1})")).ok:
+                        break
+                    if not (await ctx.command(Rollback(), f"rollback ({i + 1})")).ok:
+                        break
+                await asyncio.sleep(1.0)
+                runner.stop()
+
+            try:
+                changing = await run_load(env, namespace, open_loop(env, MODEL, rate, FOREVER_S, seed=1),
+                                          beside=commands, tag="updates", accountant=accountant)
+            finally:
+                checks = await scenario.finish(ctx)
+        finally:
+            await env.stop(*workers)
+            await env.cleanup(namespace, MODEL)
+    rollbacks = [visible_after_ms(report) for label, report, _ in ctx.commands if label.startswith("rollback")]
+    measured = [v for v in rollbacks if v is not None]
+    not_done = sum(not report.ok for _, report, _ in ctx.commands)
+    lost, failed = steady.lost + changing.lost, steady.failed + changing.failed
+    result.rows = [phase_row("steady", steady, rate), phase_row(f"{pairs} updates + {pairs} rollbacks", changing, rate)]
+    result.metrics = [
+        Metric("p99(updates) / p99(steady)", ratio(changing.latency("p99"), steady.latency("p99")), Goal("<=", 2)),
+        Metric("lost jobs", lost, Goal("==", 0)),
+        Metric("failed jobs", failed, Goal("==", 0)),
+        Metric("commands not done on every worker", not_done + 2 * pairs - len(ctx.commands), Goal("==", 0)),
+        Metric("warm rollback visible on every worker (worst)", max(measured) if len(measured) == pairs else None,
+               Goal("<=", 100), unit="ms"),
+    ]
+    result.figures = {"capacity_jobs_per_s": capacity, "rate": rate, "steady": steady.report["summary"],
+                      "updates": changing.report["summary"], "rollback_visible_ms": rollbacks,
+                      "commands": [(label, outcome) for label, _, outcome in ctx.commands],
+                      "checks": [vars(c) for c in checks], "events": changing.report["events"],
+                      "timeline_steady": steady.report["timeline"], "timeline_updates": changing.report["timeline"]}
+    result.notes.append(f"capacity of 2 workers (closed loop 32): {capacity:.1f} jobs/s; open loop at "
+                        f"{LOAD_SHARE:.0%} = {rate:.1f} jobs/s (Poisson)")
+    result.notes += [f"{'✓' if c.passed else '✗'} {c.name}: {c.detail}" for c in checks if not c.passed
+                     or c.name.startswith("jobs after")]
+    return result
+
+
+async def rss_over_cycles(env: BenchEnv) -> BenchResult:
+    cycles = 10 if env.quick else 50
+    result = BenchResult(4, f"RSS over {cycles} update/cleanup cycles")
+    namespace = env.namespace("rss")
+    series: list[tuple[int, str, int]] = []  # cycle, version now active, VmRSS KiB
+    with tempfile.TemporaryDirectory(prefix="hotswap-bench-") as temp:
+        private, public = generate_keys(Path(temp))
+        worker = env.worker(namespace, "w1", [f"{MODEL}@{OLD}"], public_key=public, env={"HOTSWAP_KEEP_STANDBY": "0"})
+        await env.start(worker)
+        try:
+            await warm_up(env, namespace, MODEL)
+            assert worker.process is not None
+            pid = worker.process.pid
+            series.append((0, OLD, rss_kib(pid)))
+            async with Operator(env.url, namespace=namespace, signer=Signer.from_file(private), issuer="bench") as op, \
+                    Client(env.url, namespace=namespace, connection_name=f"hotswap-bench {env.run_id}") as client:
+                for cycle in range(1, cycles + 1):
+                    version = NEW if cycle % 2 else OLD
+                    report = await op.publish_and_wait(MODEL, Update(version=version),
+                                                  timeout_s=COMMAND_TIMEOUT_S, settle_s=0.6)
+                    if not report.ok:
+                        raise BenchError(f"cycle {cycle}, update → {version}: {report.failures or report.missing}")
+                    # A few jobs on each version: serving's allocations count too.
+                    answers = await asyncio.gather(*(client.submit(image, model=MODEL, timeout_s=60)
+                                                     for image in env.images[:8]))
+                    wrong = [a for a in answers if a.status != "ok" or a.version != version]
+                    if wrong:
+                        raise BenchError(f"cycle {cycle}: {len(wrong)} jobs failed or ran on another version")
+                    series.append((cycle, version, rss_kib(pid)))
+            cleanups = worker.get("/status").get("control", {}).get("cleanups", [])
+        finally:
+            await env.stop(worker)
+            await env.cleanup(namespace, MODEL)
+    first, last = series[1][2], series[-1][2]
+    shown = sorted({1, 2, 3, 5, *range(10, cycles + 1, 10), cycles})
+    result.rows = [{"after cycle": c, "active": v, "VmRSS MiB": kib / 1024, "vs cycle 1": kib / first}
+                   for c, v, kib in series if c in shown or c == 0]
+    result.metrics = [
+        Metric(f"RSS after cycle {cycles} / after cycle 1", ratio(last, first), Goal("<=", 1.1)),
+        Metric(f"RSS peak over {cycles} cycles / after cycle 1", ratio(max(k for c, _, k in series if c), first)),
+    ]
+    result.figures = {"cycles": cycles, "vmrss_kib": [{"cycle": c, "active": v, "kib": k} for c, v, k in series],
+                      "last_cleanups": cleanups}
+    result.notes.append(f"HOTSWAP_KEEP_STANDBY=0: every update loads one version and frees the other; "
+                        f"before the first update: {series[0][2] / 1024:.0f} MiB")
+    return result

@@ -1,0 +1,187 @@
+"""The benchmarks' pure parts: goals and ratios, the summary, the latency spike, the trivial
+backend, the bench's model repository and its command line. No timing is asserted here."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from control.cli import app
+from control.operator import WaitReport
+from loadtest.bench import BenchSetupError, bench_document, check_zoo, parse_only
+from loadtest.bench_core import (
+    BenchResult,
+    Goal,
+    Metric,
+    histogram_totals,
+    latency_spike,
+    print_result,
+    print_summary,
+    ratio,
+    summary_rows,
+    visible_after_ms,
+    worker_means,
+)
+from loadtest.bench_env import write_trivial_model
+from loadtest.records import JobRecord
+from schemas.control import Command, Progress, Rollback
+from schemas.jobs import InferenceParams
+from schemas.manifest import Manifest
+from worker.runtime.backend import BackendError, create_backend
+from worker.runtime.repository import ModelRepository
+from worker.runtime.trivial_backend import TrivialBackend, trivial_artifact
+
+
+def test_goals_judge_values_and_leave_missing_ones_unjudged() -> None:
+    assert Goal(">=", 0.9).met(0.9) is True and Goal(">=", 0.9).met(0.89) is False
+    assert Goal("<=", 2).met(2.5) is False and Goal("==", 0).met(0) is True
+    assert Goal(">=", 1.5).met(None) is None
+    assert str(Goal("<=", 1.1)) == "<= 1.1"
+    assert Metric("reported only", 3.0).passed is None
+    assert Metric("lost jobs", 1, Goal("==", 0)).passed is False
+
+
+def test_ratio_needs_both_figures_and_a_positive_denominator() -> None:
+    assert ratio(3.0, 2.0) == 1.5
+    assert ratio(None, 2.0) is None and ratio(1.0, None) is None
+    assert ratio(1.0, 0.0) is None
+
+
+def test_summary_has_one_row_per_metric_and_shows_errors() -> None:
+    ok = BenchResult(1, "pool", metrics=[Metric("a / b", 0.95, Goal(">=", 0.9)), Metric("c / d", 1.2, Goal(">=", 1.5)),
+                                         Metric("ceiling", 1.8)])
+    broken = BenchResult(2, "trivial", error="BenchError: a worker did not start")
+    rows = summary_rows([ok, broken])
+    assert [(r["measured"], r["passed"]) for r in rows] == [("a / b", True), ("c / d", False), ("ceiling", None),
+                                                            ("error", None)]
+    document = bench_document([ok, broken], {"run_id": "r1"})
+    assert document["errors"] == 1 and document["missed"] == ["1. pool: c / d"]
+    assert json.loads(json.dumps(document, default=str))["benchmarks"][0]["metrics"][0]["goal"] == ">= 0.9"
+    console = Console(record=True, width=160)
+    ok.rows = [{"measured": "x", "jobs/s": 12.345, "p99 ms": None}]
+    print_result(ok, console)
+    print_summary([ok, broken], console)
+    text = console.export_text()
+    assert "FAIL" in text and "pass" in text and "error: BenchError" in text and "12.3" in text
+
+
+def _record(job: int, submitted: float, latency_ms: float) -> JobRecord:
+    record = JobRecord(f"j{job}", "a.png", "shapes", submitted, 0.0)
+    record.answered_at, record.latency_ms, record.status = submitted + latency_ms / 1000, latency_ms, "ok"
+    return record
+
+
+def test_latency_spike_compares_the_worst_bucket_of_the_change_with_the_steady_p99() -> None:
+    t0 = 1000.0
+    records = [_record(i, t0 + i * 0.1, 10.0) for i in range(50)]  # 0-5 s: 10 ms
+    records += [_record(100 + i, t0 + 6 + i * 0.1, 80.0 if i < 10 else 20.0) for i in range(20)]  # 6-8 s
+    records += [_record(200 + i, t0 + 12 + i * 0.1, 300.0) for i in range(10)]  # long after the change
+    spike = latency_spike(records, t0, change_start=t0 + 6.0, change_end=t0 + 6.5, after_s=1.0)
+    assert spike.steady_p99_ms == pytest.approx(10.0)
+    assert spike.worst_bucket_p99_ms == pytest.approx(80.0)  # the 300 ms jobs are outside the window
+    assert spike.ratio == pytest.approx(8.0)
+    assert latency_spike([], t0, t0, t0).ratio is None
+
+
+def test_worker_means_come_from_the_difference_of_two_metrics_snapshots() -> None:
+    def exposition(batches: int, images: int, decode_s: float) -> str:
+        return (
+            "# TYPE hotswap_batch_size histogram\n"
+            f'hotswap_batch_size_sum{{model="shapes"}} {images}\nhotswap_batch_size_count{{model="shapes"}} {batches}\n'
+            "# TYPE hotswap_job_phase_seconds histogram\n"
+            f'hotswap_job_phase_seconds_sum{{model="shapes",phase="decode"}} {decode_s}\n'
+            f'hotswap_job_phase_seconds_count{{model="shapes",phase="decode"}} {images}\n'
+        )
+
+    before, after = histogram_totals(exposition(10, 20, 0.02)), histogram_totals(exposition(20, 80, 0.08))
+    assert before["batch"] == (20.0, 10.0)
+    means = worker_means(before, after)
+    assert means["mean_batch"] == pytest.approx(6.0)  # 60 images in 10 batches
+    assert means["decode_ms"] == pytest.approx(1.0)
+
+
+def test_visible_after_is_the_slowest_workers_swap() -> None:
+    issued = datetime(2026, 1, 1, tzinfo=UTC)
+    command = Command(command_id="c1", model="shapes", seq=3, issued_at=issued, issuer="bench", action=Rollback())
+    report = WaitReport(command, published_at=0.0)
+
+    def progress(worker: str, phase: str, ms: float) -> Progress:
+        return Progress(worker_id=worker, command_id="c1", model="shapes", seq=3, phase=phase,  # type: ignore[arg-type]
+                        at=issued + timedelta(milliseconds=ms))
+
+    report.progress = {"w1": [progress("w1", "received", 5), progress("w1", "swap", 20)],
+                       "w2": [progress("w2", "swap", 45), progress("w2", "done", 50)]}
+    assert visible_after_ms(report) == pytest.approx(45.0)
+    report.progress["w3"] = [progress("w3", "received", 5)]
+    assert visible_after_ms(report) is None  # a worker that never swapped
+
+
+def test_parse_only() -> None:
+    assert parse_only(None) == [1, 2, 3, 4, 5]
+    assert parse_only(" 3, 1,3 ") == [1, 3]
+    with pytest.raises(BenchSetupError, match="unknown benchmark '7'"):
+        parse_only("1,7")
+
+
+def test_the_trivial_model_loads_from_a_repository_and_predicts_without_torch(tmp_path: Path) -> None:
+    write_trivial_model(tmp_path)
+    repository = ModelRepository(tmp_path)
+    entry = repository.get("trivial", "1.0.0")
+    assert (entry.manifest.backend, entry.manifest.task, entry.manifest.calibration) == ("trivial", "detect", None)
+    backend = create_backend(entry.manifest.backend, "cpu")
+    assert isinstance(backend, TrivialBackend)
+    backend.load(repository.verified_artifact(entry), entry.manifest)
+    backend.warm_up()
+    images = [np.zeros((40, 60, 3), dtype=np.uint8), np.zeros((32, 32, 3), dtype=np.uint8)]
+    assert backend.predict(images, InferenceParams()) == [[], []]
+    backend.release()
+    with pytest.raises(BackendError, match="not loaded"):
+        backend.predict(images, InferenceParams())
+
+
+def test_the_trivial_model_can_answer_one_whole_image_box(tmp_path: Path) -> None:
+    write_trivial_model(tmp_path)
+    entry = ModelRepository(tmp_path).get("trivial", "1.0.0")
+    artifact = tmp_path / "whole.json"
+    artifact.write_bytes(trivial_artifact(whole_image=True))
+    backend = TrivialBackend("cpu")
+    backend.load(artifact, entry.manifest)
+    [[detection]] = backend.predict([np.zeros((40, 60, 3), dtype=np.uint8)], InferenceParams())
+    assert (detection.class_name, detection.box.x2, detection.box.y2) == ("thing", 60.0, 40.0)
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    (b"\x80\x02 a pickle", "not JSON"),
+    (b'{"kind": "ultralytics"}', "not a trivial model"),
+    (b'["trivial"]', "not a trivial model"),
+    (b'{"kind": "trivial", "whole_image": "yes"}', "true or false"),
+])
+def test_the_trivial_backend_refuses_a_wrong_artifact(tmp_path: Path, content: bytes, reason: str) -> None:
+    write_trivial_model(tmp_path)
+    manifest = ModelRepository(tmp_path).get("trivial", "1.0.0").manifest
+    artifact = tmp_path / "wrong.bin"
+    artifact.write_bytes(content)
+    with pytest.raises(BackendError, match=reason):
+        TrivialBackend("cpu").load(artifact, manifest)
+    with pytest.raises(BackendError, match="does not exist"):
+        TrivialBackend("cpu").load(tmp_path / "missing.json", manifest)
+    segment = Manifest.model_validate({**manifest.model_dump(), "task": "segment"})
+    artifact.write_bytes(trivial_artifact())
+    with pytest.raises(BackendError, match="detects"):
+        TrivialBackend("cpu").load(artifact, segment)
+
+
+def test_the_bench_refuses_to_start_without_the_zoo(tmp_path: Path) -> None:
+    with pytest.raises(BenchSetupError, match="make zoo"):
+        check_zoo(tmp_path)
+    result = CliRunner().invoke(app, ["loadtest", "bench", "--quick", "--model-root", str(tmp_path),
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "cannot run the benchmarks" in result.output
+    result = CliRunner().invoke(app, ["loadtest", "bench", "--only", "9", "--model-root", str(tmp_path)])
+    assert result.exit_code == 2 and "unknown benchmark" in result.output
