@@ -14,9 +14,11 @@ import pytest
 from aiohttp import web
 
 from control.client import Client
+from control.operator import Operator
 from control.processes import WorkerProcess
 from schemas.control import Update
 from schemas.jobs import JobResult
+from schemas.signing import Signer
 from schemas.topology import Topology
 
 pytestmark = pytest.mark.slow
@@ -94,7 +96,9 @@ async def test_sigterm_finishes_in_flight_jobs_and_exits_in_time(start_worker, c
     assert {r.worker_id for r in results} == {"leaving", "next"}
 
 
-async def test_a_broker_connection_cut_is_survived(start_worker, client: Client, heldout, operator) -> None:
+async def test_a_broker_connection_cut_is_survived(
+    start_worker, client: Client, heldout, amqp_url: str, namespace: str, control_keys
+) -> None:
     worker = start_worker("shapes@1.0.0")
     before = await client.submit(heldout[0].path, model="shapes")
     assert before.status == "ok"
@@ -106,7 +110,9 @@ async def test_a_broker_connection_cut_is_survived(start_worker, client: Client,
     assert after.status == "ok" and after.worker_id == "w1"
     assert "hotswap_broker_connected 1.0" in worker.text("/metrics")
     # The control plane came back too: the worker still follows the control log.
-    report = await operator.publish_and_wait("shapes", Update(version="2.0.0"), timeout_s=60)
+    # A fresh operator connection, as a new CLI invocation after the cut would have.
+    async with Operator(amqp_url, namespace=namespace, signer=Signer.from_file(control_keys[0])) as operator:
+        report = await operator.publish_and_wait("shapes", Update(version="2.0.0"), timeout_s=60)
     assert report.ok and report.workers == ["w1"], (report.missing, report.failures)
     assert (await client.submit(heldout[2].path, model="shapes")).version == "2.0.0"
 
