@@ -174,10 +174,8 @@ class ControlLoop:
             if isinstance(command.action, Update):  # asked again: worth another try (it may have been transient)
                 self.manager.unusable.get(command.model, {}).pop(command.action.version, None)
 
-        async def progress(
-            model: str, version: str, phase: Phase, reason: str | None, seconds: float | None
-        ) -> None:
-            await self._progress(model, newest.command_id, newest.seq, phase, reason, seconds)
+        async def progress(model: str, version: str, phase: Phase) -> None:
+            await self._progress(model, newest.command_id, newest.seq, phase)
 
         started = time.perf_counter()
         failure = await self._converge(newest.model, progress)

@@ -32,8 +32,8 @@ from worker.runtime.validation import LatencyBudget, check_calibration, check_la
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: Called at each phase boundary: (model, version, phase, reason, seconds the phase took).
-ProgressCallback = Callable[[str, str, Phase, str | None, float | None], Awaitable[None]]
+#: Called as each phase begins: (model, version, phase). Phase durations go to the metrics.
+ProgressCallback = Callable[[str, str, Phase], Awaitable[None]]
 
 
 async def no_progress(*_: Any) -> None:
@@ -110,7 +110,7 @@ class ModelManager:
                     loaded[name] = await self._load(model, name, baseline, progress, ref)
             with self._timed(model, "swap"):
                 self._swap(desired, loaded)
-            await progress(model, desired.active or "", "swap", None, None)
+            await progress(model, desired.active or "", "swap")
             for name in [n for n in loaded if n not in desired.needed]:
                 with self._timed(model, "cleanup"):
                     await self._free(loaded.pop(name), progress)
@@ -121,7 +121,7 @@ class ModelManager:
     ) -> ModelVersion:
         version = ModelVersion(model, name)
         started = time.perf_counter()
-        await progress(model, name, "preload", None, None)
+        await progress(model, name, "preload")
         try:
             with self._timed(model, "preload"):
                 if ref is None:
@@ -136,7 +136,7 @@ class ModelManager:
                 await self._run(backend.load, artifact, entry.manifest)
                 version.backend = backend
             version.advance(VersionState.VALIDATING)
-            await progress(model, name, "validate", None, None)
+            await progress(model, name, "validate")
             with self._timed(model, "validate"):
                 await self._run(backend.warm_up)
                 calibrated = await self._run(check_calibration, backend, entry.manifest, entry.path)
@@ -172,7 +172,7 @@ class ModelManager:
 
     async def _free(self, version: ModelVersion, progress: ProgressCallback) -> None:
         version.advance(VersionState.DRAINING)
-        await progress(version.model, version.version, "cleanup", None, None)
+        await progress(version.model, version.version, "cleanup")
         while version.in_flight:  # jobs dispatched on the old snapshot finish on it
             await asyncio.sleep(0.005)
         before = memory_in_use(self.device)
