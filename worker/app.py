@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -44,8 +45,11 @@ class Worker:
         # One inference thread: torch parallelises inside it (settings.torch_threads).
         self.inference_executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
         self.decode_executor = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
-        # Loading and validating a new version must not queue behind (or block) serving.
-        self.control_executor = ThreadPoolExecutor(1, thread_name_prefix="control")
+        # Loading and validating a new version must not queue behind (or take cores from) serving:
+        # its thread runs at a lower CPU priority, so an update uses what serving leaves idle.
+        self.control_executor = ThreadPoolExecutor(
+            1, thread_name_prefix="control", initializer=lower_thread_priority, initargs=(settings.control_nice,)
+        )
         self.models = ModelManager(
             ModelRepository(settings.model_root), settings.device, self.control_executor,
             LatencyBudget(factor=settings.latency_budget_factor), self.metrics,
@@ -212,6 +216,15 @@ def _deployment_status(deployment: Deployment) -> dict[str, Any]:
             for name, v in deployment.loaded.items()
         },
     }
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Give the calling thread this niceness (Linux applies it per thread, not per process)."""
+    if nice and hasattr(os, "setpriority"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError as exc:  # not allowed here: the thread keeps the process's priority
+            log.warning("could not lower the control thread's priority: %s", exc)
 
 
 def _limit_torch_threads(threads: int) -> None:

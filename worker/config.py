@@ -52,6 +52,9 @@ class WorkerSettings(BaseSettings):
     keep_standby: int = Field(1, ge=0, le=16, description="earlier versions kept warm for rollback")
     heartbeat_interval_s: float = Field(2.0, gt=0)
     latency_budget_factor: float = Field(1.5, gt=0, description="new p50 ≤ factor × active p50")
+    control_nice: int = Field(
+        19, ge=0, le=19, description="niceness of the thread that loads, validates and frees versions"
+    )
 
     status_host: str = "127.0.0.1"
     status_port: int = Field(8080, ge=0, le=65535, description="0 picks a free port")

@@ -71,3 +71,36 @@ def test_loading_garbage_is_a_backend_error(tmp_path: Path, zoo: Path) -> None:
 def test_unknown_backend_is_named() -> None:
     with pytest.raises(BackendError, match="unknown backend 'onnx'"):
         create_backend("onnx", "cpu")
+
+
+def test_versions_of_one_architecture_share_one_trace(zoo: Path, heldout) -> None:
+    """TorchScript never frees what a trace registers: a worker loading version after version must
+    trace each architecture once, and every version still computes with its own weights."""
+    from worker.runtime import tracing
+
+    repository = ModelRepository(zoo)
+    image = decode_image(heldout[0].path.read_bytes(), LIMITS)
+XX
+    boxes = {name: [(d.class_id, round(d.box.x1, 1)) for d in found] for name, found in answers.items()}
+    assert boxes["1.0.0"] != boxes["2.0.0"], "two versions sharing a trace answered alike: weights not loaded"
+
+
+def test_a_trace_that_disagrees_with_its_network_is_refused() -> None:
+    import torch
+
+    from worker.runtime.tracing import TraceMismatch, traced
+
+    class Branchy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(1), requires_grad=False)
+            self.flip = False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return -x * self.scale if self.flip else x * self.scale  # a Python branch the trace bakes in
+
+    first, second = Branchy().eval(), Branchy().eval()
+    second.flip = True  # same weights' shapes, same declared architecture, other computation
+    traced(first, torch.zeros(1, 3), architecture="branchy")
+    with pytest.raises(TraceMismatch):
+        traced(second, torch.zeros(1, 3), architecture="branchy")
