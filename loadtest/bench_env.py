@@ -29,10 +29,14 @@ from loadtest.records import Accountant, ControlEvent, JobRecord
 from loadtest.report import build_report
 from loadtest.runner import LoadShape, Runner
 from schemas.manifest import Manifest
+from worker.config import WorkerSettings
 from worker.runtime.repository import sha256_of
 from worker.runtime.trivial_backend import trivial_artifact
 
 TRIVIAL_MODEL = "trivial"
+#: Jobs in flight per worker that keep its micro-batches full: one batch runs, one fills, and two
+#: more are on their way (results back to the load generator, new jobs through the broker).
+SATURATING = 4 * int(WorkerSettings.model_fields["max_batch"].default)
 
 
 class BenchError(RuntimeError):
@@ -169,7 +173,7 @@ async def run_load(env: BenchEnv, namespace: str, shape: LoadShape, *, beside: B
     return LoadRun(accountant, runner.started_at, runner.stopped_at, report, cpu)
 
 
-def closed_loop(env: BenchEnv, model: str, seconds: float, concurrency: int = 32) -> LoadShape:
+def closed_loop(env: BenchEnv, model: str, seconds: float, concurrency: int = SATURATING) -> LoadShape:
     return LoadShape(model=model, images=env.images, concurrency=concurrency, duration_s=seconds, grace_s=30.0)
 
 

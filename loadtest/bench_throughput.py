@@ -1,7 +1,8 @@
 """Benchmarks 1 and 2: throughput of the pool against in-process predict and a raw AMQP loop.
 
-1. One worker (max_batch 1, then max_batch 8 / max_wait 5 ms) fed by a closed loop, against
-   ultralytics predict in a process of its own (batch 1 and batch 8), never both at once.
+1. One worker (max_batch 1, then the default micro-batching: max_batch 16, max_wait 5 ms) fed by
+   a closed loop, against ultralytics predict in a process of its own (batch 1, and the same batch
+   size as the worker's: the ceiling), never both at once.
 2. One worker serving the trivial model against a raw aio-pika consume → reply → ack process,
    both on the same quorum queue, fed by the same closed loop with the same images.
 
@@ -20,6 +21,7 @@ from typing import Any
 from control.processes import WorkerProcess
 from loadtest.bench_core import BenchResult, Goal, Metric, Totals, histogram_totals, mean, ratio, worker_means
 from loadtest.bench_env import (
+    SATURATING,
     TRIVIAL_MODEL,
     BenchEnv,
     BenchError,
@@ -35,8 +37,13 @@ from loadtest.bench_env import (
     warm_up,
     write_trivial_model,
 )
+from worker.config import WorkerSettings
 
-CONCURRENCY = 32
+CONCURRENCY = SATURATING
+#: The worker's defaults: what the micro-batching series measures, and the raw loop's prefetch.
+MICRO = int(WorkerSettings.model_fields["max_batch"].default)
+MAX_WAIT_MS = float(WorkerSettings.model_fields["max_wait_ms"].default)
+PREFETCH = int(WorkerSettings.model_fields["prefetch"].default)
 
 
 @dataclass
@@ -146,8 +153,8 @@ async def _measure_worker(env: BenchEnv, namespace: str, worker: WorkerProcess, 
 async def pool_vs_inprocess(env: BenchEnv) -> BenchResult:
     result = BenchResult(1, "pool vs in-process predict")
     artifact = env.model_root / "shapes" / "1.0.0" / "model.pt"
-    inprocess = {1: Series("in-process, batch 1"), 8: Series("in-process, batch 8")}
-    pool = {1: Series("worker, max_batch 1"), 8: Series("worker, max_batch 8, 5 ms")}
+    inprocess = {1: Series("in-process, batch 1"), MICRO: Series(f"in-process, batch {MICRO}")}
+    pool = {1: Series("worker, max_batch 1"), MICRO: Series(f"worker, max_batch {MICRO}, {MAX_WAIT_MS:g} ms")}
     namespace = env.namespace("pool")
 
     async def baseline(batch: int) -> None:
@@ -161,12 +168,13 @@ async def pool_vs_inprocess(env: BenchEnv) -> BenchResult:
 
     async def pooled(max_batch: int) -> None:
         worker = env.worker(namespace, f"b{max_batch}", ["shapes@1.0.0"],
-                            env={"HOTSWAP_MAX_BATCH": str(max_batch), "HOTSWAP_MAX_WAIT_MS": "5"})
+                            env={"HOTSWAP_MAX_BATCH": str(max_batch), "HOTSWAP_MAX_WAIT_MS": str(MAX_WAIT_MS),
+                                 "HOTSWAP_PREFETCH": str(PREFETCH)})
         await _measure_worker(env, namespace, worker, "shapes", pool[max_batch])
 
     try:
         for round_ in range(_rounds(env)):
-            steps = [partial(baseline, 1), partial(baseline, 8), partial(pooled, 1), partial(pooled, 8)]
+            steps = [partial(baseline, 1), partial(baseline, MICRO), partial(pooled, 1), partial(pooled, MICRO)]
             for step in steps if round_ % 2 == 0 else steps[::-1]:
                 await step()
     finally:
@@ -175,28 +183,28 @@ async def pool_vs_inprocess(env: BenchEnv) -> BenchResult:
     result.rows = [s.row() for s in (*inprocess.values(), *pool.values())]
     result.metrics = [
         Metric("pool(batch 1) / in-process(batch 1)", ratio(pool[1].rate, base), Goal(">=", 0.9)),
-        Metric("pool(micro-batch) / in-process(batch 1)", ratio(pool[8].rate, base), Goal(">=", 1.5)),
-        Metric("in-process(batch 8) / in-process(batch 1): the ceiling", ratio(inprocess[8].rate, base)),
+        Metric("pool(micro-batch) / in-process(batch 1)", ratio(pool[MICRO].rate, base), Goal(">=", 1.5)),
+        Metric(f"in-process(batch {MICRO}) / in-process(batch 1): the ceiling", ratio(inprocess[MICRO].rate, base)),
         # CPU per job hardly depends on what else the machine runs: the worker's overhead, robustly.
         Metric("CPU/job: worker(batch 1) / in-process(batch 1)",
                ratio(mean(pool[1].server_cpu_ms), mean(inprocess[1].server_cpu_ms))),
-        Metric("CPU/job: worker(micro-batch) / in-process(batch 8)",
-               ratio(mean(pool[8].server_cpu_ms), mean(inprocess[8].server_cpu_ms))),
+        Metric(f"CPU/job: worker(micro-batch) / in-process(batch {MICRO})",
+               ratio(mean(pool[MICRO].server_cpu_ms), mean(inprocess[MICRO].server_cpu_ms))),
     ]
     result.figures = {"series": {s.label: s.to_json() for s in (*inprocess.values(), *pool.values())},
                       "seconds_per_run": _seconds(env), "rounds": _rounds(env), "concurrency": CONCURRENCY}
-    env.figures["single_worker_jobs_per_s"] = pool[8].rate
+    env.figures["single_worker_jobs_per_s"] = pool[MICRO].rate
     result.notes.append(f"in-process: YOLO.predict on pre-decoded images, one torch thread, a process of its own; "
                         f"workers: one each, fed by a closed loop of {CONCURRENCY}, {_seconds(env):g} s per run, "
                         f"{_rounds(env)} round(s)")
     result.notes.append("busiest thread CPU: the share of a core that the process's busiest thread got (a "
                         "worker's inference thread, always busy under this load): under 100 % it waited for a core")
-    result.notes.append(_phases_note(pool[8]))
-    batch = mean(pool[8].worker.get("mean_batch", []))
-    if batch is not None and batch < 7:
-        result.notes.append(f"micro-batches ran part-full (mean {batch:.1f} of 8) although {CONCURRENCY} jobs were in "
-                            "flight: jobs did not reach the batcher fast enough while a batch ran (with prefetch 16, "
-                            "a batch fills only from what the acks of the one before let in)")
+    result.notes.append(_phases_note(pool[MICRO]))
+    batch = mean(pool[MICRO].worker.get("mean_batch", []))
+    if batch is not None and batch < 0.85 * MICRO:
+        result.notes.append(f"micro-batches ran part-full (mean {batch:.1f} of {MICRO}) although {CONCURRENCY} jobs "
+                            f"were in flight: jobs did not reach the batcher fast enough while a batch ran (with "
+                            f"prefetch {PREFETCH}, a batch fills only from what the acks of the one before let in)")
     _producer_note(result, pool.values())
     return result
 
@@ -212,7 +220,7 @@ async def trivial_vs_raw(env: BenchEnv) -> BenchResult:
 
         async def raw_loop() -> None:
             helper = HelperProcess(["loadtest.bench_raw", "--url", env.url, "--namespace", namespace,
-                                    "--model", TRIVIAL_MODEL, "--prefetch", "16"],
+                                    "--model", TRIVIAL_MODEL, "--prefetch", str(PREFETCH)],
                                    env.out / "logs" / f"{namespace}-raw.log")
             await helper.start()
             try:
@@ -243,8 +251,9 @@ async def trivial_vs_raw(env: BenchEnv) -> BenchResult:
     ]
     result.figures = {"series": {s.label: s.to_json() for s in (raw, ours)}, "seconds_per_run": _seconds(env),
                       "rounds": _rounds(env), "concurrency": CONCURRENCY}
-    result.notes.append(f"both consume the same quorum queue (prefetch 16), fed by a closed loop of {CONCURRENCY} "
-                        "with the held-out PNGs inline; the raw loop replies a fixed result under confirms, then acks")
+    result.notes.append(f"both consume the same quorum queue (prefetch {PREFETCH}), fed by a closed loop of "
+                        f"{CONCURRENCY} with the held-out PNGs inline; the raw loop replies a fixed result under "
+                        "confirms, then acks")
     result.notes.append(_phases_note(ours))
     _producer_note(result, (raw, ours))
     return result

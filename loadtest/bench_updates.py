@@ -18,7 +18,17 @@ from typing import Any
 from control.client import Client
 from control.operator import Operator
 from loadtest.bench_core import BenchResult, Goal, Metric, ratio, visible_after_ms
-from loadtest.bench_env import BenchEnv, BenchError, LoadRun, closed_loop, open_loop, rss_kib, run_load, warm_up
+from loadtest.bench_env import (
+    SATURATING,
+    BenchEnv,
+    BenchError,
+    LoadRun,
+    closed_loop,
+    open_loop,
+    rss_kib,
+    run_load,
+    warm_up,
+)
 from loadtest.records import Accountant, ControlEvent
 from loadtest.runner import Runner
 from loadtest.scenarios import Rollbacks, ScenarioContext
@@ -33,8 +43,9 @@ COMMAND_TIMEOUT_S = 60.0  # a command not done on every worker by then has faile
 
 
 async def measure_capacity(env: BenchEnv, namespace: str) -> float:
-    """jobs/s the running workers sustain on a closed loop; kept for the other benchmarks."""
-    run = await run_load(env, namespace, closed_loop(env, MODEL, 4.0 if env.quick else 8.0), tag="capacity")
+    """jobs/s the two running workers sustain on a closed loop; kept for the other benchmarks."""
+    shape = closed_loop(env, MODEL, 4.0 if env.quick else 8.0, concurrency=2 * SATURATING)
+    run = await run_load(env, namespace, shape, tag="capacity")
     if run.lost or run.failed or run.throughput <= 0:
         raise BenchError(f"capacity run: {run.lost} lost, {run.failed} failed, {run.throughput:.1f} jobs/s")
     env.capacity = run.throughput
@@ -105,7 +116,7 @@ async def p99_during_updates(env: BenchEnv) -> BenchResult:
                       "commands": [(label, outcome) for label, _, outcome in ctx.commands],
                       "checks": [vars(c) for c in checks], "events": changing.report["events"],
                       "timeline_steady": steady.report["timeline"], "timeline_updates": changing.report["timeline"]}
-    result.notes.append(f"capacity of 2 workers (closed loop 32): {capacity:.1f} jobs/s; open loop at "
+    result.notes.append(f"capacity of 2 workers (closed loop {2 * SATURATING}): {capacity:.1f} jobs/s; open loop at "
                         f"{LOAD_SHARE:.0%} = {rate:.1f} jobs/s (Poisson)")
     result.notes += [f"{'✓' if c.passed else '✗'} {c.name}: {c.detail}" for c in checks if not c.passed
                      or c.name.startswith("jobs after")]

@@ -29,10 +29,10 @@ class WorkerSettings(BaseSettings):
     worker_id: str = Field(default_factory=_default_worker_id)
     device: str = "cpu"
 
-    prefetch: int = Field(16, ge=1, le=10_000, description="above max_batch, so batches can fill")
+    prefetch: int = Field(32, ge=1, le=10_000, description="two batches: one runs while the next fills")
     delivery_limit: int = Field(3, ge=1, le=1000, description="quorum queue x-delivery-limit")
     torch_threads: int = Field(1, ge=1, le=256)
-    max_batch: int = Field(8, ge=1, le=256, description="jobs per inference batch at most")
+    max_batch: int = Field(16, ge=1, le=256, description="jobs per inference batch at most")
     max_wait_ms: float = Field(5.0, ge=0, description="longest a job waits for its batch to fill")
     decode_threads: int = Field(2, ge=1, le=64)
     grace_period_s: float = Field(30.0, ge=0)
