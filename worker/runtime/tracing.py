@@ -59,7 +59,8 @@ def _trace(network: torch.nn.Module, example: torch.Tensor) -> torch.jit.ScriptM
         # TorchScript warns about Python-side shape checks it records as constants; the caller
         # makes such code paths shape-independent before tracing.
         warnings.simplefilter("ignore")
-        return torch.jit.trace(network, example, check_trace=False)
+        module: torch.jit.ScriptModule = torch.jit.trace(network, example, check_trace=False)  # type: ignore[no-untyped-call]
+        return module
 
 
 def _check(module: torch.jit.ScriptModule, network: torch.nn.Module, example: torch.Tensor) -> None:

@@ -94,7 +94,8 @@ class FirstOutput(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.network(x)
-        return y[0] if isinstance(y, list | tuple) else y
+        first: torch.Tensor = y[0] if isinstance(y, list | tuple) else y
+        return first
 
 
 class UltralyticsBackend:
