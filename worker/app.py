@@ -52,7 +52,7 @@ class Worker:
         )
         self.models = ModelManager(
             ModelRepository(settings.model_root), settings.device, self.control_executor,
-            LatencyBudget(factor=settings.latency_budget_factor), self.metrics,
+            LatencyBudget(factor=settings.latency_budget_factor, cpu_time=settings.device == "cpu"), self.metrics,
             ArtifactCache(settings.artifact_cache, settings.artifact_sources),
         )
         self.limits = ImageLimits(

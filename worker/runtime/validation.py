@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,10 @@ class LatencyBudget:
     #: Absolute slack, so that tiny models are not failed by timer noise.
     slack_ms: float = 2.0
     repeats: int = 3
+    #: Measure the thread's CPU time, not wall time: the control thread runs at a low priority and
+    #: is preempted by serving, which would count against whichever version ran then. On CPU
+    #: (one torch thread, in the calling thread) CPU time is the model's cost; on a GPU it is not.
+    cpu_time: bool = True
 
 
 @dataclass(frozen=True)
@@ -60,16 +65,18 @@ def check_calibration(backend: ModelBackend, manifest: Manifest, version_dir: Pa
     return Calibrated(images, recall)
 
 
-def median_latencies_ms(backends: list[ModelBackend], images: list[Image], repeats: int) -> list[float]:
+def median_latencies_ms(
+    backends: list[ModelBackend], images: list[Image], repeats: int, clock: Callable[[], float] = time.perf_counter
+) -> list[float]:
     """Median single-image predict time per backend. The backends take turns on every image, so
     a burst of load elsewhere on the machine slows them alike instead of whichever ran then."""
     times: list[list[float]] = [[] for _ in backends]
     for _ in range(repeats):
         for image in images:
             for backend, samples in zip(backends, times, strict=True):
-                started = time.perf_counter()
+                started = clock()
                 backend.predict([image], InferenceParams())
-                samples.append((time.perf_counter() - started) * 1000)
+                samples.append((clock() - started) * 1000)
     return [statistics.median(samples) for samples in times]
 
 
@@ -79,9 +86,10 @@ def check_latency(
     """Candidate and baseline p50 in ms, measured interleaved on the same images and thread."""
     if not images:
         return 0.0, None
+    clock = time.thread_time if budget.cpu_time else time.perf_counter
     if baseline is None:
-        return median_latencies_ms([candidate], images, budget.repeats)[0], None
-    candidate_ms, baseline_ms = median_latencies_ms([candidate, baseline], images, budget.repeats)
+        return median_latencies_ms([candidate], images, budget.repeats, clock)[0], None
+    candidate_ms, baseline_ms = median_latencies_ms([candidate, baseline], images, budget.repeats, clock)
     allowed = baseline_ms * budget.factor + budget.slack_ms
     if candidate_ms > allowed:
         raise ValidationFailed(
