@@ -46,6 +46,28 @@ def test_pixels_equal_what_ultralytics_reads_from_disk(bus_jpg: Path) -> None:
     assert np.array_equal(ours, theirs)
 
 
+def rotated_jpeg() -> bytes:
+    """64×48 pixels, left half red, with EXIF orientation 6: shown turned 90° clockwise."""
+    picture = Image.new("RGB", (64, 48), (0, 0, 255))
+    picture.paste((255, 0, 0), (0, 0, 32, 48))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=95, exif=exif)
+    return buffer.getvalue()
+
+
+def test_exif_orientation_is_applied_by_either_decoder() -> None:
+    # Bytes after the end marker send a JPEG to PIL, which must orient it as OpenCV does.
+    data = rotated_jpeg()
+    for variant in (data, data + b"trailing bytes after the end marker"):
+        image = decode_image(variant, LIMITS)
+        assert image.shape == (64, 48, 3)
+        top, bottom = image[5, 24].tolist(), image[58, 24].tolist()
+        assert top[2] > 200 and top[0] < 60, f"top row should be red (BGR), got {top}"
+        assert bottom[0] > 200 and bottom[2] < 60, f"bottom row should be blue (BGR), got {bottom}"
+
+
 def test_bad_images_get_specific_codes() -> None:
     jpeg = encode("JPEG", size=(256, 256))
     assert rejected(b"") is ErrorCode.EMPTY_IMAGE
