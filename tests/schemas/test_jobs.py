@@ -49,6 +49,11 @@ def test_image_kind_may_be_left_out_for_urls() -> None:
         (json.dumps({"job_id": "j", "model": "shapes"}).encode(), ErrorCode.MISSING_IMAGE),
         (body(image={"data": "not base64!"}), ErrorCode.BAD_BASE64),
         (body(image={"data": "aGk"}), ErrorCode.BAD_BASE64),  # padding is required
+        (body(image={"data": "aGk!"}), ErrorCode.BAD_BASE64),
+        (body(image={"data": "aG-_"}), ErrorCode.BAD_BASE64),  # the URL-safe alphabet is not standard
+        (body(image={"data": "aGk=\n"}), ErrorCode.BAD_BASE64),
+        (body(image={"data": 5}), ErrorCode.INVALID_JOB),
+        (b'{"job_id": "j1"} and more', ErrorCode.INVALID_JSON),
         (body(params={"conf": 1.5}), ErrorCode.INVALID_PARAMS),
         (body(params={"max_det": 0}), ErrorCode.INVALID_PARAMS),
         (body(params={"imgsz": 100000}), ErrorCode.INVALID_PARAMS),
@@ -64,6 +69,12 @@ def test_malformed_job_keeps_its_job_id_for_the_answer() -> None:
     with pytest.raises(MalformedJob) as caught:
         parse_job(body(job_id="keep-me", params={"conf": -1}))
     assert caught.value.job_id == "keep-me"
+
+
+def test_python_callers_may_give_base64_text_or_bytes() -> None:
+    assert InlineImage(data="aGk=") == InlineImage(data=b"hi")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="base64"):
+        InlineImage(data="aGk")  # type: ignore[arg-type]
 
 
 def test_inline_images_round_trip_as_standard_base64() -> None:
