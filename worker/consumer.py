@@ -1,7 +1,8 @@
 """Consumes job queues, publishes each result under publisher confirms, then acks.
 
 The ack comes only after the broker has confirmed the result (invariant 1): a worker killed at
-any instant leaves its unacked jobs to be redelivered, and the client drops duplicates.
+any instant leaves its unacked jobs to be redelivered, and the client drops duplicates. Acks due
+in the same turn of the event loop go out as one frame (`worker.acks`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from functools import partial
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
+from worker.acks import AckRuns
 from worker.config import WorkerSettings
 from worker.connections import declare_job_topology
 from worker.jobs import Delivery, JobProcessor, Outcome
@@ -29,6 +31,7 @@ class JobConsumer:
         self._channel: AbstractChannel | None = None
         self._consumers: list[tuple[AbstractQueue, str]] = []
         self._in_flight: set[asyncio.Task[None]] = set()
+        self.acks = AckRuns()
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -64,10 +67,14 @@ class JobConsumer:
     async def drain(self, timeout_s: float) -> bool:
         """Wait for in-flight jobs to be answered and acked; False if time ran out."""
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            await asyncio.wait_for(self._drained(), timeout_s)
             return True
         except TimeoutError:
             return False
+
+    async def _drained(self) -> None:
+        await self._idle.wait()
+        await self.acks.sent()
 
     async def _on_message(self, model: str, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()
@@ -75,6 +82,7 @@ class JobConsumer:
         self._in_flight.add(task)
         self._idle.clear()
         self.metrics.in_flight.labels(model).inc()
+        self.acks.received(message)
         try:
             outcome = await self.processor.process(_delivery(message, model))
             await self._settle(message, outcome, model)
@@ -94,15 +102,32 @@ class JobConsumer:
                     type="hotswap.result",
                 )
                 await self._channel.default_exchange.publish(reply, routing_key=outcome.reply_to, mandatory=False)
-            if outcome.dead_letter:
-                await message.reject(requeue=False)
-                code = outcome.result.error.code if outcome.result.error else "unknown"
-                self.metrics.dead_lettered.labels(model, code).inc()
-            else:
-                await message.ack()
-        except Exception as exc:  # unconfirmed: leave the job unacked so the broker redelivers it
+        except Exception as exc:  # unconfirmed: the job goes back to the queue for another try
             self.metrics.results_unpublished.labels(model).inc()
-            log.warning("job %s not settled (%s); it will be redelivered", outcome.result.job_id, exc)
+            log.warning("result of job %s not confirmed (%s); requeueing the job", outcome.result.job_id, exc)
+            await self._give_back(message)
+            return
+        if not outcome.dead_letter:
+            self.acks.ack(message)  # with the other jobs answered in this turn of the event loop
+            return
+        try:
+            await message.reject(requeue=False)
+        except Exception as exc:  # the channel went away; the broker redelivers it, and we answer again
+            log.warning("dead-lettering job %s failed (%s)", outcome.result.job_id, exc)
+            return
+        finally:
+            self.acks.forget(message)  # only once sent: until then it keeps any run from covering it
+        code = outcome.result.error.code if outcome.result.error else "unknown"
+        self.metrics.dead_lettered.labels(model, code).inc()
+
+    async def _give_back(self, message: AbstractIncomingMessage) -> None:
+        # Left unacked on a channel that stays open, a job would never be redelivered.
+        try:
+            await message.nack(requeue=True)
+        except Exception as exc:  # the channel is gone: the broker redelivers it anyway
+            log.warning("requeueing delivery %s failed (%s)", message.delivery_tag, exc)
+        finally:
+            self.acks.forget(message)
 
 
 def _delivery(message: AbstractIncomingMessage, model: str) -> Delivery:
