@@ -17,7 +17,7 @@ from control.client import Client
 from control.operator import Operator
 from control.processes import WorkerProcess
 from schemas.control import Update
-from schemas.jobs import JobResult
+from schemas.jobs import InlineImage, Job, JobResult
 from schemas.signing import Signer
 from schemas.topology import Topology
 
@@ -171,6 +171,37 @@ async def test_a_message_that_kills_workers_ends_in_the_dead_letter_queue(
             poison.cancel()
         await connection.close()
         await runner.cleanup()
+
+
+async def test_a_result_the_broker_refuses_sends_its_job_back_until_it_is_dead_lettered(
+    start_worker, client: Client, heldout, namespace: str, amqp_url: str, metric
+) -> None:
+    """The broker nacks the result (its reply queue is full): the job must not sit unacked on a
+    channel that stays open; it goes back to the queue, and the delivery limit ends its retries."""
+    worker = start_worker("shapes@1.0.0", env={"HOTSWAP_DELIVERY_LIMIT": "2"})
+    topology = Topology(namespace)
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        full = await channel.declare_queue(
+            exclusive=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+        )
+        job = Job(job_id="refused", model="shapes", image=InlineImage(data=heldout[0].path.read_bytes()))
+        exchange = await channel.get_exchange(topology.jobs_exchange)
+        await exchange.publish(
+            aio_pika.Message(job.model_dump_json().encode(), reply_to=full.name, correlation_id=job.job_id),
+            routing_key="shapes",
+        )
+        dead_queue = await channel.declare_queue(topology.dead_letter_queue("shapes"), passive=True)
+        dead = None
+        for _ in range(300):
+            if (dead := await dead_queue.get(no_ack=True, fail=False)) is not None:
+                break
+            await asyncio.sleep(0.1)
+    assert dead is not None and dead.correlation_id == "refused", "the job never left the worker"
+    assert dead.headers.get("x-first-death-reason") == "delivery_limit"
+    assert metric(worker.text("/metrics"), "hotswap_results_unpublished_total", model="shapes") >= 2
+    assert (await client.submit(heldout[1].path, model="shapes")).status == "ok"
 
 
 def test_worker_refuses_to_start_with_a_model_it_cannot_load(tmp_path: Path, zoo: Path, amqp_url: str) -> None:
