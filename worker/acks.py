@@ -17,6 +17,7 @@ import logging
 from collections import deque
 
 from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.exceptions import ChannelInvalidStateError
 from aiormq.abc import AbstractChannel
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,9 @@ class AckRuns:
 
     def received(self, message: AbstractIncomingMessage) -> None:
         """Call for every delivery, before its job starts."""
-        tag = message.delivery_tag
-        if tag is not None:
-            self._unacked.setdefault(message.channel, {})[tag] = None
+        channel, tag = _channel_of(message), message.delivery_tag
+        if channel is not None and tag is not None:
+            self._unacked.setdefault(channel, {})[tag] = None
 
     def ack(self, message: AbstractIncomingMessage) -> None:
         """The job's result is confirmed: ack it with the next run (this turn of the loop)."""
@@ -59,10 +60,8 @@ class AckRuns:
             await asyncio.gather(*([self._sender] if self._sender else []), asyncio.sleep(0), return_exceptions=True)
 
     def _tags_of(self, message: AbstractIncomingMessage) -> dict[int, AbstractIncomingMessage | None] | None:
-        try:
-            return self._unacked.get(message.channel)
-        except Exception:  # aio-pika raises for a closed channel: nothing of it can be acked now
-            return None
+        channel = _channel_of(message)
+        return None if channel is None else self._unacked.get(channel)
 
     def _schedule_flush(self) -> None:
         if self._flush is None:
@@ -90,6 +89,13 @@ class AckRuns:
                                 message.delivery_tag, exc)
         finally:
             self._sender = None
+
+
+def _channel_of(message: AbstractIncomingMessage) -> AbstractChannel | None:
+    try:
+        return message.channel
+    except ChannelInvalidStateError:  # closed: nothing it delivered can be acked any more
+        return None
 
 
 def _runs(tags: dict[int, AbstractIncomingMessage | None]) -> list[tuple[AbstractIncomingMessage, bool]]:

@@ -16,6 +16,7 @@ import aiohttp
 from aio_pika.abc import AbstractRobustConnection
 
 from schemas.signing import Verifier
+from worker.admission import PixelBudget
 from worker.batching import MicroBatcher
 from worker.config import WorkerSettings
 from worker.connections import connect
@@ -87,7 +88,7 @@ class Worker:
                 self.settings.worker_id, self.models.table, self.limits,
                 self.decode_executor,
                 MicroBatcher(self.inference_executor, self.settings.max_batch, self.settings.max_wait_ms, self.metrics),
-                http, self.metrics,
+                PixelBudget(self.settings.max_pixels_in_flight), http, self.metrics,
             )
             await self._serve(self.connection, self.processor)
         finally:
@@ -184,6 +185,9 @@ class Worker:
         }
 
     def refresh_metrics(self) -> None:
+        if self.processor is not None:
+            self.metrics.pixels_held.set(self.processor.pixels.held)
+            self.metrics.jobs_waiting_for_pixels.set(self.processor.pixels.waiting)
         info = self.metrics.model_info
         info.clear()
         self.metrics.traffic_weight.clear()

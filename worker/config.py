@@ -39,6 +39,9 @@ class WorkerSettings(BaseSettings):
 
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
+    max_pixels_in_flight: int = Field(
+        160_000_000, ge=1, description="decoded pixels held at once by the jobs in flight (memory bound)"
+    )
     image_fetch_timeout_s: float = Field(10.0, gt=0)
     image_file_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="directories file:// image URLs may read from"

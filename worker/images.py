@@ -51,8 +51,26 @@ class ImageLimits:
     file_roots: tuple[Path, ...] = ()
 
 
+@dataclass(frozen=True)
+class ImageHeader:
+    """An image whose header has been read and found within the limits; no pixel decoded yet."""
+
+    data: bytes
+    picture: PILImage.Image  # PIL's view of the header; decodes the pixels when OpenCV cannot
+
+    @property
+    def pixels(self) -> int:
+        width, height = self.picture.size
+        return int(width * height)
+
+
 def decode_image(data: bytes, limits: ImageLimits) -> Image:
     """Decode JPEG, PNG or WebP bytes into an H×W×3 BGR uint8 array."""
+    return decode_pixels(read_header(data, limits))
+
+
+def read_header(data: bytes, limits: ImageLimits) -> ImageHeader:
+    """Check the bytes and the header against the limits (cheap: decompression bombs stop here)."""
     if not data:
         raise ImageRejected(ErrorCode.EMPTY_IMAGE, "image data is empty")
     if len(data) > limits.max_bytes:
@@ -68,8 +86,13 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image:
             ErrorCode.TOO_MANY_PIXELS,
             f"image is {width}×{height} = {width * height} pixels; the limit is {limits.max_pixels}",
         )
-    pixels = _decode_with_opencv(data, picture.format)
-    return pixels if pixels is not None else _decode_with_pil(picture)
+    return ImageHeader(data, picture)
+
+
+def decode_pixels(header: ImageHeader) -> Image:
+    """The H×W×3 BGR pixels of an image whose header passed `read_header`."""
+    pixels = _decode_with_opencv(header.data, header.picture.format)
+    return pixels if pixels is not None else _decode_with_pil(header.picture)
 
 
 # Every JPEG ends with this marker; OpenCV before 5 decodes a JPEG that stops early into a

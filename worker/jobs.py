@@ -27,8 +27,9 @@ from schemas.jobs import (
     Timings,
     parse_job,
 )
+from worker.admission import PixelBudget
 from worker.batching import MicroBatcher
-from worker.images import ImageLimits, ImageRejected, decode_image, fetch_image
+from worker.images import ImageHeader, ImageLimits, ImageRejected, decode_pixels, fetch_image, read_header
 from worker.metrics import WorkerMetrics
 from worker.runtime.backend import Image
 from worker.runtime.deployment import Deployment, DeploymentTable, UnknownVersion
@@ -113,6 +114,7 @@ class JobProcessor:
         limits: ImageLimits,
         decode_executor: Executor,
         batcher: MicroBatcher,
+        pixels: PixelBudget,
         http: aiohttp.ClientSession,
         metrics: WorkerMetrics,
     ) -> None:
@@ -121,6 +123,7 @@ class JobProcessor:
         self.limits = limits
         self.decode_executor = decode_executor
         self.batcher = batcher
+        self.pixels = pixels
         self.http = http
         self.metrics = metrics
         self.stats = JobStats()
@@ -163,9 +166,11 @@ class JobProcessor:
     async def _run(
         self, job: Job, deployment: Deployment, version: ModelVersion, delivery: Delivery, clock: _Clock
     ) -> JobResult:
-        image = await self._image(job, clock)
-        _check_deadline(job)
-        detections = await self._infer(version, image, job, clock)
+        header = await self._header(job)
+        async with self.pixels.hold(header.pixels):  # from decoding until inference is done
+            image = await self._decode(header, clock)
+            _check_deadline(job)
+            detections = await self._infer(version, image, job, clock)
         shadow = deployment.shadow_for(_routing_key(job), version)
         if shadow is not None:
             self._start_shadow(shadow, version, image, job, detections)
@@ -181,19 +186,24 @@ class JobProcessor:
             detections=detections,
         )
 
-    async def _image(self, job: Job, clock: _Clock) -> Image:
+    async def _header(self, job: Job) -> ImageHeader:
         try:
             if isinstance(job.image, InlineImage):
                 data = job.image.data
             else:
                 data = await fetch_image(job.image.url, self.limits, self.http)
-            started = time.perf_counter()
-            loop = asyncio.get_running_loop()
-            image = await loop.run_in_executor(self.decode_executor, decode_image, data, self.limits)
-            clock.decode_ms = (time.perf_counter() - started) * 1000
-            return image
+            return read_header(data, self.limits)  # on the loop: microseconds, no pixel decoded
         except ImageRejected as exc:
             raise JobFailed(exc.code, exc.message) from exc
+
+    async def _decode(self, header: ImageHeader, clock: _Clock) -> Image:
+        started = time.perf_counter()
+        try:
+            image = await asyncio.get_running_loop().run_in_executor(self.decode_executor, decode_pixels, header)
+        except ImageRejected as exc:
+            raise JobFailed(exc.code, exc.message) from exc
+        clock.decode_ms = (time.perf_counter() - started) * 1000
+        return image
 
     async def _infer(self, version: ModelVersion, image: Image, job: Job, clock: _Clock) -> list[Detection]:
         started = time.perf_counter()

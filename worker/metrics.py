@@ -35,6 +35,14 @@ class WorkerMetrics:
         self.in_flight = Gauge(
             "hotswap_jobs_in_flight", "Jobs received and not yet acked.", ["model"], registry=r
         )
+        self.pixels_held = Gauge(
+            "hotswap_decoded_pixels_held",
+            "Pixels of the images being decoded or inferred (bounded by HOTSWAP_MAX_PIXELS_IN_FLIGHT).",
+            registry=r,
+        )
+        self.jobs_waiting_for_pixels = Gauge(
+            "hotswap_jobs_waiting_for_pixels", "Jobs whose image waits for room in the pixel budget.", registry=r
+        )
         self.dead_lettered = Counter(
             "hotswap_jobs_dead_lettered",
             "Messages sent to the dead-letter queue, by model (queue) and error code.",
@@ -43,7 +51,7 @@ class WorkerMetrics:
         )
         self.results_unpublished = Counter(
             "hotswap_results_unpublished",
-            "Results the broker did not confirm; their jobs stay unacked and are redelivered.",
+            "Results the broker did not confirm; their jobs go back to the queue (nack, requeue).",
             ["model"],
             registry=r,
         )

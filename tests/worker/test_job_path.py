@@ -186,3 +186,14 @@ async def test_images_by_url(start_worker, client: Client, heldout, tmp_path: Pa
     assert rounded(by_http) == rounded(by_file) == rounded(inline)
     assert refused.error is not None and refused.error.code is ErrorCode.IMAGE_FETCH_FAILED
 
+
+
+async def test_the_pixel_budget_bounds_the_images_held_at_once(start_worker, client: Client, heldout, metric) -> None:
+    # Room for one 128×128 image: however many jobs are in flight, each batch holds one image.
+    worker = start_worker("shapes@1.0.0", env={"HOTSWAP_MAX_PIXELS_IN_FLIGHT": str(128 * 128)})
+    results = await asyncio.gather(*(client.submit(h.path, model="shapes") for h in heldout[:24]))
+    assert all(r.status == "ok" for r in results)
+    exposition = worker.text("/metrics")
+    assert metric(exposition, "hotswap_batch_size_sum", model="shapes") == 24
+    assert metric(exposition, "hotswap_batch_size_count", model="shapes") == 24
+    assert metric(exposition, "hotswap_decoded_pixels_held") == 0

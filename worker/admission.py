@@ -1,0 +1,64 @@
+"""Admission by decoded pixels: what bounds a worker's memory is pixels, not messages.
+
+Prefetch counts messages; 32 jobs of 40-megapixel photos would decode to 3.8 GB at once. Each
+job therefore holds its image's pixel count (read from the header, before anything is decoded)
+from decoding until its inference is done. Jobs are admitted in arrival order, so a big image is
+not starved by a stream of small ones; one image larger than the whole budget is admitted alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+
+class PixelBudget:
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("a pixel budget is at least one pixel")
+        self.limit = limit
+        self.held = 0
+        self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    @asynccontextmanager
+    async def hold(self, pixels: int) -> AsyncIterator[None]:
+        await self._acquire(pixels)
+        try:
+            yield
+        finally:
+            self._release(pixels)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    async def _acquire(self, pixels: int) -> None:
+        if not self._waiting and self._fits(pixels):
+            self.held += pixels
+            return
+        admitted = asyncio.get_running_loop().create_future()
+        self._waiting.append((pixels, admitted))
+        try:
+            await admitted
+        except asyncio.CancelledError:
+            if admitted.done() and not admitted.cancelled():  # admitted as it was cancelled
+                self._release(pixels)
+            else:
+                self._waiting.remove((pixels, admitted))
+                self._admit()  # it may have been the one holding the queue up
+            raise
+
+    def _release(self, pixels: int) -> None:
+        self.held -= pixels
+        self._admit()
+
+    def _admit(self) -> None:
+        while self._waiting and self._fits(self._waiting[0][0]):
+            pixels, admitted = self._waiting.popleft()
+            self.held += pixels
+            admitted.set_result(None)
+
+    def _fits(self, pixels: int) -> bool:
+        return self.held == 0 or self.held + pixels <= self.limit
