@@ -110,9 +110,10 @@ class Client:
         self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         await self._channel.set_qos(prefetch_count=1000)
         # Kept for a while after a disconnect, so a reconnecting client still finds its results;
-        # acked by hand, so a result in flight when the connection drops is sent again.
+        # durable (and the results persistent, as the jobs are), so that a broker restart keeps them
+        # too; acked by hand, so a result in flight when the connection drops is sent again.
         queue = await self._channel.declare_queue(
-            self._reply_queue, arguments={"x-expires": int(self.reply_queue_ttl_s * 1000)}
+            self._reply_queue, durable=True, arguments={"x-expires": int(self.reply_queue_ttl_s * 1000)}
         )
         await queue.consume(self._on_result)
         # Declared here too (idempotent) so that publishing before any worker ran is a clean NoRoute.

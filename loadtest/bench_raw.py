@@ -3,9 +3,10 @@
     python -m loadtest.bench_raw --url URL --namespace NS --model trivial [--prefetch 16]
 
 It consumes the model's job queue (declared exactly as the worker declares it: the same quorum
-queue), and for each message publishes a minimal valid result to `reply_to` under publisher
-confirms, then acks: the worker's transport and its invariant, without parsing, decoding or a
-model. Prints `ready` once consuming; SIGTERM stops it.
+queue), and for each message publishes a minimal valid result to `reply_to` as the worker does
+(under publisher confirms, mandatory, as persistent as the job), then acks: the worker's transport
+and its invariant, without parsing, decoding or a model. Prints `ready` once consuming; SIGTERM
+stops it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ async def serve(url: str, namespace: str, model: str, prefetch: int, delivery_li
         loop.add_signal_handler(sig, stop.set)
     connection = await aio_pika.connect(url, client_properties={"connection_name": f"hotswap-bench-raw {namespace}"})
     async with connection:
-        channel = await connection.channel(publisher_confirms=True)
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await channel.set_qos(prefetch_count=prefetch)
         queue = await declare_job_topology(channel, Topology(namespace), model, delivery_limit)
         exchange = channel.default_exchange
@@ -39,8 +40,8 @@ async def serve(url: str, namespace: str, model: str, prefetch: int, delivery_li
             body = json.dumps({"job_id": job_id, "status": "ok", "model": model, "worker_id": "raw"}).encode()
             if message.reply_to:
                 reply = aio_pika.Message(body, content_type="application/json", correlation_id=job_id,
-                                         type="hotswap.result")
-                await exchange.publish(reply, routing_key=message.reply_to, mandatory=False)
+                                         type="hotswap.result", delivery_mode=message.delivery_mode)
+                await exchange.publish(reply, routing_key=message.reply_to, mandatory=True)
             await message.ack()
 
         tag = await queue.consume(on_message)

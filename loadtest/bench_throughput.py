@@ -252,8 +252,8 @@ async def trivial_vs_raw(env: BenchEnv) -> BenchResult:
     result.figures = {"series": {s.label: s.to_json() for s in (raw, ours)}, "seconds_per_run": _seconds(env),
                       "rounds": _rounds(env), "concurrency": CONCURRENCY}
     result.notes.append(f"both consume the same quorum queue (prefetch {PREFETCH}), fed by a closed loop of "
-                        f"{CONCURRENCY} with the held-out PNGs inline; the raw loop replies a fixed result under "
-                        "confirms, then acks")
+                        f"{CONCURRENCY} with the held-out PNGs inline; the raw loop replies a fixed result as the "
+                        "worker does (confirmed, mandatory, as persistent as the job), then acks")
     result.notes.append(_phases_note(ours))
     _producer_note(result, (raw, ours))
     return result

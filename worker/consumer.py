@@ -14,6 +14,7 @@ from functools import partial
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
+from schemas.jobs import JobResult
 from worker.acks import AckRuns
 from worker.config import WorkerSettings
 from worker.connections import declare_job_topology
@@ -21,6 +22,9 @@ from worker.jobs import Delivery, JobProcessor, Outcome
 from worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
+
+#: Pauses between tries of a result whose reply queue does not exist (3.85 s in all).
+_NO_ROUTE_PAUSES_S = (0.1, 0.25, 0.5, 1.0, 2.0)
 
 
 class JobConsumer:
@@ -45,7 +49,7 @@ class JobConsumer:
 
     async def start(self, connection: AbstractRobustConnection, models: list[str]) -> None:
         # A channel of its own: a consumer timeout closes the whole channel it happens on.
-        channel = await connection.channel(publisher_confirms=True)
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await channel.set_qos(prefetch_count=self.settings.prefetch)
         self._channel = channel
         for model in models:
@@ -94,14 +98,8 @@ class JobConsumer:
 
     async def _settle(self, message: AbstractIncomingMessage, outcome: Outcome, model: str) -> None:
         try:
-            if outcome.reply_to and self._channel is not None:
-                reply = aio_pika.Message(
-                    body=outcome.result.model_dump_json(exclude_none=True).encode(),
-                    content_type="application/json",
-                    correlation_id=message.correlation_id or outcome.result.job_id,
-                    type="hotswap.result",
-                )
-                await self._channel.default_exchange.publish(reply, routing_key=outcome.reply_to, mandatory=False)
+            if outcome.reply_to:
+                await self._publish_result(outcome.result, outcome.reply_to, message)
         except Exception as exc:  # unconfirmed: the job goes back to the queue for another try
             self.metrics.results_unpublished.labels(model).inc()
             log.warning("result of job %s not confirmed (%s); requeueing the job", outcome.result.job_id, exc)
@@ -119,6 +117,30 @@ class JobConsumer:
             self.acks.forget(message)  # only once sent: until then it keeps any run from covering it
         code = outcome.result.error.code if outcome.result.error else "unknown"
         self.metrics.dead_lettered.labels(model, code).inc()
+
+    async def _publish_result(self, result: JobResult, reply_to: str, job: AbstractIncomingMessage) -> None:
+        """Publish under a confirm, as durable as the job was (a persistent job gets a persistent
+        result: in a durable reply queue it outlives a broker restart), and only into a queue
+        (mandatory): a result the broker routes nowhere would be confirmed all the same, and lost.
+        A reply queue missing now may be its client's, declaring it again after a reconnect: a few
+        more tries over some seconds, then the job goes back to the queue, until its delivery limit."""
+        body = result.model_dump_json(exclude_none=True).encode()
+        persistent = job.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+        for pause_s in (*_NO_ROUTE_PAUSES_S, None):
+            if self._channel is None:
+                raise RuntimeError("the job channel is not open")
+            reply = aio_pika.Message(
+                body=body, content_type="application/json", correlation_id=job.correlation_id or result.job_id,
+                type="hotswap.result",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
+            )
+            try:
+                await self._channel.default_exchange.publish(reply, routing_key=reply_to, mandatory=True)
+                return
+            except aio_pika.exceptions.PublishError:  # returned: no queue by that name (yet)
+                if pause_s is None:
+                    raise
+                await asyncio.sleep(pause_s)
 
     async def _give_back(self, message: AbstractIncomingMessage) -> None:
         # Left unacked on a channel that stays open, a job would never be redelivered.

@@ -204,6 +204,42 @@ async def test_a_result_the_broker_refuses_sends_its_job_back_until_it_is_dead_l
     assert (await client.submit(heldout[1].path, model="shapes")).status == "ok"
 
 
+async def test_a_result_waits_for_its_reply_queue_and_is_as_durable_as_its_job(
+    start_worker, heldout, namespace: str, amqp_url: str
+) -> None:
+    """A client reconnecting after a broker restart declares its reply queue again: a result
+    published before that would be confirmed and lost (unroutable). The worker tries again for a
+    few seconds instead, and marks a persistent job's result persistent (it survives a restart)."""
+    start_worker("shapes@1.0.0")
+    topology = Topology(namespace)
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(topology.jobs_exchange)
+        image = InlineImage(data=heldout[0].path.read_bytes())
+        late_queue = f"{namespace}.late-replies"
+        for job_id, mode in (("persistent", aio_pika.DeliveryMode.PERSISTENT),
+                             ("transient", aio_pika.DeliveryMode.NOT_PERSISTENT)):
+            body = Job(job_id=job_id, model="shapes", image=image).model_dump_json().encode()
+            await exchange.publish(aio_pika.Message(body, reply_to=late_queue, correlation_id=job_id,
+                                                    delivery_mode=mode), routing_key="shapes")
+        await asyncio.sleep(1.0)  # the results are ready by now, with nowhere to go
+        queue = await channel.declare_queue(late_queue, exclusive=True)
+        results = {}
+        for _ in range(100):
+            message = await queue.get(no_ack=True, fail=False)
+            if message is not None:
+                results[message.correlation_id] = message
+            if len(results) == 2:
+                break
+            await asyncio.sleep(0.1)
+    assert set(results) == {"persistent", "transient"}, "a result was dropped while its queue was missing"
+    assert results["persistent"].delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert results["transient"].delivery_mode == aio_pika.DeliveryMode.NOT_PERSISTENT
+    for message in results.values():
+        assert JobResult.model_validate_json(message.body).attempt == 1  # no requeue was needed
+
+
 def test_worker_refuses_to_start_with_a_model_it_cannot_load(tmp_path: Path, zoo: Path, amqp_url: str) -> None:
     process = WorkerProcess(
         models=["shapes@7.7.7"], log_path=tmp_path / "w.log",
