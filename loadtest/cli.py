@@ -35,6 +35,7 @@ class Arrival(StrEnum):
 class BrokerScope(StrEnum):
     run = "run"
     all = "all"
+    restart = "restart"
 
 
 def _weights(text: str | None) -> dict[str, float] | None:
@@ -81,7 +82,8 @@ def run(
     job_timeout: Annotated[float, typer.Option(help="closed loop: seconds a lane waits for a result")] = 30.0,
     grace: Annotated[float, typer.Option(help="seconds to wait for results still out after the load")] = 10.0,
     broker_scope: Annotated[BrokerScope, typer.Option(
-        help="broker-restart: close this run's connections, or all the broker's")] = BrokerScope.run,
+        help="broker-restart: restart the broker application (stop_app, start_app), or only close "
+             "this run's connections (run) or all the broker's (all)")] = BrokerScope.restart,
     command_timeout: Annotated[float, typer.Option(help="seconds to wait for each control command")] = 120.0,
     seed: Annotated[int, typer.Option(help="seed of the Poisson arrivals")] = 0,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
@@ -116,7 +118,7 @@ def run(
         out=out or Path("out") / "loadtest" / f"{time.strftime('%Y%m%d-%H%M%S')}-{scenario.value}",
         namespace=namespace, workers=workers, model_root=model_root, key=key, versions=_versions(versions),
         updates=updates, weights=_weights(weights), command_timeout_s=command_timeout,
-        broker_scope="all" if broker_scope is BrokerScope.all else "run", show_progress=progress,
+        broker_scope=broker_scope.value, show_progress=progress,
     )
     try:
         outcome = asyncio.run(run_harness(config, console))

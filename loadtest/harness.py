@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import aio_pika
 from cryptography.hazmat.primitives import serialization
@@ -27,7 +27,7 @@ from control.processes import WorkerProcess
 from loadtest.records import Accountant, Check
 from loadtest.report import build_report, print_report, write_files
 from loadtest.runner import LoadShape, Runner
-from loadtest.scenarios import ScenarioContext, ScenarioError, scenario
+from loadtest.scenarios import BrokerScope, ScenarioContext, ScenarioError, scenario
 from schemas.signing import Signer, generate_keys
 from schemas.topology import Topology
 
@@ -46,7 +46,7 @@ class HarnessConfig:
     updates: int = 2
     weights: dict[str, float] | None = None
     command_timeout_s: float = 120.0
-    broker_scope: Literal["run", "all"] = "run"
+    broker_scope: BrokerScope = "restart"
     show_progress: bool = True
     worker_timeout_s: float = 180.0
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])

@@ -10,10 +10,12 @@ does is recorded as a `ControlEvent`, marked on the plot.
 * `ab`: split traffic by the weights before the load; afterwards, compare each version's share
   of the answered jobs with its weight, then put all traffic back on the version active before.
 * `kill-worker`: SIGKILL one of the workers the harness started, 40 % into the load.
-* `broker-restart`: 40 % into the load, the broker closes the run's connections (`rabbitmqctl
-  close_connection`), or every connection with scope `all` (`close_all_connections`). The broker
-  itself is NOT restarted: clients see exactly what a restart shows them (a dropped connection,
-  then a reconnect), queues and messages stay.
+* `broker-restart`: 40 % into the load, the broker application restarts (scope `restart`, the
+  default: `rabbitmqctl stop_app`, `start_app`; every connection drops, transient queues and
+  messages are gone, durable ones recover). Scope `run` only closes the run's connections
+  (`rabbitmqctl close_connection`), scope `all` every connection (`close_all_connections`):
+  clients see what a restart shows them, but queues and messages stay. rabbitmqctl acts on the
+  broker of this machine.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from loadtest.records import Accountant, Check, ControlEvent
 from schemas.control import Action, Rollback, Traffic, Update
 from schemas.signing import Signer
 
+BrokerScope = Literal["run", "all", "restart"]
 SCENARIOS = ("steady", "update", "rollback", "ab", "kill-worker", "broker-restart")
 FAULT_AT = 0.4  # the fraction of the load at which faults are injected
 _CONNECTION_NAME = re.compile(r'\{"connection_name","([^"]*)"\}')
@@ -58,7 +61,7 @@ class ScenarioContext:
     weights: dict[str, float] | None = None
     command_timeout_s: float = 120.0
     settle_s: float = 2.5  # a little over one heartbeat interval
-    broker_scope: Literal["run", "all"] = "run"
+    broker_scope: BrokerScope = "restart"
     events: list[ControlEvent] = field(default_factory=list)
     commands: list[tuple[str, WaitReport, str]] = field(default_factory=list)  # label, report, outcome
     active_before: str | None = None
@@ -210,38 +213,53 @@ class KillWorker(Scenario):
         ctx.mark(f"SIGKILL {victim.env.get('HOTSWAP_WORKER_ID', 'worker')} (pid {pid})", kind="fault")
 
 
-class BrokerConnectionsClosed(Scenario):
+class BrokerRestart(Scenario):
     name = "broker-restart"
 
     def __init__(self) -> None:
-        self.closed: list[str] | None = None
+        self.done: str | None = None  # what was done to the broker, once done
 
     async def prepare(self, ctx: ScenarioContext) -> None:
         if shutil.which("rabbitmqctl") is None:
-            raise ScenarioError("broker-restart needs rabbitmqctl on this machine (it closes broker connections)")
+            raise ScenarioError("broker-restart needs rabbitmqctl on this machine")
 
     async def during(self, ctx: ScenarioContext) -> None:
         await ctx.at(FAULT_AT)
+        at = time.monotonic()
         try:
-            found = await list_connections(ctx.broker_scope, ctx.connection_names)
-            at = time.monotonic()
-            await close_connections(ctx.broker_scope, found)
-            self.closed = sorted(found.values())
+            if ctx.broker_scope == "restart":
+                seconds = await restart_broker()
+                self.done = f"broker application restarted (stop_app, start_app: {seconds:.1f} s)"
+            else:
+                found = await list_connections(ctx.broker_scope, ctx.connection_names)
+                await close_connections(ctx.broker_scope, found)
+                missing = [] if ctx.broker_scope == "all" else sorted(set(ctx.connection_names) - set(found.values()))
+                if not found or missing:
+                    raise RuntimeError(f"connections not found: {', '.join(missing) or 'all'}")
+                what = "all its connections" if ctx.broker_scope == "all" else f"the run's {len(found)} connections"
+                self.done = f"broker closed {what}; not a restart"
         except RuntimeError as exc:
-            ctx.mark(f"closing broker connections failed: {exc}", kind="fault", ok=False)
+            ctx.mark(f"broker-restart ({ctx.broker_scope}) failed: {exc}", kind="fault", ok=False, at=at)
             return
-        what = "all its connections (close_all_connections)" if ctx.broker_scope == "all" else \
-            f"{len(self.closed)} connections of this run (close_connection)"
-        ctx.mark(f"broker closed {what}; not a broker restart", kind="fault", ok=bool(self.closed), at=at)
+        ctx.mark(self.done, kind="fault", ok=True, at=at)
 
     async def finish(self, ctx: ScenarioContext) -> list[Check]:
-        if self.closed is None:
+        if self.done is None:
             fault = next((e.label for e in ctx.events if e.kind == "fault"), "the load ended before the fault")
-            return [Check("broker connections closed", False, fault)]
-        missing = [] if ctx.broker_scope == "all" else sorted(set(ctx.connection_names) - set(self.closed))
-        detail = f"closed: {', '.join(self.closed) or 'none'}"
-        detail += f"; not found: {', '.join(missing)}" if missing else ""
-        return [Check("broker connections closed", bool(self.closed) and not missing, detail)]
+            return [Check(f"broker-restart ({ctx.broker_scope})", False, fault)]
+        return [Check(f"broker-restart ({ctx.broker_scope})", True, self.done)]
+
+
+async def restart_broker() -> float:
+    """Restart the RabbitMQ application of this machine's node; the seconds it took. Whatever
+    happens after `stop_app`, `start_app` is tried: the broker is never left stopped."""
+    started = time.monotonic()
+    try:
+        await _rabbitmqctl("stop_app")
+    finally:
+        await _rabbitmqctl("start_app")  # a no-op when the application is still running
+        await _rabbitmqctl("await_startup")
+    return time.monotonic() - started
 
 
 async def _rabbitmqctl(*args: str) -> str:
@@ -254,7 +272,7 @@ async def _rabbitmqctl(*args: str) -> str:
     return out.decode(errors="replace")
 
 
-async def list_connections(scope: Literal["run", "all"], names: list[str]) -> dict[str, str]:
+async def list_connections(scope: BrokerScope, names: list[str]) -> dict[str, str]:
     """The broker's connections (pid → connection name) among `names`, or all of them."""
     found: dict[str, str] = {}
     for line in (await _rabbitmqctl("list_connections", "pid", "client_properties")).splitlines():
@@ -268,7 +286,7 @@ async def list_connections(scope: Literal["run", "all"], names: list[str]) -> di
     return found
 
 
-async def close_connections(scope: Literal["run", "all"], found: dict[str, str]) -> None:
+async def close_connections(scope: BrokerScope, found: dict[str, str]) -> None:
     """Have the broker close these connections (with scope `all`: every connection it has)."""
     reason = "hotswap loadtest: broker-restart scenario"
     if scope == "all":
@@ -279,7 +297,7 @@ async def close_connections(scope: Literal["run", "all"], found: dict[str, str])
 
 def scenario(name: str) -> Scenario:
     kinds: dict[str, type[Scenario]] = {
-        s.name: s for s in (Steady, HotUpdates, Rollbacks, AbSplit, KillWorker, BrokerConnectionsClosed)
+        s.name: s for s in (Steady, HotUpdates, Rollbacks, AbSplit, KillWorker, BrokerRestart)
     }
     if name not in kinds:
         raise ScenarioError(f"unknown scenario {name!r}; one of {', '.join(SCENARIOS)}")

@@ -220,3 +220,29 @@ async def test_hot_updates_under_load_lose_nothing(
     assert any(e["label"].startswith("update → 2.0.0 done") for e in report["events"])
     assert "2.0.0" in report["versions"]
     assert outcome.files["plot"].exists() and outcome.files["report"].exists()
+
+
+@pytest.mark.slow
+async def test_a_broker_restart_under_load_loses_nothing(
+    start_worker, namespace: str, amqp_url: str, heldout, tmp_path: Path
+) -> None:
+    """The real thing: RabbitMQ's application stops and starts (queues recover, transient state is
+    gone) while jobs flow. Results of persistent jobs sit in durable reply queues, and a result whose
+    reply queue is not back yet waits for it: nothing may be lost."""
+    from rich.console import Console
+
+    start_worker("shapes@1.0.0", name="r1")
+    start_worker("shapes@1.0.0", name="r2")
+    config = HarnessConfig(
+        scenario="broker-restart", broker_scope="restart", url=amqp_url, namespace=namespace,
+        out=tmp_path / "restart", show_progress=False,
+        shape=LoadShape(model="shapes", images=[h.path for h in heldout], concurrency=32, duration_s=12, grace_s=60),
+    )
+    printed = io.StringIO()
+    outcome = await run_harness(config, Console(file=printed, width=160))
+    report = outcome.report
+    assert report["checks"][0]["name"] == "broker-restart (restart)" and report["checks"][0]["passed"], report["checks"]
+    assert report["summary"]["lost"] == 0 and report["summary"]["failed"] == 0, printed.getvalue()
+    assert outcome.exit_code == 0, printed.getvalue()
+    # Jobs the workers held when the broker went down came back and ran again.
+    assert report["summary"]["answered"] > 100
