@@ -20,7 +20,13 @@ from types import TracebackType
 from typing import TypedDict, Unpack
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 from pydantic import ValidationError
 
 from schemas.jobs import InferenceParams, InlineImage, Job, JobResult, UrlImage
@@ -87,6 +93,7 @@ class Client:
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
+        self._replies: tuple[AbstractQueue, str] | None = None  # the reply queue and our consumer tag
         self._reply_queue = f"{namespace}.reply.{uuid.uuid4().hex}"
 
     @property
@@ -115,7 +122,7 @@ class Client:
         queue = await self._channel.declare_queue(
             self._reply_queue, durable=True, arguments={"x-expires": int(self.reply_queue_ttl_s * 1000)}
         )
-        await queue.consume(self._on_result)
+        self._replies = (queue, await queue.consume(self._on_result))
         # Declared here too (idempotent) so that publishing before any worker ran is a clean NoRoute.
         self._exchange = await self._channel.declare_exchange(
             self.topology.jobs_exchange, aio_pika.ExchangeType.DIRECT, durable=True
@@ -126,9 +133,11 @@ class Client:
             future.cancel()
         if self._connection is None:
             return
-        if self._channel is not None:
+        if self._replies is not None:
+            queue, tag = self._replies
             with contextlib.suppress(Exception):  # it expires on its own anyway
-                await self._channel.queue_delete(self._reply_queue)
+                await queue.cancel(tag)  # first, or the broker cancels it (and aio-pika warns)
+                await queue.delete(if_unused=False, if_empty=False)
         await self._connection.close()
         self._connection = None
 
