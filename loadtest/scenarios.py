@@ -228,16 +228,9 @@ class BrokerRestart(Scenario):
         at = time.monotonic()
         try:
             if ctx.broker_scope == "restart":
-                seconds = await restart_broker()
-                self.done = f"broker application restarted (stop_app, start_app: {seconds:.1f} s)"
+                self.done = f"broker application restarted (stop_app, start_app: {await restart_broker():.1f} s)"
             else:
-                found = await list_connections(ctx.broker_scope, ctx.connection_names)
-                await close_connections(ctx.broker_scope, found)
-                missing = [] if ctx.broker_scope == "all" else sorted(set(ctx.connection_names) - set(found.values()))
-                if not found or missing:
-                    raise RuntimeError(f"connections not found: {', '.join(missing) or 'all'}")
-                what = "all its connections" if ctx.broker_scope == "all" else f"the run's {len(found)} connections"
-                self.done = f"broker closed {what}; not a restart"
+                self.done = await _close_connections(ctx)
         except RuntimeError as exc:
             ctx.mark(f"broker-restart ({ctx.broker_scope}) failed: {exc}", kind="fault", ok=False, at=at)
             return
@@ -248,6 +241,17 @@ class BrokerRestart(Scenario):
             fault = next((e.label for e in ctx.events if e.kind == "fault"), "the load ended before the fault")
             return [Check(f"broker-restart ({ctx.broker_scope})", False, fault)]
         return [Check(f"broker-restart ({ctx.broker_scope})", True, self.done)]
+
+
+async def _close_connections(ctx: ScenarioContext) -> str:
+    """Close the run's connections (or all of them); what was done, for the report."""
+    found = await list_connections(ctx.broker_scope, ctx.connection_names)
+    await close_connections(ctx.broker_scope, found)
+    missing = [] if ctx.broker_scope == "all" else sorted(set(ctx.connection_names) - set(found.values()))
+    if not found or missing:
+        raise RuntimeError(f"connections not found: {', '.join(missing) or 'any of this run'}")
+    what = "all its connections" if ctx.broker_scope == "all" else f"the run's {len(found)} connections"
+    return f"broker closed {what}; not a restart"
 
 
 async def restart_broker() -> float:

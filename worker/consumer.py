@@ -124,16 +124,14 @@ class JobConsumer:
         (mandatory): a result the broker routes nowhere would be confirmed all the same, and lost.
         A reply queue missing now may be its client's, declaring it again after a reconnect: a few
         more tries over some seconds, then the job goes back to the queue, until its delivery limit."""
-        body = result.model_dump_json(exclude_none=True).encode()
-        persistent = job.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+        if self._channel is None:
+            raise RuntimeError("the job channel is not open")
+        reply = aio_pika.Message(
+            body=result.model_dump_json(exclude_none=True).encode(), content_type="application/json",
+            correlation_id=job.correlation_id or result.job_id, type="hotswap.result",
+            delivery_mode=job.delivery_mode,
+        )
         for pause_s in (*_NO_ROUTE_PAUSES_S, None):
-            if self._channel is None:
-                raise RuntimeError("the job channel is not open")
-            reply = aio_pika.Message(
-                body=body, content_type="application/json", correlation_id=job.correlation_id or result.job_id,
-                type="hotswap.result",
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
-            )
             try:
                 await self._channel.default_exchange.publish(reply, routing_key=reply_to, mandatory=True)
                 return
