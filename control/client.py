@@ -4,7 +4,9 @@
         result = await client.submit(Path("bus.jpg"), model="shapes")
 
 Thousands of `submit` calls may run at once on one client. Results arrive on a private reply
-queue; delivery is at-least-once, so a second result for a job is counted and dropped.
+queue; delivery is at-least-once, so a second result for a job is counted and dropped. The ids of
+answered jobs are remembered for `answered_ttl_s` (10 minutes) and at most `max_answered` (100,000)
+of them, oldest forgotten first: a duplicate arriving later than that is counted as late instead.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -77,6 +81,8 @@ class Client:
         reply_queue_ttl_s: float = 60.0,
         observer: ResultObserver | None = None,
         connection_name: str = "hotswap-client",
+        answered_ttl_s: float = 600.0,
+        max_answered: int = 100_000,
     ) -> None:
         self.url = url or os.environ.get("HOTSWAP_AMQP_URL", DEFAULT_AMQP_URL)
         self.topology = Topology(namespace)
@@ -89,7 +95,10 @@ class Client:
         #: Publishes retried across a reconnect (each may have made a duplicate job).
         self.republished = 0
         self._pending: dict[str, asyncio.Future[JobResult]] = {}
-        self._answered: set[str] = set()
+        #: Job ids already answered → when, oldest first (bounded: see the module's docstring).
+        self._answered: OrderedDict[str, float] = OrderedDict()
+        self.answered_ttl_s = answered_ttl_s
+        self.max_answered = max_answered
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
@@ -222,14 +231,33 @@ class Client:
         # The correlation id is what we published under; the body's job id may be anything.
         key = message.correlation_id or result.job_id
         future = self._pending.get(key)
-        if key in self._answered:
+        if self._was_answered(key):
             self.duplicates += 1
-        elif future is None or future.done():
+            return
+        self._remember_answered(key)
+        if future is None or future.done():
             self.late += 1
-            self._answered.add(key)
         else:
-            self._answered.add(key)
             future.set_result(result)
+
+    def _was_answered(self, key: str) -> bool:
+        answered_at = self._answered.get(key)
+        return answered_at is not None and time.monotonic() - answered_at <= self.answered_ttl_s
+
+    def _remember_answered(self, key: str) -> None:
+        now = time.monotonic()
+        self._answered[key] = now
+        self._answered.move_to_end(key)
+        while self._answered:
+            oldest_key, oldest_at = next(iter(self._answered.items()))
+            if len(self._answered) <= self.max_answered and now - oldest_at <= self.answered_ttl_s:
+                break
+            del self._answered[oldest_key]
+
+    @property
+    def answered_remembered(self) -> int:
+        """Job ids held for duplicate detection now (bounded by `max_answered`)."""
+        return len(self._answered)
 
 
 def _image_source(image: ImageInput) -> InlineImage | UrlImage:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
+import re
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
@@ -33,6 +33,7 @@ from schemas.errors import ErrorCode
 from schemas.manifest import MODEL_NAME_PATTERN, VERSION_PATTERN
 
 SCHEMA_VERSION: Literal[1] = 1
+JOB_ID_MAX_LENGTH = 128
 
 
 def _decode_base64(value: object, info: ValidationInfo) -> object:
@@ -104,7 +105,7 @@ class InferenceParams(_Wire):
 
 class Job(_Wire):
     schema_version: Literal[1] = SCHEMA_VERSION
-    job_id: str = Field(min_length=1, max_length=128)
+    job_id: str = Field(min_length=1, max_length=JOB_ID_MAX_LENGTH)
     model: str = Field(pattern=MODEL_NAME_PATTERN)
     version: str | None = Field(None, pattern=VERSION_PATTERN, description="pin a version")
     routing_key: str | None = Field(None, max_length=256, description="sticky A/B routing")
@@ -196,25 +197,52 @@ def parse_job(body: bytes) -> Job:
     try:
         return Job.model_validate_json(body)  # straight from bytes: the image is never a Python str
     except ValidationError as exc:
-        code, message = _classify(exc)
+        code, message = _classify(exc, body)
         raise MalformedJob(code, message, _job_id_of(body)) from exc
 
 
+class _JobIdOnly(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    job_id: object = None
+
+
 def _job_id_of(body: bytes) -> str | None:
-    """The job id of a malformed job, when it has one, so its error result can name it."""
+    """The job id of a malformed job, when it has a usable one, so its error result can name it.
+
+    Parsed by pydantic-core, like the job itself: it has a nesting limit and takes no lone
+    surrogates, where `json.loads` raises RecursionError or hands back text UTF-8 cannot encode.
+    """
     try:
-        raw = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        job_id = _JobIdOnly.model_validate_json(body).job_id
+    except ValidationError:
         return None
-    job_id = raw.get("job_id") if isinstance(raw, dict) else None
-    return job_id if isinstance(job_id, str) else None
+    return job_id if isinstance(job_id, str) and 0 < len(job_id) <= JOB_ID_MAX_LENGTH else None
 
 
-def _classify(exc: ValidationError) -> tuple[ErrorCode, str]:
+# A \uD800-\uDBFF escape not followed by a \uDC00-\uDFFF one, or the second without the first.
+_LONE_SURROGATE = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+)
+# What pydantic-core refuses in JSON that is well formed: a job beyond this contract's limits.
+_BEYOND_LIMITS = ("recursion limit exceeded", "number out of range")
+
+
+def _classify_json(message: str, body: bytes) -> tuple[ErrorCode, str]:
+    if (lone := _LONE_SURROGATE.search(body)) is not None:
+        escape = lone.group().decode("ascii")
+        return ErrorCode.INVALID_JOB, f"a JSON string holds a lone surrogate ({escape}): text UTF-8 cannot encode"
+    if any(limit in message for limit in _BEYOND_LIMITS):
+        return ErrorCode.INVALID_JOB, f"the body is beyond what a job may be: {message}"
+    return ErrorCode.INVALID_JSON, f"body is not JSON: {message}"
+
+
+def _classify(exc: ValidationError, body: bytes) -> tuple[ErrorCode, str]:
     errors = exc.errors(include_url=False, include_input=False)
     first = errors[0]
     if first["type"] == "json_invalid":
-        return ErrorCode.INVALID_JSON, f"body is not JSON: {first['msg']}"
+        return _classify_json(first["msg"], body)
     if first["loc"] == () and first["type"] == "model_type":
         return ErrorCode.INVALID_JOB, "a job is a JSON object"
     for err in errors:

@@ -47,6 +47,16 @@ class AckRuns:
             tags[tag] = message
             self._schedule_flush()
 
+    @property
+    def unsettled_count(self) -> int:
+        """Deliveries received on open channels and neither acked nor otherwise settled yet."""
+        return sum(m is None for channel, tags in self._unacked.items() if not channel.is_closed for m in tags.values())
+
+    def unsettled(self, message: AbstractIncomingMessage) -> bool:
+        """Received on a channel still open, and neither acked nor forgotten since."""
+        tags = self._tags_of(message)
+        return tags is not None and message.delivery_tag in tags and tags[message.delivery_tag] is None
+
     def forget(self, message: AbstractIncomingMessage) -> None:
         """The delivery was settled otherwise (rejected, nacked): no run may include it."""
         tags, tag = self._tags_of(message), message.delivery_tag

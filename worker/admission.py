@@ -28,11 +28,22 @@ class PixelBudget:
         try:
             yield
         finally:
-            self._release(pixels)
+            self.release(pixels)
 
     @property
     def waiting(self) -> int:
         return len(self._waiting)
+
+    def try_acquire(self, pixels: int) -> bool:
+        """Take room for optional work only if it is free now and nobody waits for it; `release` after."""
+        if self._waiting or self.held + pixels > self.limit:
+            return False
+        self.held += pixels
+        return True
+
+    def release(self, pixels: int) -> None:
+        self.held -= pixels
+        self._admit()
 
     async def _acquire(self, pixels: int) -> None:
         if not self._waiting and self._fits(pixels):
@@ -44,15 +55,11 @@ class PixelBudget:
             await admitted
         except asyncio.CancelledError:
             if admitted.done() and not admitted.cancelled():  # admitted as it was cancelled
-                self._release(pixels)
+                self.release(pixels)
             else:
                 self._waiting.remove((pixels, admitted))
                 self._admit()  # it may have been the one holding the queue up
             raise
-
-    def _release(self, pixels: int) -> None:
-        self.held -= pixels
-        self._admit()
 
     def _admit(self) -> None:
         while self._waiting and self._fits(self._waiting[0][0]):

@@ -10,12 +10,15 @@ filling, and the oldest runs as soon as it is free.
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from schemas.jobs import Detection, InferenceParams
 from worker.metrics import WorkerMetrics
-from worker.runtime.backend import Image
+from worker.runtime.backend import Image, ModelBackend
 from worker.runtime.lifecycle import ModelVersion
 
 BatchKey = tuple[int, InferenceParams, tuple[int, ...]]
@@ -40,6 +43,17 @@ class MicroBatcher:
         self._due: dict[BatchKey, None] = {}  # waited long enough; run when the thread is free
         self._busy = 0  # batches handed to the executor and not finished
         self._running: set[asyncio.Task[None]] = set()
+        self._started: dict[int, float] = {}  # inference thread → when its current predict began
+
+    @property
+    def backlogged(self) -> bool:
+        """Batches are waiting for the inference thread (work that can wait should not add to it)."""
+        return bool(self._due) or self._busy > 1
+
+    def running_for(self) -> float:
+        """Seconds the longest-running predict has been running in its thread (0 when none runs)."""
+        now = time.monotonic()
+        return max((now - started for started in list(self._started.values())), default=0.0)
 
     async def predict(self, version: ModelVersion, image: Image, params: InferenceParams) -> list[Detection]:
         loop = asyncio.get_running_loop()
@@ -81,7 +95,7 @@ class MicroBatcher:
             if backend is None:
                 raise RuntimeError(f"{batch.version.model}/{batch.version.version} has no backend")
             loop = asyncio.get_running_loop()
-            results = await loop.run_in_executor(self.executor, backend.predict, batch.images, batch.params)
+            results = await loop.run_in_executor(self.executor, self._predict, backend, batch.images, batch.params)
         except Exception as exc:  # every job of the batch gets the error
             for future in batch.futures:
                 if not future.done():
@@ -94,3 +108,18 @@ class MicroBatcher:
         for future, detections in zip(batch.futures, results, strict=True):
             if not future.done():
                 future.set_result(detections)
+
+    def _predict(
+        self, backend: ModelBackend, images: Sequence[Image], params: InferenceParams
+    ) -> list[list[Detection]]:
+        # In the inference thread: the time it starts running, not the time it was queued, is what a
+        # hang is measured from (`running_for`).
+        thread = threading.get_ident()
+        self._started[thread] = time.monotonic()
+        try:
+            results = backend.predict(images, params)
+        finally:
+            del self._started[thread]
+        if len(results) != len(images):
+            raise RuntimeError(f"the backend answered {len(results)} results for {len(images)} images")
+        return results

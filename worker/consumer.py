@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 
 import aio_pika
@@ -81,6 +83,16 @@ class JobConsumer:
         await self.acks.sent()
 
     async def _on_message(self, model: str, message: AbstractIncomingMessage) -> None:
+        async with self._handling(model, message):
+            outcome = await self.processor.process(_delivery(message, model))
+            await self._settle(message, outcome, model)
+
+    @asynccontextmanager
+    async def _handling(self, model: str, message: AbstractIncomingMessage) -> AsyncIterator[None]:
+        """In-flight bookkeeping, and the promise that the delivery settles (invariant 9): if a bug
+        lets anything escape, or leaves the delivery neither acked nor rejected, the job goes back
+        to its queue, whose delivery limit ends the retries. Unsettled, it would hold a prefetch
+        slot until the channel closes and break every ack run above it."""
         task = asyncio.current_task()
         assert task is not None
         self._in_flight.add(task)
@@ -88,9 +100,13 @@ class JobConsumer:
         self.metrics.in_flight.labels(model).inc()
         self.acks.received(message)
         try:
-            outcome = await self.processor.process(_delivery(message, model))
-            await self._settle(message, outcome, model)
+            yield
+        except Exception:
+            log.exception("handling delivery %s from %s failed", message.delivery_tag, model)
         finally:
+            if self.acks.unsettled(message):
+                log.error("delivery %s from %s was left unsettled; requeueing it", message.delivery_tag, model)
+                await self._give_back(message)
             self.metrics.in_flight.labels(model).dec()
             self._in_flight.discard(task)
             if not self._in_flight:

@@ -1,7 +1,9 @@
 """From a message body to a job result: parse, route, fetch, decode, infer.
 
 Transport-free: `worker.consumer` hands a body in and publishes what comes out. Every failure
-becomes a result with a specific error code; only a bug in this module can raise.
+becomes a result with a specific error code; an exception nobody expected (a bug, here or in a
+library) becomes an `internal` error result naming no more than the exception's type (the
+traceback goes to the log, never on the wire), and the message is dead-lettered for inspection.
 """
 
 from __future__ import annotations
@@ -117,6 +119,8 @@ class JobProcessor:
         pixels: PixelBudget,
         http: aiohttp.ClientSession,
         metrics: WorkerMetrics,
+        *,
+        max_shadows: int = 16,
     ) -> None:
         self.worker_id = worker_id
         self.deployments = deployments
@@ -127,10 +131,26 @@ class JobProcessor:
         self.http = http
         self.metrics = metrics
         self.stats = JobStats()
+        self.max_shadows = max_shadows
         self._shadows: set[asyncio.Task[None]] = set()
 
     async def process(self, delivery: Delivery) -> Outcome:
+        """The outcome of one delivery; never raises an Exception."""
         clock = _Clock()
+        try:
+            return await self._process(delivery, clock)
+        except Exception as exc:
+            log.exception("unexpected failure handling a job from %s", delivery.queue_model)
+            message = f"the worker failed unexpectedly on this job ({type(exc).__name__}); it has been logged"
+            result = self._error(delivery.correlation_id or "unknown", delivery, clock, None, None,
+                                 ErrorCode.INTERNAL, message)
+            return self._finish(result, delivery, dead_letter=True)
+
+    @property
+    def shadows_in_flight(self) -> int:
+        return len(self._shadows)
+
+    async def _process(self, delivery: Delivery, clock: _Clock) -> Outcome:
         try:
             job = parse_job(delivery.body)
         except MalformedJob as exc:
@@ -173,7 +193,7 @@ class JobProcessor:
             detections = await self._infer(version, image, job, clock)
         shadow = deployment.shadow_for(_routing_key(job), version)
         if shadow is not None:
-            self._start_shadow(shadow, version, image, job, detections)
+            self._start_shadow(shadow, version, image, header.pixels, job, detections)
         return JobResult(
             job_id=job.job_id,
             status="ok",
@@ -215,9 +235,18 @@ class JobProcessor:
         return detections
 
     def _start_shadow(
-        self, shadow: ModelVersion, primary: ModelVersion, image: Image, job: Job, detections: list[Detection]
+        self, shadow: ModelVersion, primary: ModelVersion, image: Image, pixels: int, job: Job,
+        detections: list[Detection],
     ) -> None:
-        """Run the job on the shadow version too, after the primary; only the agreement is kept."""
+        """Run the job on the shadow version too, after the primary; only the agreement is kept.
+
+        Shadow work is optional: it is dropped (and counted) rather than queued whenever it would
+        delay primary jobs: too many shadows running, batches waiting for the inference thread, or
+        no room in the pixel budget right now."""
+        dropped = self._shadow_drop_reason(pixels)
+        if dropped is not None:
+            self.metrics.shadow_dropped.labels(job.model, shadow.version, dropped).inc()
+            return
         shadow.in_flight += 1  # keeps the shadow version from being freed under this run
 
         async def run() -> None:
@@ -229,10 +258,20 @@ class JobProcessor:
                 log.warning("shadow run on %s/%s failed: %s", shadow.model, shadow.version, exc)
             finally:
                 shadow.in_flight -= 1
+                self.pixels.release(pixels)
 
         task = asyncio.create_task(run())
         self._shadows.add(task)
         task.add_done_callback(self._shadows.discard)
+
+    def _shadow_drop_reason(self, pixels: int) -> str | None:
+        if len(self._shadows) >= self.max_shadows:
+            return "limit"
+        if self.batcher.backlogged:
+            return "backlog"
+        if not self.pixels.try_acquire(pixels):
+            return "pixels"
+        return None
 
     def _error(
         self,
@@ -255,7 +294,7 @@ class JobProcessor:
             error=JobError(code=code, message=message),
         )
 
-    def _finish(self, result: JobResult, delivery: Delivery) -> Outcome:
+    def _finish(self, result: JobResult, delivery: Delivery, *, dead_letter: bool = False) -> Outcome:
         self.stats.record(result)
         code = result.error.code if result.error else None
         model = result.model or delivery.queue_model
@@ -271,7 +310,7 @@ class JobProcessor:
         return Outcome(
             result=result,
             reply_to=delivery.reply_to or None,
-            dead_letter=code in MALFORMED,
+            dead_letter=dead_letter or code in MALFORMED,
         )
 
 

@@ -85,6 +85,12 @@ class WorkerMetrics:
             buckets=(0, 0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
             registry=r,
         )
+        self.shadow_dropped = Counter(
+            "hotswap_shadow_dropped",
+            "Shadow runs not started so as not to delay primary jobs, by reason (limit, backlog, pixels).",
+            ["model", "shadow", "reason"],
+            registry=r,
+        )
         self.memory_released = Gauge(
             "hotswap_cleanup_memory_released_bytes",
             "Memory (RSS on CPU, CUDA allocated on GPU) given back by the last cleanup of a model.",

@@ -53,3 +53,35 @@ async def test_no_route_without_any_queue(amqp_url: str, namespace: str, heldout
     async with Client(amqp_url, namespace=namespace) as client:
         with pytest.raises(NoRoute):
             await client.submit(heldout[0].path, model="shapes", timeout_s=5)
+
+
+async def test_answered_job_ids_are_remembered_within_bounds(
+    serve_in_process, amqp_url: str, namespace: str, heldout
+) -> None:
+    """The ids kept for duplicate detection are bounded by count and by age; a copy of a result
+    whose id was forgotten counts as late, one still remembered as a duplicate."""
+    await serve_in_process()
+    async with Client(amqp_url, namespace=namespace, max_answered=3, answered_ttl_s=2.0) as client:
+        results = [await client.submit(heldout[0].path, model="trivial", job_id=f"j{i}") for i in range(6)]
+        assert client.answered_remembered == 3
+
+        async def replay(result_index: int) -> None:
+            result = results[result_index]
+            async with await aio_pika.connect(amqp_url) as connection:
+                channel = await connection.channel()
+                await channel.default_exchange.publish(aio_pika.Message(
+                    result.model_dump_json().encode(), correlation_id=result.job_id), routing_key=client.reply_queue)
+
+        async def counted(attribute: str, value: int) -> None:
+            async with asyncio.timeout(5):
+                while getattr(client, attribute) < value:
+                    await asyncio.sleep(0.02)
+
+        await replay(5)  # remembered
+        await counted("duplicates", 1)
+        await replay(0)  # forgotten: over the count
+        await counted("late", 1)
+        await asyncio.sleep(2.1)
+        await replay(5)  # forgotten: too old
+        await counted("late", 2)
+        assert client.duplicates == 1
