@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -57,7 +58,7 @@ def worker(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Serve image jobs for the given models until SIGTERM or SIGINT."""
-    from worker.app import Worker
+    from worker.app import EXIT_HUNG, Worker, WorkerKeyMissing
     from worker.config import WorkerSettings
     from worker.runtime.manager import LoadFailed
 
@@ -69,11 +70,16 @@ def worker(
         "worker_id": worker_id,
     }
     settings = WorkerSettings(**{k: v for k, v in flags.items() if v is not None})
+    serving = Worker(settings)
     try:
-        asyncio.run(Worker(settings).run())
-    except LoadFailed as exc:
+        asyncio.run(serving.run())
+    except (LoadFailed, WorkerKeyMissing) as exc:
         console.print(f"[red]cannot start: {exc}[/red]")
         raise typer.Exit(2) from exc
+    if serving.hung is not None:
+        # The inference thread is stuck for good: an ordinary exit would wait for it forever.
+        logging.shutdown()
+        os._exit(EXIT_HUNG)
 
 
 @app.command()

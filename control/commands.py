@@ -18,14 +18,17 @@ from rich.table import Table
 from control.client import DEFAULT_AMQP_URL
 from control.operator import Operator, WaitReport
 from schemas.control import Action, ArtifactRef, Heartbeat, Progress, Rollback, Shadow, Traffic, Unload, Update
-from schemas.signing import Signer, generate_keys
+from schemas.signing import Signer, Verifier, generate_keys
 
 console = Console()
-keys_app = typer.Typer(help="Ed25519 keys that sign control commands.", no_args_is_help=True)
+keys_app = typer.Typer(help="Ed25519 keys that sign control commands and status events.", no_args_is_help=True)
 
 AmqpUrl = Annotated[str | None, typer.Option(envvar="HOTSWAP_AMQP_URL", help="AMQP URL of the broker")]
 Namespace = Annotated[str, typer.Option(envvar="HOTSWAP_NAMESPACE", help="prefix of exchange and queue names")]
 KeyPath = Annotated[Path, typer.Option("--key", envvar="HOTSWAP_CONTROL_KEY", help="private signing key")]
+WorkerKeyPath = Annotated[Path, typer.Option(
+    "--worker-key", envvar="HOTSWAP_WORKER_PUBLIC_KEY", help="public key verifying the workers' status events")]
+DEFAULT_KEY, DEFAULT_WORKER_KEY = Path("keys/control.key"), Path("keys/worker.pub")
 Wait = Annotated[bool, typer.Option("--wait", help="follow every worker to an outcome; non-zero if any fails")]
 Timeout = Annotated[float, typer.Option(help="seconds --wait waits for every worker")]
 AsJson = Annotated[bool, typer.Option("--json", help="machine-readable output")]
@@ -33,16 +36,18 @@ AsJson = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 
 @keys_app.command("generate")
 def keys_generate(
-    out: Annotated[Path, typer.Option(help="directory for control.key and control.pub")] = Path("keys"),
+    out: Annotated[Path, typer.Option(help="directory for the two key pairs")] = Path("keys"),
 ) -> None:
-    """Write a key pair: the CLI signs with control.key, workers verify with control.pub."""
+    """Write two key pairs: control.key (the CLI signs commands) and control.pub (workers verify them);
+    worker.key (workers sign their status events) and worker.pub (the CLI believes only those)."""
     try:
-        private, public = generate_keys(out)
+        files = generate_keys(out)
     except FileExistsError as exc:
-        console.print(f"[red]{out}/control.key exists; refusing to overwrite a signing key[/red]")
+        console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from exc
-    console.print(f"private key: {private} (keep it secret)")
-    console.print(f"public key:  {public} (HOTSWAP_CONTROL_PUBLIC_KEY for workers)")
+    console.print(f"operator: {files.control_key} (keep it secret) and {files.worker_public}")
+    console.print(f"workers:  {files.control_public} (HOTSWAP_CONTROL_PUBLIC_KEY) and {files.worker_key} "
+                  "(HOTSWAP_WORKER_KEY; found beside control.pub by default; keep it secret)")
 
 
 def update(
@@ -53,7 +58,8 @@ def update(
     canary: Annotated[float | None, typer.Option(help="send this percent to the new version, keep the rest")] = None,
     standby: Annotated[bool, typer.Option(help="preload and validate only; do not serve yet")] = False,
     wait: Wait = False, timeout: Timeout = 120.0, as_json: AsJson = False,
-    amqp_url: AmqpUrl = None, namespace: Namespace = "hotswap", key: KeyPath = Path("keys/control.key"),
+    amqp_url: AmqpUrl = None, namespace: Namespace = "hotswap", key: KeyPath = DEFAULT_KEY,
+    worker_key: WorkerKeyPath = DEFAULT_WORKER_KEY,
 ) -> None:
     """Roll out a new version on every worker: preload → validate → swap → cleanup."""
     if (artifact is None) != (sha256 is None):
@@ -63,17 +69,18 @@ def update(
         version=version, activate=activate, canary_percent=canary,
         artifact=ArtifactRef(uri=artifact, sha256=sha256) if artifact and sha256 else None,
     )
-    _send(model, action, wait, timeout, as_json, amqp_url, namespace, key)
+    _send(model, action, wait, timeout, as_json, amqp_url, namespace, key, worker_key)
 
 
 def rollback(
     model: str,
     to: Annotated[str | None, typer.Option(help="version to go back to (default: the previous one)")] = None,
     wait: Wait = False, timeout: Timeout = 120.0, as_json: AsJson = False,
-    amqp_url: AmqpUrl = None, namespace: Namespace = "hotswap", key: KeyPath = Path("keys/control.key"),
+    amqp_url: AmqpUrl = None, namespace: Namespace = "hotswap", key: KeyPath = DEFAULT_KEY,
+    worker_key: WorkerKeyPath = DEFAULT_WORKER_KEY,
 ) -> None:
     """Go back to the previous version (instant while it is warm on standby)."""
-    _send(model, Rollback(to=to), wait, timeout, as_json, amqp_url, namespace, key)
+    _send(model, Rollback(to=to), wait, timeout, as_json, amqp_url, namespace, key, worker_key)
 
 
 def traffic(
@@ -81,7 +88,8 @@ def traffic(
     weights: Annotated[list[str], typer.Argument(help="VERSION=PERCENT ..., adding up to 100")],
     shadow: Annotated[str | None, typer.Option(help="VERSION:PERCENT of jobs also run on VERSION")] = None,
     wait: Wait = False, timeout: Timeout = 120.0, as_json: AsJson = False,
-    amqp_url: AmqpUrl = None, namespace: Namespace = "hotswap", key: KeyPath = Path("keys/control.key"),
+    amqp_url: AmqpUrl = None, namespace: Namespace = "hotswap", key: KeyPath = DEFAULT_KEY,
+    worker_key: WorkerKeyPath = DEFAULT_WORKER_KEY,
 ) -> None:
     """Split traffic between versions (sticky by routing key), optionally shadowing one."""
     try:
@@ -92,29 +100,34 @@ def traffic(
             shadow_spec = Shadow(version=name, percent=float(percent))
     except ValueError as exc:
         raise typer.BadParameter(f"weights look like 1.0.0=90 2.0.0=10, shadow like 2.0.0:20 ({exc})") from exc
-    _send(model, Traffic(weights=split, shadow=shadow_spec), wait, timeout, as_json, amqp_url, namespace, key)
+    action = Traffic(weights=split, shadow=shadow_spec)
+    _send(model, action, wait, timeout, as_json, amqp_url, namespace, key, worker_key)
 
 
 def unload(
     model: str, version: str,
     wait: Wait = False, timeout: Timeout = 120.0, as_json: AsJson = False,
-    amqp_url: AmqpUrl = None, namespace: Namespace = "hotswap", key: KeyPath = Path("keys/control.key"),
+    amqp_url: AmqpUrl = None, namespace: Namespace = "hotswap", key: KeyPath = DEFAULT_KEY,
+    worker_key: WorkerKeyPath = DEFAULT_WORKER_KEY,
 ) -> None:
     """Free a standby version on every worker."""
-    _send(model, Unload(version=version), wait, timeout, as_json, amqp_url, namespace, key)
+    _send(model, Unload(version=version), wait, timeout, as_json, amqp_url, namespace, key, worker_key)
 
 
 def status(
     listen: Annotated[float, typer.Option(help="seconds to listen for heartbeats")] = 2.5,
     as_json: AsJson = False, amqp_url: AmqpUrl = None, namespace: Namespace = "hotswap",
+    worker_key: WorkerKeyPath = DEFAULT_WORKER_KEY,
 ) -> None:
     """Every live worker × model: active, standby, traffic, state, last error (from heartbeats)."""
+    workers = _worker_verifier(worker_key)
 
-    async def run() -> dict[str, Heartbeat]:
-        async with Operator(_url(amqp_url), namespace=namespace) as op:
-            return await op.heartbeats(listen)
+    async def run() -> tuple[dict[str, Heartbeat], int]:
+        async with Operator(_url(amqp_url), namespace=namespace, workers=workers) as op:
+            return await op.heartbeats(listen), sum(op.rejected_events.values())
 
-    beats = asyncio.run(run())
+    beats, rejected = asyncio.run(run())
+    _warn_rejected(rejected)
     if as_json:
         print(json.dumps({w: json.loads(h.model_dump_json()) for w, h in sorted(beats.items())}, indent=2))
         return
@@ -125,14 +138,15 @@ def status(
 
 def watch(
     duration: Annotated[float | None, typer.Option(help="stop after this many seconds")] = None,
-    amqp_url: AmqpUrl = None, namespace: Namespace = "hotswap",
+    amqp_url: AmqpUrl = None, namespace: Namespace = "hotswap", worker_key: WorkerKeyPath = DEFAULT_WORKER_KEY,
 ) -> None:
     """A live view of every worker, refreshed on each heartbeat and progress event."""
+    workers = _worker_verifier(worker_key)
 
     async def run() -> None:
         beats: dict[str, Heartbeat] = {}
         recent: list[Progress] = []
-        async with Operator(_url(amqp_url), namespace=namespace) as op, op.events() as events:
+        async with Operator(_url(amqp_url), namespace=namespace, workers=workers) as op, op.events() as events:
             with Live(status_table(beats), console=console, refresh_per_second=4) as live:
                 end = time.monotonic() + duration if duration else None
                 while end is None or time.monotonic() < end:
@@ -168,18 +182,34 @@ def status_table(beats: dict[str, Heartbeat], recent: list[Progress] | None = No
     return table
 
 
+def _worker_verifier(path: Path) -> Verifier:
+    if not path.is_file():
+        console.print(f"[red]no worker public key at {path}[/red]: it verifies the workers' status events "
+                      "(`hotswap keys generate` writes keys/worker.pub), or --worker-key / HOTSWAP_WORKER_PUBLIC_KEY")
+        raise typer.Exit(2)
+    return Verifier.from_file(path)
+
+
+def _warn_rejected(count: int) -> None:
+    if count:
+        console.print(f"[yellow]ignored {count} status event(s) that failed authentication "
+                      "(unsigned, another key, or stale): someone else publishes to the status exchange[/yellow]")
+
+
 def _send(
     model: str, action: Action, wait: bool, timeout: float, as_json: bool,
-    amqp_url: str | None, namespace: str, key: Path,
+    amqp_url: str | None, namespace: str, key: Path, worker_key: Path,
 ) -> None:
     if not key.is_file():
         console.print(f"[red]no signing key at {key}[/red]: `hotswap keys generate`, or --key / HOTSWAP_CONTROL_KEY")
         raise typer.Exit(2)
     signer = Signer.from_file(key)
+    workers = _worker_verifier(worker_key) if wait else None
     issuer = f"{os.environ.get('USER', 'operator')}@{os.uname().nodename}"
 
     async def run() -> WaitReport | None:
-        async with Operator(_url(amqp_url), namespace=namespace, signer=signer, issuer=issuer) as op:
+        async with Operator(_url(amqp_url), namespace=namespace, signer=signer, issuer=issuer,
+                            workers=workers) as op:
             if wait:
                 return await op.publish_and_wait(model, action, timeout_s=timeout)
             command = await op.publish(model, action)
@@ -193,6 +223,7 @@ def _send(
         print(json.dumps(_report_json(report), indent=2))
     else:
         console.print(_report_table(report))
+        _warn_rejected(sum(report.rejected_events.values()))
     if not report.ok:
         for worker in report.missing:
             console.print(f"[red]{worker}: no outcome within {timeout} s[/red]")
@@ -230,6 +261,7 @@ def _report_json(report: WaitReport) -> dict[str, object]:
         },
         "missing": report.missing,
         "failures": report.failures,
+        "rejected_events": dict(report.rejected_events),
     }
 
 

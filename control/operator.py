@@ -1,16 +1,22 @@
 """The operator's side of the control plane: sign and publish commands, follow what workers do.
 
-    async with Operator(url, signer=Signer.from_file(Path("keys/control.key"))) as op:
-        command = await op.publish("shapes", Update(version="2.0.0"))
-        report = await op.wait(command, timeout_s=120)
+    async with Operator(url, signer=Signer.from_file(Path("keys/control.key")),
+                        workers=Verifier.from_file(Path("keys/worker.pub"))) as op:
+        report = await op.publish_and_wait("shapes", Update(version="2.0.0"), timeout_s=120)
+
+Only status events signed with the worker key, and recent, are believed: anyone who can publish
+to the status exchange could otherwise make `--wait` report a success no worker reported. The
+rest are dropped and counted in `rejected_events`, by reason.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -19,15 +25,21 @@ from types import TracebackType
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
-from pydantic import TypeAdapter, ValidationError
 
-from schemas.control import Action, Command, Heartbeat, Progress, StatusEvent
-from schemas.signing import Refused, Signer
+from schemas.control import Action, Command, Heartbeat, Progress
+from schemas.signing import Refused, Signer, Verifier
 from schemas.topology import Topology
 from worker.control import SYNC_TYPE, declare_control_topology
 
 FINAL_PHASES = frozenset({"done", "failed", "refused"})
-_EVENTS: TypeAdapter[Progress | Heartbeat] = TypeAdapter(StatusEvent)
+#: A status event older (or further ahead, for clocks apart) than this is a replay, or useless.
+MAX_EVENT_AGE_S = 60.0
+
+log = logging.getLogger(__name__)
+
+
+class NoWorkerKey(ValueError):
+    """Following workers needs the key that verifies their status events."""
 
 
 @dataclass
@@ -37,6 +49,8 @@ class WaitReport:
     #: Every progress event per worker, in arrival order.
     progress: dict[str, list[Progress]] = field(default_factory=dict)
     heartbeats: dict[str, Heartbeat] = field(default_factory=dict)
+    #: Status events dropped while waiting because they failed authentication, by reason.
+    rejected_events: Counter[str] = field(default_factory=Counter)
 
     def final(self, worker: str) -> Progress | None:
         return next((p for p in reversed(self.progress.get(worker, [])) if p.phase in FINAL_PHASES), None)
@@ -60,12 +74,17 @@ class WaitReport:
 
 class Operator:
     def __init__(
-        self, url: str, *, namespace: str = "hotswap", signer: Signer | None = None, issuer: str = "operator"
+        self, url: str, *, namespace: str = "hotswap", signer: Signer | None = None, issuer: str = "operator",
+        workers: Verifier | None = None, max_event_age_s: float = MAX_EVENT_AGE_S,
     ) -> None:
         self.url = url
         self.topology = Topology(namespace)
         self.signer = signer
         self.issuer = issuer
+        #: Verifies the workers' status events (their worker.pub); without it, none can be followed.
+        self.workers = workers
+        self.max_event_age_s = max_event_age_s
+        self.rejected_events: Counter[str] = Counter()
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._control: AbstractExchange | None = None
@@ -139,8 +158,11 @@ class Operator:
 
     @asynccontextmanager
     async def events(self) -> AsyncIterator[asyncio.Queue[Progress | Heartbeat]]:
-        """Status events (progress and heartbeats) as they arrive, from now on."""
+        """Authenticated status events (progress and heartbeats) as they arrive, from now on."""
         assert self._connection is not None
+        verifier = self.workers
+        if verifier is None:
+            raise NoWorkerKey("following workers needs their public key (worker.pub, HOTSWAP_WORKER_PUBLIC_KEY)")
         channel = await self._connection.channel()
         exchange = await channel.get_exchange(self.topology.status_exchange, ensure=False)
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
@@ -148,14 +170,21 @@ class Operator:
         events: asyncio.Queue[Progress | Heartbeat] = asyncio.Queue()
 
         async def on_event(message: AbstractIncomingMessage) -> None:
-            with contextlib.suppress(ValidationError):
-                events.put_nowait(_EVENTS.validate_json(message.body))
+            try:
+                events.put_nowait(verifier.open_event(message.body, max_age_s=self.max_event_age_s))
+            except Refused as exc:
+                self._reject(exc)
 
         await queue.consume(on_event, no_ack=True)
         try:
             yield events
         finally:
             await channel.close()
+
+    def _reject(self, refused: Refused) -> None:
+        if not self.rejected_events:
+            log.warning("ignoring a status event that failed authentication: %s", refused)
+        self.rejected_events[refused.kind] += 1
 
     async def publish_and_wait(
         self, model: str, action: Action, *, timeout_s: float = 120.0, settle_s: float = 2.5
@@ -166,6 +195,7 @@ class Operator:
         (a little over one heartbeat interval) makes sure each has been heard from at least once.
         """
         async with self.events() as events:
+            rejected_before = self.rejected_events.copy()
             command = await self.publish(model, action)
             report = WaitReport(command, time.monotonic())
             deadline = report.published_at + timeout_s
@@ -178,6 +208,7 @@ class Operator:
                 except TimeoutError:
                     continue
                 _record(report, event)
+            report.rejected_events = self.rejected_events - rejected_before
             return report
 
     async def heartbeats(self, listen_s: float = 2.5) -> dict[str, Heartbeat]:

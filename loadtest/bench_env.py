@@ -16,7 +16,6 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +27,8 @@ from loadtest.harness import delete_namespace
 from loadtest.records import Accountant, ControlEvent, JobRecord
 from loadtest.report import build_report
 from loadtest.runner import LoadShape, Runner
-from schemas.manifest import Manifest
 from worker.config import WorkerSettings
-from worker.runtime.repository import sha256_of
-from worker.runtime.trivial_backend import trivial_artifact
 
-TRIVIAL_MODEL = "trivial"
 #: Jobs in flight per worker that keep its micro-batches full: one batch runs, one fills, and two
 #: more are on their way (results back to the load generator, new jobs through the broker).
 SATURATING = 4 * int(WorkerSettings.model_fields["max_batch"].default)
@@ -233,21 +228,6 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise BenchError(f"no VmRSS for pid {pid}")
-
-
-def write_trivial_model(root: Path, version: str = "1.0.0") -> Path:
-    """`<root>/trivial/<version>/` with the trivial artifact and its manifest; returns the directory."""
-    directory = root / TRIVIAL_MODEL / version
-    directory.mkdir(parents=True, exist_ok=True)
-    artifact = directory / "model.json"
-    artifact.write_bytes(trivial_artifact())
-    manifest = Manifest(
-        name=TRIVIAL_MODEL, version=version, backend="trivial", task="detect", artifact=artifact.name,
-        sha256=sha256_of(artifact), classes={0: "thing"}, input_size=32, created_at=datetime.now(UTC),
-        lineage={"note": "written by hotswap loadtest bench: no network, no torch"},
-    )
-    (directory / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
-    return directory
 
 
 async def helper_json(args: Sequence[str], timeout_s: float) -> dict[str, Any]:

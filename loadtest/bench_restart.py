@@ -27,7 +27,7 @@ from loadtest.bench_updates import COMMAND_TIMEOUT_S, LOAD_SHARE, MODEL, NEW, OL
 from loadtest.records import ControlEvent
 from loadtest.runner import Runner
 from schemas.control import Update
-from schemas.signing import Signer, generate_keys
+from schemas.signing import Signer, Verifier, generate_keys
 
 AFTER_S = 2.0  # past the change's end that still counts as the change (a backlog drains)
 
@@ -99,13 +99,15 @@ async def rolling_restart(env: BenchEnv, rate: float | None) -> tuple[Change, fl
 async def hot_update(env: BenchEnv, rate: float) -> Change:
     namespace = env.namespace("hot")
     with tempfile.TemporaryDirectory(prefix="hotswap-bench-") as temp:
-        private, public = generate_keys(Path(temp))
-        workers: list[WorkerProcess] = [env.worker(namespace, f"w{i}", [f"{MODEL}@{OLD}"], public_key=public)
-                                        for i in (1, 2)]
+        keys = generate_keys(Path(temp))
+        workers: list[WorkerProcess] = [
+            env.worker(namespace, f"w{i}", [f"{MODEL}@{OLD}"], public_key=keys.control_public) for i in (1, 2)
+        ]
         await env.start(*workers)
         try:
             await warm_up(env, namespace, MODEL)
-            async with Operator(env.url, namespace=namespace, signer=Signer.from_file(private), issuer="bench") as op:
+            async with Operator(env.url, namespace=namespace, signer=Signer.from_file(keys.control_key), issuer="bench",
+                                workers=Verifier.from_file(keys.worker_public)) as op:
                 await op.heartbeats(listen_s=SETTLE_S)  # the status exchange is bound before the change
 
                 async def update(events: list[ControlEvent]) -> tuple[bool, str]:

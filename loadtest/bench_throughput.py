@@ -22,7 +22,6 @@ from control.processes import WorkerProcess
 from loadtest.bench_core import BenchResult, Goal, Metric, Totals, histogram_totals, mean, ratio, worker_means
 from loadtest.bench_env import (
     SATURATING,
-    TRIVIAL_MODEL,
     BenchEnv,
     BenchError,
     HelperProcess,
@@ -35,9 +34,9 @@ from loadtest.bench_env import (
     run_load,
     thread_cpu_seconds,
     warm_up,
-    write_trivial_model,
 )
 from worker.config import WorkerSettings
+from worker.runtime.trivial_backend import TRIVIAL_MODEL, write_trivial_model
 
 CONCURRENCY = SATURATING
 #: The worker's defaults: what the micro-batching series measures, and the raw loop's prefetch.

@@ -33,7 +33,7 @@ from loadtest.records import Accountant, ControlEvent
 from loadtest.runner import Runner
 from loadtest.scenarios import Rollbacks, ScenarioContext
 from schemas.control import Rollback, Update
-from schemas.signing import Signer, generate_keys
+from schemas.signing import Signer, Verifier, generate_keys
 
 MODEL, OLD, NEW = "shapes", "1.0.0", "2.0.0"
 LOAD_SHARE = 0.7  # of the measured capacity
@@ -64,8 +64,8 @@ async def p99_during_updates(env: BenchEnv) -> BenchResult:
     pairs, steady_s = 10, 10.0 if env.quick else 30.0
     namespace = env.namespace("updates")
     with tempfile.TemporaryDirectory(prefix="hotswap-bench-") as temp:
-        private, public = generate_keys(Path(temp))
-        workers = [env.worker(namespace, f"w{i}", [f"{MODEL}@{OLD}"], public_key=public) for i in (1, 2)]
+        keys = generate_keys(Path(temp))
+        workers = [env.worker(namespace, f"w{i}", [f"{MODEL}@{OLD}"], public_key=keys.control_public) for i in (1, 2)]
         await env.start(*workers)
         try:
             await warm_up(env, namespace, MODEL)
@@ -74,7 +74,8 @@ async def p99_during_updates(env: BenchEnv) -> BenchResult:
             steady = await run_load(env, namespace, open_loop(env, MODEL, rate, steady_s), tag="steady")
             accountant = Accountant()
             ctx = ScenarioContext(url=env.url, namespace=namespace, model=MODEL, accountant=accountant,
-                                  progress=lambda: 1.0, versions=(OLD, NEW), signer=Signer.from_file(private),
+                                  progress=lambda: 1.0, versions=(OLD, NEW), signer=Signer.from_file(keys.control_key),
+                                  worker_verifier=Verifier.from_file(keys.worker_public),
                                   workers=workers, settle_s=SETTLE_S, command_timeout_s=COMMAND_TIMEOUT_S)
             scenario = Rollbacks()
             await scenario.prepare(ctx)
@@ -129,15 +130,17 @@ async def rss_over_cycles(env: BenchEnv) -> BenchResult:
     namespace = env.namespace("rss")
     series: list[tuple[int, str, int]] = []  # cycle, version now active, VmRSS KiB
     with tempfile.TemporaryDirectory(prefix="hotswap-bench-") as temp:
-        private, public = generate_keys(Path(temp))
-        worker = env.worker(namespace, "w1", [f"{MODEL}@{OLD}"], public_key=public, env={"HOTSWAP_KEEP_STANDBY": "0"})
+        keys = generate_keys(Path(temp))
+        worker = env.worker(namespace, "w1", [f"{MODEL}@{OLD}"], public_key=keys.control_public,
+                            env={"HOTSWAP_KEEP_STANDBY": "0"})
         await env.start(worker)
         try:
             await warm_up(env, namespace, MODEL)
             assert worker.process is not None
             pid = worker.process.pid
             series.append((0, OLD, rss_kib(pid)))
-            async with Operator(env.url, namespace=namespace, signer=Signer.from_file(private), issuer="bench") as op, \
+            async with Operator(env.url, namespace=namespace, signer=Signer.from_file(keys.control_key), issuer="bench",
+                                workers=Verifier.from_file(keys.worker_public)) as op, \
                     Client(env.url, namespace=namespace, connection_name=f"hotswap-bench {env.run_id}") as client:
                 for cycle in range(1, cycles + 1):
                     version = NEW if cycle % 2 else OLD

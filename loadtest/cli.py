@@ -73,6 +73,9 @@ def run(
     model_root: Annotated[Path, typer.Option(envvar="HOTSWAP_MODEL_ROOT", help="model repository")] = Path("models"),
     key: Annotated[Path | None, typer.Option(
         "--key", envvar="HOTSWAP_CONTROL_KEY", help="private signing key (generated with --workers if absent)")] = None,
+    worker_key: Annotated[Path | None, typer.Option(
+        "--worker-key", envvar="HOTSWAP_WORKER_PUBLIC_KEY",
+        help="public key of the running workers' status events (default: worker.pub beside --key)")] = None,
     versions: Annotated[str | None, typer.Option(help="FROM,TO for update/rollback/ab (default: the two newest)")]
     = None,
     updates: Annotated[int, typer.Option(min=1, help="updates (update) or update+rollback pairs (rollback)")] = 2,
@@ -116,7 +119,8 @@ def run(
     config = HarnessConfig(
         scenario=scenario.value, shape=shape, url=amqp_url or os.environ.get("HOTSWAP_AMQP_URL", DEFAULT_AMQP_URL),
         out=out or Path("out") / "loadtest" / f"{time.strftime('%Y%m%d-%H%M%S')}-{scenario.value}",
-        namespace=namespace, workers=workers, model_root=model_root, key=key, versions=_versions(versions),
+        namespace=namespace, workers=workers, model_root=model_root, key=key, worker_key=worker_key,
+        versions=_versions(versions),
         updates=updates, weights=_weights(weights), command_timeout_s=command_timeout,
         broker_scope=broker_scope.value, show_progress=progress,
     )

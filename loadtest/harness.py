@@ -1,8 +1,8 @@
 """One load-test run end to end: keys and workers (when asked), load + scenario, report, cleanup.
 
 When the harness starts workers itself they get a private namespace (unless one is given),
-the model root, a control public key (generated in a temporary directory when no signing key
-is given) and a fast heartbeat; they are stopped with SIGTERM at the end and, for a private
+the model root, keys made in a temporary directory (the control public key derived from the
+signing key, when one is given) and a fast heartbeat; they are stopped with SIGTERM at the end and, for a private
 namespace, its queues and exchanges are deleted.
 """
 
@@ -28,7 +28,7 @@ from loadtest.records import Accountant, Check
 from loadtest.report import build_report, print_report, write_files
 from loadtest.runner import LoadShape, Runner
 from loadtest.scenarios import BrokerScope, ScenarioContext, ScenarioError, scenario
-from schemas.signing import Signer, generate_keys
+from schemas.signing import Signer, Verifier, generate_keys
 from schemas.topology import Topology
 
 
@@ -42,6 +42,7 @@ class HarnessConfig:
     workers: int = 0  # workers to start; 0: use the ones running
     model_root: Path = Path("models")
     key: Path | None = None  # private signing key for control commands
+    worker_key: Path | None = None  # public key of running workers' status events (default: beside key)
     versions: tuple[str, str] | None = None  # the two versions update/rollback/ab move between
     updates: int = 2
     weights: dict[str, float] | None = None
@@ -85,6 +86,28 @@ def _public_key_of(private: Path, directory: Path) -> Path:
     return public
 
 
+@dataclass(frozen=True)
+class _Keys:
+    signer: Signer | None = None
+    control_public: Path | None = None  # for the workers the harness starts
+    workers: Verifier | None = None  # verifies the status events of the workers the run drives
+
+
+def _keys(config: HarnessConfig, temp: Path) -> _Keys:
+    """Workers started here get keys made here (the signing key may be the caller's); workers
+    already running are followed with the caller's worker.pub."""
+    if config.workers:
+        files = generate_keys(temp)
+        signer = Signer.from_file(config.key or files.control_key)
+        public = _public_key_of(config.key, temp) if config.key else files.control_public
+        return _Keys(signer, public, Verifier.from_file(files.worker_public))
+    if config.key is None:
+        return _Keys()
+    worker_public = config.worker_key or config.key.parent / "worker.pub"
+    workers = Verifier.from_file(worker_public) if worker_public.is_file() else None
+    return _Keys(Signer.from_file(config.key), None, workers)
+
+
 async def run_harness(config: HarnessConfig, console: Console) -> Outcome:
     chosen = scenario(config.scenario)
     if chosen.min_workers and config.workers < chosen.min_workers:
@@ -97,21 +120,15 @@ async def run_harness(config: HarnessConfig, console: Console) -> Outcome:
     client_name = f"hotswap-loadtest {config.run_id}"
     workers: list[WorkerProcess] = []
     with tempfile.TemporaryDirectory(prefix="hotswap-loadtest-") as temp:
-        signer: Signer | None = None
-        public: Path | None = None
-        if config.key is not None:
-            signer = Signer.from_file(config.key)
-            public = _public_key_of(config.key, Path(temp)) if config.workers else None
-        elif config.workers:
-            private, public = generate_keys(Path(temp))
-            signer = Signer.from_file(private)
+        keys = _keys(config, Path(temp))
         try:
             if config.workers:
                 spec = f"{config.shape.model}@{versions[0]}" if versions else config.shape.model
-                workers = await _start_workers(config, namespace, spec, public, console)
+                workers = await _start_workers(config, namespace, spec, keys.control_public, console)
             ctx = ScenarioContext(
                 url=config.url, namespace=namespace, model=config.shape.model, accountant=Accountant(),
-                progress=lambda: 0.0, versions=versions or ("", ""), signer=signer, workers=workers,
+                progress=lambda: 0.0, versions=versions or ("", ""), signer=keys.signer,
+                worker_verifier=keys.workers, workers=workers,
                 connection_names=[client_name, *(f"hotswap-worker {w.env['HOTSWAP_WORKER_ID']}" for w in workers)],
                 updates=config.updates, weights=config.weights, command_timeout_s=config.command_timeout_s,
                 settle_s=1.2 if workers else 2.5, broker_scope=config.broker_scope,

@@ -34,7 +34,7 @@ from control.operator import Operator, WaitReport
 from control.processes import WorkerProcess
 from loadtest.records import Accountant, Check, ControlEvent
 from schemas.control import Action, Rollback, Traffic, Update
-from schemas.signing import Signer
+from schemas.signing import Signer, Verifier
 
 BrokerScope = Literal["run", "all", "restart"]
 SCENARIOS = ("steady", "update", "rollback", "ab", "kill-worker", "broker-restart")
@@ -55,6 +55,7 @@ class ScenarioContext:
     progress: Callable[[], float]
     versions: tuple[str, str]
     signer: Signer | None = None
+    worker_verifier: Verifier | None = None  # the workers' status events are believed only with it
     workers: list[WorkerProcess] = field(default_factory=list)  # started by the harness
     connection_names: list[str] = field(default_factory=list)  # this run's AMQP connections
     updates: int = 2
@@ -107,7 +108,11 @@ class Scenario:
             return
         if ctx.signer is None:
             raise ScenarioError(f"{self.name} signs control commands: give --key (or HOTSWAP_CONTROL_KEY)")
-        ctx.operator = Operator(ctx.url, namespace=ctx.namespace, signer=ctx.signer, issuer="loadtest")
+        if ctx.worker_verifier is None:
+            raise ScenarioError(f"{self.name} follows the workers: give their public key (--worker-key, "
+                                "HOTSWAP_WORKER_PUBLIC_KEY; default worker.pub beside --key)")
+        ctx.operator = Operator(ctx.url, namespace=ctx.namespace, signer=ctx.signer, issuer="loadtest",
+                                workers=ctx.worker_verifier)
         await ctx.operator.__aenter__()
         beats = await ctx.operator.heartbeats(listen_s=ctx.settle_s)
         actives = Counter(m.active for b in beats.values() if (m := b.models.get(ctx.model)) and m.active)

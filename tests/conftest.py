@@ -12,7 +12,7 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -26,8 +26,11 @@ from control.operator import Operator
 from control.processes import WorkerProcess
 from control.zoo import ensure_zoo
 from schemas.jobs import JobResult
-from schemas.signing import Signer, generate_keys
+from schemas.signing import KeyFiles, Signer, Verifier, generate_keys
 from schemas.topology import Topology
+from worker.app import Worker
+from worker.config import WorkerSettings
+from worker.runtime.trivial_backend import write_trivial_model
 
 REPO = Path(__file__).resolve().parent.parent
 AMQP_URL = os.environ.get("HOTSWAP_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -72,8 +75,9 @@ def bus_jpg() -> Path:
 
 
 @pytest.fixture(scope="session")
-def control_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(private, public): the operator's signing key and the workers' verifying key."""
+def control_keys(tmp_path_factory: pytest.TempPathFactory) -> KeyFiles:
+    """Both key pairs (the operator's control.key and worker.pub, the workers' control.pub and worker.key),
+    in one directory: workers find worker.key beside control.pub."""
     return generate_keys(tmp_path_factory.mktemp("keys"))
 
 
@@ -96,8 +100,9 @@ async def namespace(amqp_url: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def operator(amqp_url: str, namespace: str, control_keys: tuple[Path, Path]) -> AsyncIterator[Operator]:
-    async with Operator(amqp_url, namespace=namespace, signer=Signer.from_file(control_keys[0]), issuer="tests") as op:
+async def operator(amqp_url: str, namespace: str, control_keys: KeyFiles) -> AsyncIterator[Operator]:
+    async with Operator(amqp_url, namespace=namespace, signer=Signer.from_file(control_keys.control_key),
+                        issuer="tests", workers=Verifier.from_file(control_keys.worker_public)) as op:
         yield op
 
 
@@ -138,7 +143,7 @@ StartWorker = Callable[..., WorkerProcess]
 
 @pytest.fixture
 def start_worker(
-    namespace: str, model_root: Path, amqp_url: str, tmp_path: Path, control_keys: tuple[Path, Path]
+    namespace: str, model_root: Path, amqp_url: str, tmp_path: Path, control_keys: KeyFiles
 ) -> Iterator[StartWorker]:
     """Start `python -m worker` processes in this test's namespace, control plane on; all are
     stopped afterwards."""
@@ -155,7 +160,7 @@ def start_worker(
                 "HOTSWAP_NAMESPACE": namespace,
                 "HOTSWAP_MODEL_ROOT": str(model_root),
                 "HOTSWAP_WORKER_ID": worker_id,
-                "HOTSWAP_CONTROL_PUBLIC_KEY": str(control_keys[1]),
+                "HOTSWAP_CONTROL_PUBLIC_KEY": str(control_keys.control_public),
                 "HOTSWAP_HEARTBEAT_INTERVAL_S": "0.5",
                 **(env or {}),
             },
@@ -168,6 +173,41 @@ def start_worker(
     for process in started:
         if process.alive:
             process.stop(timeout_s=15)
+
+
+ServeInProcess = Callable[..., Awaitable[Worker]]
+
+
+@pytest.fixture
+async def serve_in_process(namespace: str, amqp_url: str, tmp_path: Path) -> AsyncIterator[ServeInProcess]:
+    """A whole `Worker` running in the test's own event loop, on trivial models (`trivial/1.0.0`,
+    `trivial/2.0.0`, both answering one whole-image box), against the real broker: its parts can
+    be inspected and patched. Settings as keyword arguments (`prefetch=4`); stopped afterwards."""
+    root = tmp_path / "trivial-models"
+    for version in ("1.0.0", "2.0.0"):
+        write_trivial_model(root, version, whole_image=True)
+    running: list[tuple[Worker, asyncio.Task[None]]] = []
+
+    async def serve(*models: str, **settings: object) -> Worker:
+        worker = Worker(WorkerSettings(
+            amqp_url=amqp_url, namespace=namespace, models=list(models) or ["trivial@1.0.0"], model_root=root,
+            worker_id=f"inproc{len(running) + 1}", status_port=0, **settings,  # type: ignore[arg-type]
+        ))
+        task = asyncio.create_task(worker.run(handle_signals=False))
+        running.append((worker, task))
+        async with asyncio.timeout(60):
+            while worker.not_ready_reasons():
+                if task.done():
+                    task.result()  # raises what stopped it
+                await asyncio.sleep(0.02)
+        return worker
+
+    yield serve
+    for worker, task in running:
+        worker.stopping.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 30)
+    await delete_namespace(amqp_url, namespace, models=["trivial"])
 
 
 @pytest.fixture

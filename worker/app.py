@@ -1,4 +1,10 @@
-"""The worker process: loads its models, serves jobs, reports status, stops gracefully."""
+"""The worker process: loads its models, serves jobs, reports status, stops gracefully.
+
+A worker whose inference does not return within `HOTSWAP_INFERENCE_TIMEOUT_S` (a stuck GPU call,
+a deadlock) is hung: it stops taking jobs, says why on /readyz and /status, closes its broker
+connection so that the broker redelivers its unacked jobs at once, and exits with `EXIT_HUNG`
+(the stuck thread cannot be stopped; a supervisor starts a fresh process).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from typing import Any
 import aiohttp
 from aio_pika.abc import AbstractRobustConnection
 
-from schemas.signing import Verifier
+from schemas.signing import Signer, Verifier
 from worker.admission import PixelBudget
 from worker.batching import MicroBatcher
 from worker.config import WorkerSettings
@@ -33,6 +39,9 @@ from worker.runtime.validation import LatencyBudget
 from worker.status import StatusServer
 
 log = logging.getLogger(__name__)
+
+#: Exit status of a worker that gave up on a hung inference (EX_SOFTWARE).
+EXIT_HUNG = 70
 
 
 class Worker:
@@ -68,30 +77,40 @@ class Worker:
         self.control: ControlLoop | None = None
         self.broker_connected = False
         self.stopping = asyncio.Event()
+        #: Why this worker gave up (a hung inference); the process should exit with EXIT_HUNG.
+        self.hung: str | None = None
         self.status_url = ""
 
-    async def run(self) -> None:
+    async def run(self, *, handle_signals: bool = True) -> None:
         _limit_torch_threads(self.settings.torch_threads)
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stopping.set)
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stopping.set)
+        signer = self._event_signer()
         status = StatusServer(self, self.settings.status_host, self.settings.status_port)
         self.status_url = await status.start()
         http = aiohttp.ClientSession()
-        self.connection = await connect(self.settings.amqp_url, f"hotswap-worker {self.settings.worker_id}")
+        self.connection = await connect(self.settings.amqp_url, f"hotswap-worker {self.settings.worker_id}",
+                                        heartbeat_s=self.settings.amqp_heartbeat_s)
         self.connection.close_callbacks.add(lambda *_: self._set_connected(False))
         self.connection.reconnect_callbacks.add(lambda *_: self._set_connected(True))
         self._set_connected(True)
+        watchdog: asyncio.Task[None] | None = None
         try:
-            await self._load_models(self.connection)
+            await self._load_models(self.connection, signer)
+            batcher = MicroBatcher(self.inference_executor, self.settings.max_batch, self.settings.max_wait_ms,
+                                   self.metrics)
             self.processor = JobProcessor(
-                self.settings.worker_id, self.models.table, self.limits,
-                self.decode_executor,
-                MicroBatcher(self.inference_executor, self.settings.max_batch, self.settings.max_wait_ms, self.metrics),
+                self.settings.worker_id, self.models.table, self.limits, self.decode_executor, batcher,
                 PixelBudget(self.settings.max_pixels_in_flight), http, self.metrics,
+                max_shadows=self.settings.max_shadow_in_flight,
             )
+            watchdog = asyncio.create_task(self._watch_inference(batcher))
             await self._serve(self.connection, self.processor)
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             if self.control is not None:
                 await self.control.stop()
             await self.connection.close()
@@ -102,17 +121,29 @@ class Worker:
             self.decode_executor.shutdown(wait=False, cancel_futures=True)
             self.control_executor.shutdown(wait=False, cancel_futures=True)
 
-    async def _load_models(self, connection: AbstractRobustConnection) -> None:
+    def _event_signer(self) -> Signer | None:
+        """The worker key, when the control plane is on; refuses to start without one."""
+        if self.settings.control_public_key is None:
+            return None
+        path = self.settings.worker_key_path
+        if path is None or not path.is_file():
+            raise WorkerKeyMissing(
+                f"no worker key at {path}: the control plane needs one to sign status events "
+                "(`hotswap keys generate` writes worker.key beside control.pub; or HOTSWAP_WORKER_KEY)"
+            )
+        return Signer.from_file(path)
+
+    async def _load_models(self, connection: AbstractRobustConnection, signer: Signer | None) -> None:
         """With a control key: what the control log says (replayed). Without: what --model says."""
         key = self.settings.control_public_key
-        if key is None:
+        if key is None or signer is None:
             log.warning("no HOTSWAP_CONTROL_PUBLIC_KEY: control plane off, serving --model versions only")
             await self.models.start(self.specs)
             return
         initial = {s.model: s.version or self.models.repository.latest(s.model) for s in self.specs}
         self.control = ControlLoop(
             worker_id=self.settings.worker_id, topology=self.settings.topology, manager=self.models,
-            verifier=Verifier.from_file(key), metrics=self.metrics, initial=initial,
+            verifier=Verifier.from_file(key), signer=signer, metrics=self.metrics, initial=initial,
             keep_standby=self.settings.keep_standby, heartbeat_interval_s=self.settings.heartbeat_interval_s,
         )
         await self.control.start(connection)
@@ -132,9 +163,26 @@ class Worker:
         self.broker_connected = connected
         self.metrics.broker_connected.set(int(connected))
 
+    async def _watch_inference(self, batcher: MicroBatcher) -> None:
+        bound = self.settings.inference_timeout_s
+        while not self.stopping.is_set():
+            await asyncio.sleep(min(1.0, bound / 4))
+            stuck = batcher.running_for()
+            if stuck > bound:
+                self.hung = (f"hung: an inference batch has not returned for {stuck:.1f} s "
+                             f"(HOTSWAP_INFERENCE_TIMEOUT_S is {bound:g})")
+                log.critical("%s; giving its jobs back and exiting", self.hung)
+                self.stopping.set()
+
     async def _shut_down(self, consumer: JobConsumer) -> None:
         log.info("stopping: no new jobs; %d in flight", consumer.in_flight)
         await consumer.stop_consuming()
+        if self.hung is not None:
+            # Its jobs will never finish here: the broker redelivers them once the connection is gone.
+            if self.connection is not None:
+                await self.connection.close()
+            await asyncio.sleep(self.settings.hung_exit_delay_s)  # /readyz says why meanwhile
+            return
         if await consumer.drain(self.settings.grace_period_s):
             log.info("all in-flight jobs answered")
         else:
@@ -146,7 +194,7 @@ class Worker:
     # --- what the status server shows -------------------------------------------------------
 
     def not_ready_reasons(self) -> list[str]:
-        reasons = []
+        reasons = [self.hung] if self.hung else []
         if not self.broker_connected:
             reasons.append("not connected to the broker")
         if not self.models.table.all():
@@ -165,6 +213,7 @@ class Worker:
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 3),
             "ready": not self.not_ready_reasons(),
+            "hung": self.hung,
             "broker_connected": self.broker_connected,
             "in_flight": self.consumer.in_flight if self.consumer else 0,
             "jobs_done": stats.done if stats else 0,
@@ -220,6 +269,10 @@ def _deployment_status(deployment: Deployment) -> dict[str, Any]:
             for name, v in deployment.loaded.items()
         },
     }
+
+
+class WorkerKeyMissing(Exception):
+    """The control plane is on but the key that signs status events is not there."""
 
 
 def lower_thread_priority(nice: int) -> None:

@@ -21,6 +21,9 @@ class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HOTSWAP_", extra="ignore")
 
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    amqp_heartbeat_s: int = Field(
+        10, ge=0, le=600, description="AMQP heartbeat: a stopped worker's jobs come back after about this (0: off)"
+    )
     namespace: str = Field("hotswap", pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
     models: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="MODEL or MODEL@VERSION, comma separated in the env"
@@ -36,6 +39,11 @@ class WorkerSettings(BaseSettings):
     max_wait_ms: float = Field(5.0, ge=0, description="longest a job waits for its batch to fill")
     decode_threads: int = Field(2, ge=1, le=64)
     grace_period_s: float = Field(30.0, ge=0)
+    inference_timeout_s: float = Field(
+        120.0, gt=0, description="a batch running longer means a hung worker: it stops and exits for its jobs"
+    )
+    hung_exit_delay_s: float = Field(2.0, ge=0, description="a hung worker says why on /readyz this long, then exits")
+    max_shadow_in_flight: int = Field(16, ge=0, le=10_000, description="shadow runs at once; more are dropped")
 
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
@@ -48,6 +56,9 @@ class WorkerSettings(BaseSettings):
     )
 
     control_public_key: Path | None = Field(None, description="Ed25519 key verifying control commands")
+    worker_key: Path | None = Field(
+        None, description="Ed25519 key signing status events; default: worker.key beside control_public_key"
+    )
     artifact_sources: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="URI prefixes artifacts may be fetched from, comma separated"
     )
@@ -65,6 +76,16 @@ class WorkerSettings(BaseSettings):
     @property
     def topology(self) -> Topology:
         return Topology(self.namespace)
+
+    @property
+    def worker_key_path(self) -> Path | None:
+        """The key that signs this worker's status events (`hotswap keys generate` writes it beside
+        control.pub)."""
+        if self.worker_key is not None:
+            return self.worker_key
+        if self.control_public_key is not None:
+            return self.control_public_key.parent / "worker.key"
+        return None
 
     @field_validator("models", "image_file_roots", "artifact_sources", mode="before")
     @classmethod

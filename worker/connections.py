@@ -7,6 +7,7 @@ import logging
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
+from yarl import URL
 
 from schemas.topology import Topology
 
@@ -14,18 +15,24 @@ log = logging.getLogger(__name__)
 
 
 async def connect(
-    url: str, name: str, *, attempts: int = 0, delay_s: float = 1.0, reconnect_interval_s: float = 1.0
+    url: str, name: str, *, attempts: int = 0, delay_s: float = 1.0, reconnect_interval_s: float = 1.0,
+    heartbeat_s: int | None = None,
 ) -> AbstractRobustConnection:
     """A robust connection (it reconnects and restores channels, queues and consumers).
 
     The first connection is retried `attempts` times (0: until cancelled), since a worker often
-    starts before its broker does.
+    starts before its broker does. `heartbeat_s` applies unless the URL sets `?heartbeat=` itself:
+    with RabbitMQ's default of 60 s, a stopped (SIGSTOP, swapped out, paused VM) worker keeps its
+    unacked jobs for minutes before the broker gives up on it.
     """
     tried = 0
+    target = URL(url)
+    if heartbeat_s is not None and "heartbeat" not in target.query:
+        target = target.update_query(heartbeat=heartbeat_s)
     while True:
         try:
             return await aio_pika.connect_robust(
-                url, client_properties={"connection_name": name}, reconnect_interval=reconnect_interval_s
+                target, client_properties={"connection_name": name}, reconnect_interval=reconnect_interval_s
             )
         except (OSError, aio_pika.exceptions.AMQPConnectionError) as exc:
             tried += 1

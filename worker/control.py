@@ -9,6 +9,9 @@ the reduction of all of them is applied at once (intermediate versions are never
 
 Outcomes, per worker and command: `done`, `failed` (with the reason; serving is untouched),
 `refused` (bad signature, stale or duplicate sequence number, duplicate command id).
+
+Progress events and heartbeats are signed with the worker key (`schemas.signing`): the operator
+believes no status event it cannot verify.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from aio_pika.abc import (
 )
 
 from schemas.control import Command, Heartbeat, ModelStatus, Phase, Progress, Update, VersionStatus
-from schemas.signing import Refused, Verifier, peek
+from schemas.signing import Refused, Signer, Verifier, peek
 from schemas.topology import Topology
 from worker.metrics import WorkerMetrics
 from worker.runtime.desired import DesiredState, reduce
@@ -49,6 +52,7 @@ class ControlLoop:
         topology: Topology,
         manager: ModelManager,
         verifier: Verifier,
+        signer: Signer,
         metrics: WorkerMetrics,
         initial: dict[str, str],
         keep_standby: int = 1,
@@ -58,6 +62,7 @@ class ControlLoop:
         self.topology = topology
         self.manager = manager
         self.verifier = verifier
+        self.signer = signer
         self.metrics = metrics
         #: The version each served model starts on before any command: from --model.
         self.initial = initial
@@ -213,11 +218,11 @@ class ControlLoop:
     ) -> None:
         event = Progress(worker_id=self.worker_id, command_id=command_id, model=model, seq=seq, phase=phase,
                          reason=reason, seconds=seconds, at=datetime.now(UTC))
-        await self._publish(f"progress.{model}.{self.worker_id}", event.model_dump_json().encode())
+        await self._publish(f"progress.{model}.{self.worker_id}", event)
 
     async def _heartbeats(self) -> None:
         while True:
-            await self._publish(f"heartbeat.{self.worker_id}", self.heartbeat().model_dump_json().encode())
+            await self._publish(f"heartbeat.{self.worker_id}", self.heartbeat())
             await asyncio.sleep(self.heartbeat_interval_s)
 
     def heartbeat(self) -> Heartbeat:
@@ -240,11 +245,12 @@ class ControlLoop:
             )
         return statuses
 
-    async def _publish(self, routing_key: str, body: bytes) -> None:
+    async def _publish(self, routing_key: str, event: Progress | Heartbeat) -> None:
         if self._status is None:
             return
         try:
-            message = aio_pika.Message(body, content_type="application/json")
+            message = aio_pika.Message(self.signer.sign_event(event), content_type="application/json",
+                                       type=f"hotswap.{event.kind}")
             await self._status.publish(message, routing_key, mandatory=False)  # nobody listening is fine
         except Exception as exc:  # status is best effort; the control log is the truth
             log.debug("status event not sent: %s", exc)

@@ -62,7 +62,9 @@ def test_operator_commands_wait_report_and_fail_loudly(
     start_worker, namespace: str, amqp_url: str, control_keys
 ) -> None:
     start_worker("shapes@1.0.0", name="cli-a")
-    env = {"HOTSWAP_AMQP_URL": amqp_url, "HOTSWAP_NAMESPACE": namespace, "HOTSWAP_CONTROL_KEY": str(control_keys[0])}
+    env = {"HOTSWAP_AMQP_URL": amqp_url, "HOTSWAP_NAMESPACE": namespace,
+           "HOTSWAP_CONTROL_KEY": str(control_keys.control_key),
+           "HOTSWAP_WORKER_PUBLIC_KEY": str(control_keys.worker_public)}
 
     updated = hotswap("update", "shapes", "2.0.0", "--wait", "--json", env=env)
     assert updated.returncode == 0, updated.stdout + updated.stderr
@@ -84,9 +86,13 @@ def test_operator_commands_wait_report_and_fail_loudly(
     rolled = hotswap("rollback", "shapes", "--to", "1.0.0", "--wait", env=env)
     assert rolled.returncode == 0 and "done" in rolled.stdout
     assert hotswap("update", "shapes", "2.0.0", env={**env, "HOTSWAP_CONTROL_KEY": "/nonexistent"}).returncode == 2
+    no_worker_key = hotswap("status", env={**env, "HOTSWAP_WORKER_PUBLIC_KEY": "/nonexistent"})
+    assert no_worker_key.returncode == 2 and "worker public key" in no_worker_key.stdout
 
 
 def test_keys_generate_refuses_to_overwrite(tmp_path: Path) -> None:
     assert hotswap("keys", "generate", "--out", str(tmp_path)).returncode == 0
-    assert (tmp_path / "control.key").stat().st_mode & 0o077 == 0
+    for private in ("control.key", "worker.key"):
+        assert (tmp_path / private).stat().st_mode & 0o077 == 0
+    assert (tmp_path / "worker.pub").is_file() and (tmp_path / "control.pub").is_file()
     assert hotswap("keys", "generate", "--out", str(tmp_path)).returncode == 1

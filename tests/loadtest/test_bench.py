@@ -28,14 +28,13 @@ from loadtest.bench_core import (
     visible_after_ms,
     worker_means,
 )
-from loadtest.bench_env import write_trivial_model
 from loadtest.records import JobRecord
 from schemas.control import Command, Progress, Rollback
 from schemas.jobs import InferenceParams
 from schemas.manifest import Manifest
 from worker.runtime.backend import BackendError, create_backend
 from worker.runtime.repository import ModelRepository
-from worker.runtime.trivial_backend import TrivialBackend, trivial_artifact
+from worker.runtime.trivial_backend import TrivialBackend, trivial_artifact, write_trivial_model
 
 
 def test_goals_judge_values_and_leave_missing_ones_unjudged() -> None:

@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from itertools import groupby
 from pathlib import Path
 
@@ -169,7 +170,7 @@ async def test_bad_updates_are_refused_with_reasons_and_serving_goes_on(
 
     # A forged command (another key) and a replayed one (an old envelope sent again).
     async with Operator(amqp_url, namespace=namespace, signer=Signer.from_file(
-            generate_keys(model_root.parent / "intruder")[0])) as intruder:
+            generate_keys(model_root.parent / "intruder").control_key)) as intruder:
         async with operator.events() as events:
             forged = await intruder.publish("shapes", Update(version="2.0.0"), seq=1000)
             refusals = await _collect(events, forged.command_id, {"a", "b"})
@@ -329,3 +330,60 @@ async def test_concurrency_rules(start_worker, operator: Operator, client: Clien
     assert all("stale" in (p.reason or "") for p in refused.values())
     assert (await client.submit(heldout[0].path, model="shapes")).version == "2.0.0"
     assert winner.seq == 4
+
+
+@pytest.fixture
+def intruder_url(amqp_url: str) -> Iterator[str]:
+    """A broker user of its own with every right on the vhost: anyone able to publish anywhere."""
+    import subprocess
+    import uuid
+    from urllib.parse import urlparse
+
+    user, password = f"intruder-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    subprocess.run(["rabbitmqctl", "-q", "add_user", user, password], check=True, capture_output=True)
+    subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", "/", user, ".*", ".*", ".*"], check=True,
+                   capture_output=True)
+    parsed = urlparse(amqp_url)
+    try:
+        yield f"amqp://{user}:{password}@{parsed.hostname}:{parsed.port or 5672}/"
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "delete_user", user], check=False, capture_output=True)
+
+
+async def test_forged_status_events_do_not_change_what_wait_reports(
+    start_worker, operator: Operator, intruder_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """Another broker user copies each progress event as `done` (unsigned, and signed with a key of
+    its own) and invents a worker; `--wait` still reports the real worker's failure, and only it."""
+    import aio_pika
+
+    from schemas.control import Heartbeat, Progress, SignedEnvelope
+
+    start_worker("shapes@2.0.0", name="a")
+    intruder_key = Signer.from_file(generate_keys(tmp_path / "intruder").worker_key)
+    connection = await aio_pika.connect(intruder_url)
+    async with connection:
+        channel = await connection.channel()
+        status = await channel.get_exchange(f"{namespace}.status")
+        spy = await channel.declare_queue(exclusive=True)
+        await spy.bind(status, routing_key="progress.#")
+
+        async def forge(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            seen = Progress.model_validate_json(SignedEnvelope.model_validate_json(message.body).body)
+            if seen.worker_id != "a" or seen.phase != "received":
+                return
+            done = seen.model_copy(update={"phase": "done", "reason": None})
+            ghost = Heartbeat(worker_id="ghost", at=done.at, models={})
+            for body in (done.model_dump_json().encode(), intruder_key.sign_event(done),
+                         ghost.model_dump_json().encode(), intruder_key.sign_event(ghost),
+                         intruder_key.sign_event(done.model_copy(update={"worker_id": "ghost"}))):
+                await status.publish(aio_pika.Message(body), routing_key=f"progress.shapes.{done.worker_id}")
+
+        await spy.consume(forge, no_ack=True)
+        report = await operator.publish_and_wait("shapes", Update(version="0.9.0-bad"), timeout_s=90)
+    assert report.workers == ["a"], report.workers
+    final = report.final("a")
+    assert final is not None and final.phase == "failed" and "calibration recall" in (final.reason or "")
+    assert not report.ok
+    assert report.rejected_events["unsigned"] == 2 and report.rejected_events["bad signature"] == 3, \
+        report.rejected_events

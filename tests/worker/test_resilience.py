@@ -18,8 +18,9 @@ from control.operator import Operator
 from control.processes import WorkerProcess
 from schemas.control import Update
 from schemas.jobs import InlineImage, Job, JobResult
-from schemas.signing import Signer
+from schemas.signing import Signer, Verifier
 from schemas.topology import Topology
+from worker.runtime.trivial_backend import write_trivial_model
 
 pytestmark = pytest.mark.slow
 
@@ -111,7 +112,8 @@ async def test_a_broker_connection_cut_is_survived(
     assert "hotswap_broker_connected 1.0" in worker.text("/metrics")
     # The control plane came back too: the worker still follows the control log.
     # A fresh operator connection, as a new CLI invocation after the cut would have.
-    async with Operator(amqp_url, namespace=namespace, signer=Signer.from_file(control_keys[0])) as operator:
+    async with Operator(amqp_url, namespace=namespace, signer=Signer.from_file(control_keys.control_key),
+                        workers=Verifier.from_file(control_keys.worker_public)) as operator:
         report = await operator.publish_and_wait("shapes", Update(version="2.0.0"), timeout_s=60)
     assert report.ok and report.workers == ["w1"], (report.missing, report.failures)
     assert (await client.submit(heldout[2].path, model="shapes")).version == "2.0.0"
@@ -248,3 +250,52 @@ def test_worker_refuses_to_start_with_a_model_it_cannot_load(tmp_path: Path, zoo
     with pytest.raises(Exception, match="not found"):
         process.start(timeout_s=60)
     assert process.process is not None and process.process.returncode == 2
+
+
+async def test_a_hung_inference_gives_its_jobs_back_says_why_and_exits(
+    start_worker, client: Client, heldout, model_root: Path
+) -> None:
+    """A batch that never returns (a stuck GPU call): past HOTSWAP_INFERENCE_TIMEOUT_S the worker
+    stops taking jobs, says why on /readyz and /status, and exits (70) so the broker redelivers
+    what it held; the healthy worker answers every job."""
+    write_trivial_model(model_root, "1.0.0", whole_image=True)
+    write_trivial_model(model_root, "0.1.0-stuck", whole_image=True, delay_ms=3_600_000)
+    stuck = start_worker("trivial@0.1.0-stuck", name="stuck", args=["--prefetch", "4"],
+                         env={"HOTSWAP_INFERENCE_TIMEOUT_S": "2", "HOTSWAP_HUNG_EXIT_DELAY_S": "3"})
+    start_worker("trivial@1.0.0", name="healthy")
+    jobs = [asyncio.create_task(client.submit(h.path, model="trivial", timeout_s=60)) for h in heldout[:8]]
+    def says_hung() -> bool:
+        return any("hung" in reason for reason in stuck.get("/readyz", ok_only=False).get("reasons", []))
+
+    await wait_until(says_hung, timeout_s=20)
+    assert "HOTSWAP_INFERENCE_TIMEOUT_S" in (stuck.get("/status", ok_only=False).get("hung") or "")
+    assert stuck.process is not None
+    assert await asyncio.to_thread(stuck.process.wait, 20) == 70
+    results = await asyncio.gather(*jobs)
+    assert all((r.status, r.worker_id) == ("ok", "healthy") for r in results), results
+    assert any(r.attempt > 1 for r in results), "the stuck worker held none of the jobs"
+
+
+async def test_a_stopped_worker_gives_its_jobs_back_within_the_heartbeat(
+    start_worker, client: Client, heldout, model_root: Path
+) -> None:
+    """SIGSTOP (a frozen VM, a swapped-out process): the AMQP heartbeat (HOTSWAP_AMQP_HEARTBEAT_S,
+    10 s) makes the broker drop its connection and redeliver its jobs in tens of seconds, not
+    the minutes of RabbitMQ's default."""
+    write_trivial_model(model_root, "1.0.0", whole_image=True)
+    write_trivial_model(model_root, "0.2.0-slow", whole_image=True, delay_ms=1500)
+    frozen = start_worker("trivial@0.2.0-slow", name="frozen", args=["--prefetch", "4"])
+    start_worker("trivial@1.0.0", name="thawed")
+    jobs = [asyncio.create_task(client.submit(h.path, model="trivial", timeout_s=90)) for h in heldout[:8]]
+    await wait_until(lambda: frozen.get("/status")["in_flight"] > 0, timeout_s=10)
+    frozen.signal(signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        results = await asyncio.gather(*jobs)
+        waited = time.monotonic() - stopped_at
+    finally:
+        frozen.signal(signal.SIGCONT)
+    print(f"jobs held by the stopped worker came back after {waited:.1f} s")
+    assert all(r.status == "ok" for r in results)
+    assert any(r.worker_id == "thawed" and r.attempt > 1 for r in results), "the frozen worker held no jobs"
+    assert waited < 45

@@ -141,9 +141,10 @@ class ModelManager:
                 await self._run(backend.warm_up)
                 calibrated = await self._run(check_calibration, backend, entry.manifest, entry.path)
                 other = baseline.backend if baseline is not None and baseline.version != name else None
-                # Without calibration images, a blank frame still shows the cost of the network.
-                images = calibrated.images or [blank_image(entry.manifest.input_size)]
-                await self._run(check_latency, backend, other, images, self.budget)
+                if other is not None:  # the budget is relative to the version serving now
+                    # Without calibration images, a blank frame still shows the cost of the network.
+                    images = calibrated.images or [blank_image(entry.manifest.input_size)]
+                    await self._run(check_latency, backend, other, images, self.budget)
             version.advance(VersionState.READY)
         except Exception as exc:  # every failure is the version's reason; serving is untouched
             log.warning("%s/%s refused: %s", model, name, exc)

@@ -1,27 +1,50 @@
 """A model that costs nothing: the worker's own overhead, measured (`hotswap loadtest bench`).
 
 Its artifact is a small JSON file, `{"kind": "trivial"}`, optionally with `"whole_image": true`
-(one box covering the whole image, class 0, instead of no detections). No framework, no torch:
-whatever a job costs on a trivial version is transport, parsing, decoding and bookkeeping.
+(one box covering the whole image, class 0, instead of no detections) and `"delay_ms": N` (each
+batch takes that long, in a sleep that releases the GIL as a GPU call does: a stand-in for a heavy
+model, or, very long, for a stuck one). No framework, no torch: whatever a job costs on a trivial
+version is transport, parsing, decoding and bookkeeping.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 from schemas.jobs import Box, Detection, InferenceParams
 from schemas.manifest import Manifest
 from worker.runtime.backend import BackendError, Image
+from worker.runtime.repository import sha256_of
 
 ARTIFACT_KIND = "trivial"
+TRIVIAL_MODEL = "trivial"
 MAX_ARTIFACT_BYTES = 64 * 1024
 
 
-def trivial_artifact(*, whole_image: bool = False) -> bytes:
+def trivial_artifact(*, whole_image: bool = False, delay_ms: float = 0.0) -> bytes:
     """The bytes of a valid artifact."""
-    return json.dumps({"kind": ARTIFACT_KIND, "whole_image": whole_image}, sort_keys=True).encode()
+    spec = {"kind": ARTIFACT_KIND, "whole_image": whole_image, **({"delay_ms": delay_ms} if delay_ms else {})}
+    return json.dumps(spec, sort_keys=True).encode()
+
+
+def write_trivial_model(root: Path, version: str = "1.0.0", *, whole_image: bool = False, delay_ms: float = 0.0,
+                        name: str = TRIVIAL_MODEL) -> Path:
+    """`<root>/<name>/<version>/` with a trivial artifact and its manifest; returns the directory."""
+    directory = root / name / version
+    directory.mkdir(parents=True, exist_ok=True)
+    artifact = directory / "model.json"
+    artifact.write_bytes(trivial_artifact(whole_image=whole_image, delay_ms=delay_ms))
+    manifest = Manifest(
+        name=name, version=version, backend="trivial", task="detect", artifact=artifact.name,
+        sha256=sha256_of(artifact), classes={0: "thing"}, input_size=32, created_at=datetime.now(UTC),
+        lineage={"note": "written for a trivial model: no network, no torch"},
+    )
+    (directory / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
+    return directory
 
 
 class TrivialBackend:
@@ -29,6 +52,7 @@ class TrivialBackend:
         self.device = device  # nothing runs on it
         self._manifest: Manifest | None = None
         self._whole_image = False
+        self._delay_s = 0.0
 
     def load(self, artifact: Path, manifest: Manifest) -> None:
         if not artifact.is_file():
@@ -44,15 +68,20 @@ class TrivialBackend:
         whole_image = spec.get("whole_image", False)
         if not isinstance(whole_image, bool):
             raise BackendError("whole_image must be true or false")
+        delay_ms = spec.get("delay_ms", 0)
+        if not isinstance(delay_ms, int | float) or isinstance(delay_ms, bool) or not 0 <= delay_ms <= 3_600_000:
+            raise BackendError("delay_ms must be a number of milliseconds from 0 to 3600000")
         if manifest.task != "detect":
             raise BackendError(f"a trivial model detects; the manifest says {manifest.task}")
-        self._manifest, self._whole_image = manifest, whole_image
+        self._manifest, self._whole_image, self._delay_s = manifest, whole_image, delay_ms / 1000
 
     def warm_up(self) -> None:
         self._loaded_manifest()
 
     def predict(self, images: Sequence[Image], params: InferenceParams) -> list[list[Detection]]:
         manifest = self._loaded_manifest()
+        if self._delay_s:
+            time.sleep(self._delay_s)
         if not self._whole_image:
             return [[] for _ in images]
         name = manifest.classes.get(0, "0")
