@@ -181,16 +181,18 @@ ServeInProcess = Callable[..., Awaitable[Worker]]
 @pytest.fixture
 async def serve_in_process(namespace: str, amqp_url: str, tmp_path: Path) -> AsyncIterator[ServeInProcess]:
     """A whole `Worker` running in the test's own event loop, on trivial models (`trivial/1.0.0`,
-    `trivial/2.0.0`, both answering one whole-image box), against the real broker: its parts can
-    be inspected and patched. Settings as keyword arguments (`prefetch=4`); stopped afterwards."""
+    `trivial/2.0.0`, both answering one whole-image box; or those under `model_root=`), against the
+    real broker: its parts can be inspected and patched. Settings as keyword arguments
+    (`prefetch=4`); stopped afterwards."""
     root = tmp_path / "trivial-models"
     for version in ("1.0.0", "2.0.0"):
         write_trivial_model(root, version, whole_image=True)
     running: list[tuple[Worker, asyncio.Task[None]]] = []
 
     async def serve(*models: str, **settings: object) -> Worker:
+        settings = {"model_root": root, **settings}
         worker = Worker(WorkerSettings(
-            amqp_url=amqp_url, namespace=namespace, models=list(models) or ["trivial@1.0.0"], model_root=root,
+            amqp_url=amqp_url, namespace=namespace, models=list(models) or ["trivial@1.0.0"],
             worker_id=f"inproc{len(running) + 1}", status_port=0, **settings,  # type: ignore[arg-type]
         ))
         task = asyncio.create_task(worker.run(handle_signals=False))
