@@ -242,7 +242,7 @@ def write_trivial_model(root: Path, version: str = "1.0.0") -> Path:
     artifact = directory / "model.json"
     artifact.write_bytes(trivial_artifact())
     manifest = Manifest(
-        name=TRIVIAL_MODEL, version=version, backend="trivial", task="detect", artifact=artifact.name,
+        name=TRIVIAL_MODEL, version=version, backend="trivial", task="detect", artifact=artifact.name, format="json",
         sha256=sha256_of(artifact), classes={0: "thing"}, input_size=32, created_at=datetime.now(UTC),
         lineage={"note": "written by hotswap loadtest bench: no network, no torch"},
     )

@@ -30,6 +30,7 @@ from worker.runtime.deployment import Deployment
 from worker.runtime.manager import ModelManager, ModelSpec
 from worker.runtime.repository import ModelRepository
 from worker.runtime.validation import LatencyBudget
+from worker.runtime.weights import ArtifactLoader
 from worker.status import StatusServer
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class Worker:
             ModelRepository(settings.model_root), settings.device, self.control_executor,
             LatencyBudget(factor=settings.latency_budget_factor, cpu_time=settings.device == "cpu"), self.metrics,
             ArtifactCache(settings.artifact_cache, settings.artifact_sources),
+            ArtifactLoader(allow_pickle=settings.allow_pickle),
         )
         self.limits = ImageLimits(
             max_bytes=settings.max_image_bytes,

@@ -51,6 +51,9 @@ class WorkerSettings(BaseSettings):
     artifact_sources: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="URI prefixes artifacts may be fetched from, comma separated"
     )
+    allow_pickle: bool = Field(
+        False, description="load pickled checkpoints (code) where a manifest says format pickle; off: refused"
+    )
     artifact_cache: Path = Path.home() / ".cache" / "hotswap" / "artifacts"
     keep_standby: int = Field(1, ge=0, le=16, description="earlier versions kept warm for rollback")
     heartbeat_interval_s: float = Field(2.0, gt=0)

@@ -1,7 +1,7 @@
 """A model that costs nothing: the worker's own overhead, measured (`hotswap loadtest bench`).
 
-Its artifact is a small JSON file, `{"kind": "trivial"}`, optionally with `"whole_image": true`
-(one box covering the whole image, class 0, instead of no detections). No framework, no torch:
+Its artifact is a small JSON file (manifest format `json`), `{"kind": "trivial"}`, optionally with
+`"whole_image": true` (one box covering the whole image, class 0, instead of no detections). No framework, no torch:
 whatever a job costs on a trivial version is transport, parsing, decoding and bookkeeping.
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from schemas.jobs import Box, Detection, InferenceParams
 from schemas.manifest import Manifest
 from worker.runtime.backend import BackendError, Image
+from worker.runtime.weights import JSON, ArtifactLoader
 
 ARTIFACT_KIND = "trivial"
 MAX_ARTIFACT_BYTES = 64 * 1024
@@ -25,20 +26,17 @@ def trivial_artifact(*, whole_image: bool = False) -> bytes:
 
 
 class TrivialBackend:
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, loader: ArtifactLoader | None = None) -> None:
         self.device = device  # nothing runs on it
+        self.loader = loader or ArtifactLoader()
         self._manifest: Manifest | None = None
         self._whole_image = False
 
     def load(self, artifact: Path, manifest: Manifest) -> None:
+        self.loader.check(manifest, JSON)
         if not artifact.is_file():
             raise BackendError(f"artifact {artifact} does not exist")
-        if artifact.stat().st_size > MAX_ARTIFACT_BYTES:
-            raise BackendError(f"artifact {artifact.name} is too large for a trivial model")
-        try:
-            spec = json.loads(artifact.read_bytes())
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise BackendError(f"artifact {artifact.name} is not JSON: {exc}") from exc
+        spec = self.loader.json(artifact, manifest, MAX_ARTIFACT_BYTES)
         if not isinstance(spec, dict) or spec.get("kind") != ARTIFACT_KIND:
             raise BackendError(f'artifact {artifact.name} is not a trivial model ({{"kind": "trivial"}})')
         whole_image = spec.get("whole_image", False)
