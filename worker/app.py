@@ -29,6 +29,7 @@ from worker.runtime.artifacts import ArtifactCache
 from worker.runtime.deployment import Deployment
 from worker.runtime.manager import ModelManager, ModelSpec
 from worker.runtime.repository import ModelRepository
+from worker.runtime.sources import SourcePolicy
 from worker.runtime.validation import LatencyBudget
 from worker.runtime.weights import ArtifactLoader
 from worker.status import StatusServer
@@ -55,7 +56,7 @@ class Worker:
         self.models = ModelManager(
             ModelRepository(settings.model_root), settings.device, self.control_executor,
             LatencyBudget(factor=settings.latency_budget_factor, cpu_time=settings.device == "cpu"), self.metrics,
-            ArtifactCache(settings.artifact_cache, settings.artifact_sources),
+            ArtifactCache(settings.artifact_cache, SourcePolicy(settings.artifact_sources)),
             ArtifactLoader(allow_pickle=settings.allow_pickle),
         )
         self.limits = ImageLimits(

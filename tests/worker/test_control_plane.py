@@ -304,6 +304,9 @@ async def test_artifacts_by_uri_from_allowed_sources_only(
     try:
         refused = {
             f"file://{elsewhere}/shapes/4.0.0/model.safetensors": "not under an allowed artifact source",
+            f"file://{published}/../elsewhere/shapes/4.0.0/model.safetensors": "not under an allowed artifact source",
+            f"file://{published}/%2e%2e/elsewhere/shapes/4.0.0/model.safetensors": "not under an allowed",
+            f"{http}/%2e%2e/elsewhere/shapes/4.0.0/model.safetensors": "'..'",
             f"file://{published}/shapes/4.2.0/model.safetensors": "cannot fetch",
             f"{http}/shapes/4.2.0/model.safetensors": "cannot fetch",
         }
