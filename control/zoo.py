@@ -2,8 +2,12 @@
 
 Nothing can download weights here, so the zoo is built: a seeded shapes data set (circles,
 squares, triangles on noisy backgrounds) and three training recipes of different quality,
-written as `<root>/shapes/<version>/` (model.pt, manifest.json, calibration/) plus a held-out
-set in `<root>/_data/shapes-heldout/`.
+written as `<root>/shapes/<version>/` (model.safetensors, manifest.json, calibration/) plus a
+held-out set in `<root>/_data/shapes-heldout/`.
+
+What a version serves is data, not code: the trained network's state dict as safetensors, and
+its architecture (the model's yaml dict) in the manifest. ultralytics' own checkpoint, a pickle,
+stays behind in the build's scratch directory.
 """
 
 from __future__ import annotations
@@ -25,12 +29,15 @@ from typing import Any
 import cv2
 import numpy as np
 
-from schemas.manifest import Calibration, CalibrationImage, ExpectedBox, Manifest
+from schemas.manifest import ArtifactFormat, Calibration, CalibrationImage, ExpectedBox, Manifest
 from worker.runtime.repository import sha256_of
 
 CLASSES: dict[int, str] = {0: "circle", 1: "square", 2: "triangle"}
 IMAGE_SIZE = 128
 MODEL_NAME = "shapes"
+ARTIFACT = "model.safetensors"
+# Versions whose manifest names another format (or predates formats) count as stale.
+ARTIFACT_FORMAT: ArtifactFormat = "safetensors"
 # Fixed so that rebuilding gives identical manifests apart from the weights' hash.
 CREATED_AT = datetime(2026, 1, 1, tzinfo=UTC)
 GENERATOR = 2  # bump when make_shapes_image changes: built versions then count as stale
@@ -44,6 +51,15 @@ TRAIN_ARGS: dict[str, Any] = {"batch": 8, "nbs": 8, "mosaic": 0.0}
 
 Box = tuple[int, int, int, int, int]  # class_id, x1, y1, x2, y2 (pixel edges, x2/y2 exclusive)
 Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What a training child hands back: the weights file, its quality, the network's config."""
+
+    weights: str
+    map50: float
+    architecture: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -177,8 +193,8 @@ def _child_init(env: dict[str, str]) -> None:
     torch.set_num_threads(TRAIN_THREADS)
 
 
-def _train(recipe: Recipe, data_yaml: str, project: str) -> tuple[str, float]:
-    """Train one recipe; returns the checkpoint path and its mAP50 on the validation split."""
+def _train(recipe: Recipe, data_yaml: str, project: str) -> Trained:
+    """Train one recipe; returns its weights as safetensors and its mAP50 on the validation split."""
     from ultralytics import YOLO
 
     model = YOLO("yolov8n.yaml")  # a packaged config: builds a fresh network, fetches nothing
@@ -190,8 +206,36 @@ def _train(recipe: Recipe, data_yaml: str, project: str) -> tuple[str, float]:
     )  # fmt: skip
     trainer = model.trainer
     assert trainer is not None and metrics is not None
-    best = trainer.best if trainer.best.exists() else trainer.last
-    return str(best), float(metrics.box.map50)
+    # After training, model.model is the best checkpoint's network (ultralytics reloads it, in float).
+    weights = Path(trainer.save_dir) / ARTIFACT
+    architecture = _export(model.model, weights)
+    return Trained(str(weights), float(metrics.box.map50), architecture)
+
+
+def _export(network: Any, weights: Path) -> dict[str, Any]:
+    """Write `network`'s state dict as safetensors; returns its architecture, checked to rebuild it."""
+    import torch
+    from safetensors.torch import save_file
+
+    from worker.runtime.ultralytics_networks import build_network
+    from worker.runtime.weights import ArtifactLoader
+
+    save_file({name: t.contiguous() for name, t in network.state_dict().items()}, weights)
+    architecture: dict[str, Any] = json.loads(json.dumps(network.yaml))  # as the manifest will hold it
+    # What the worker will build from these two must compute what training produced.
+    rebuilt = build_network(architecture, "detect")
+    rebuilt.load_state_dict(ArtifactLoader().tensors(weights, _probe_manifest(architecture)), strict=True)
+    probe = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        if not torch.allclose(rebuilt.eval()(probe)[0], network.eval()(probe)[0], rtol=1e-5, atol=1e-5):
+            raise RuntimeError("the exported weights and architecture do not rebuild the trained network")
+    return architecture
+
+
+def _probe_manifest(architecture: dict[str, Any]) -> Manifest:
+    return Manifest(name=MODEL_NAME, version="0", backend="ultralytics", task="detect", artifact=ARTIFACT,
+                    format=ARTIFACT_FORMAT, architecture=architecture, sha256="0" * 64, classes=CLASSES,
+                    input_size=IMAGE_SIZE, created_at=CREATED_AT)
 
 
 # --- zoo ----------------------------------------------------------------------------------------
@@ -201,6 +245,8 @@ def is_complete(version_dir: Path, recipe: Recipe | None = None) -> bool:
     """Built = the manifest parses, pins the artifact beside it and (given) matches the recipe."""
     try:
         manifest = Manifest.model_validate_json((version_dir / "manifest.json").read_bytes())
+        if manifest.format != ARTIFACT_FORMAT:
+            return False
         if recipe is not None:
             expected = _lineage(recipe)
             if any(manifest.lineage.get(key) != expected[key] for key in ("dataset", "recipe")):
@@ -268,9 +314,9 @@ def _build_heldout(root: Path) -> Path:
     return final
 
 
-def _write_version(recipe: Recipe, checkpoint: Path, map50: float, heldout: Path, final: Path) -> None:
+def _write_version(recipe: Recipe, trained: Trained, heldout: Path, final: Path) -> None:
     tmp = _scratch(final.parent, f".tmp-{recipe.version}-")
-    shutil.copyfile(checkpoint, tmp / "model.pt")
+    shutil.copyfile(trained.weights, tmp / ARTIFACT)
     (tmp / "calibration").mkdir()
     records = json.loads((heldout / "labels.json").read_text())[:N_CALIBRATION]
     images = []
@@ -281,10 +327,10 @@ def _write_version(recipe: Recipe, checkpoint: Path, map50: float, heldout: Path
         images.append(CalibrationImage(file=name, expected=expected))
     manifest = Manifest(
         name=MODEL_NAME, version=recipe.version, backend="ultralytics", task="detect",
-        artifact="model.pt", sha256=sha256_of(tmp / "model.pt"), classes=CLASSES,
-        input_size=IMAGE_SIZE, created_at=CREATED_AT,
+        artifact=ARTIFACT, format=ARTIFACT_FORMAT, architecture=trained.architecture,
+        sha256=sha256_of(tmp / ARTIFACT), classes=CLASSES, input_size=IMAGE_SIZE, created_at=CREATED_AT,
         calibration=Calibration(images=images, min_recall=0.5, match_iou=0.5, conf=0.25),
-        lineage={**_lineage(recipe), "metrics": {"mAP50": round(map50, 4)}},
+        lineage={**_lineage(recipe), "metrics": {"mAP50": round(trained.map50, 4)}},
     )  # fmt: skip
     (tmp / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
     _publish(tmp, final)
@@ -323,9 +369,9 @@ def build_zoo(root: Path, *, force: bool = False, progress: Progress | None = No
                 for recipe, final in todo:
                     say(f"training {MODEL_NAME} {recipe.version} ({recipe.epochs} epochs)")
                     future = pool.submit(_train, recipe, str(data_yaml), str(work / "runs"))
-                    checkpoint, map50 = future.result()
-                    _write_version(recipe, Path(checkpoint), map50, heldout, final)
-                    say(f"built {final} (mAP50 {map50:.3f})")
+                    trained = future.result()
+                    _write_version(recipe, trained, heldout, final)
+                    say(f"built {final} (mAP50 {trained.map50:.3f})")
     return finals
 
 

@@ -1,11 +1,13 @@
 """The in-process baseline of bench 1: ultralytics predict in a loop, nothing else.
 
-    python -m loadtest.bench_inprocess --artifact models/shapes/1.0.0/model.pt --images DIR \
+    python -m loadtest.bench_inprocess --version-dir models/shapes/1.0.0 --images DIR \
         --batch 8 --seconds 8 [--device cpu] [--imgsz 128]
 
 Run as a process of its own (with no worker running) so it competes with nothing of ours. The
-images are decoded once, up front; one torch thread, like a worker. Prints one JSON line:
-images per second, wall and CPU ms per image, batches and the seconds measured.
+weights are those the worker serves (the version's artifact, verified, on the network its
+manifest describes), in a plain `YOLO`. The images are decoded once, up front; one torch thread,
+like a worker. Prints one JSON line: images per second, wall and CPU ms per image, batches and
+the seconds measured.
 """
 
 from __future__ import annotations
@@ -16,20 +18,26 @@ import time
 from pathlib import Path
 
 
-def measure(artifact: Path, images_dir: Path, batch: int, seconds: float, device: str, imgsz: int,
+def measure(version_dir: Path, images_dir: Path, batch: int, seconds: float, device: str, imgsz: int,
             threads: int) -> dict[str, float | int]:
     import cv2
     import torch
 
+    from worker.runtime.repository import ModelRepository, RepositoryError
     from worker.runtime.ultralytics_backend import prepare_offline_environment
+    from worker.runtime.ultralytics_networks import load_network, yolo_around
+    from worker.runtime.weights import ArtifactLoader
 
     torch.set_num_threads(threads)
     prepare_offline_environment()
-    from ultralytics import YOLO
-
-    if not artifact.is_file():  # YOLO() of a missing path asks GitHub for release assets
-        raise SystemExit(f"no artifact at {artifact}")
-    model = YOLO(str(artifact), task="detect")
+    version_dir = version_dir.resolve()
+    try:
+        repository = ModelRepository(version_dir.parent.parent)
+        entry = repository.get(version_dir.parent.name, version_dir.name)
+        artifact = repository.verified_artifact(entry)
+    except RepositoryError as exc:
+        raise SystemExit(f"no usable version at {version_dir}: {exc}") from None
+    model = yolo_around(load_network(artifact, entry.manifest, ArtifactLoader()).to(device), entry.manifest)
     files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
     images = [cv2.imread(str(p)) for p in files]
     if not images:
@@ -55,7 +63,7 @@ def measure(artifact: Path, images_dir: Path, batch: int, seconds: float, device
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--artifact", type=Path, required=True)
+    parser.add_argument("--version-dir", type=Path, required=True, help="<root>/<model>/<version>")
     parser.add_argument("--images", type=Path, required=True)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=8.0)
@@ -63,7 +71,7 @@ def main() -> None:
     parser.add_argument("--imgsz", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    result = measure(args.artifact, args.images, args.batch, args.seconds, args.device, args.imgsz, args.threads)
+    result = measure(args.version_dir, args.images, args.batch, args.seconds, args.device, args.imgsz, args.threads)
     print(json.dumps(result), flush=True)
 
 

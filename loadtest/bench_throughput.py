@@ -151,14 +151,14 @@ async def _measure_worker(env: BenchEnv, namespace: str, worker: WorkerProcess, 
 
 async def pool_vs_inprocess(env: BenchEnv) -> BenchResult:
     result = BenchResult(1, "pool vs in-process predict")
-    artifact = env.model_root / "shapes" / "1.0.0" / "model.pt"
+    version_dir = env.model_root / "shapes" / "1.0.0"  # the weights the workers serve
     inprocess = {1: Series("in-process, batch 1"), MICRO: Series(f"in-process, batch {MICRO}")}
     pool = {1: Series("worker, max_batch 1"), MICRO: Series(f"worker, max_batch {MICRO}, {MAX_WAIT_MS:g} ms")}
     namespace = env.namespace("pool")
 
     async def baseline(batch: int) -> None:
         figures = await helper_json([
-            "loadtest.bench_inprocess", "--artifact", str(artifact), "--images", str(env.images[0].parent),
+            "loadtest.bench_inprocess", "--version-dir", str(version_dir), "--images", str(env.images[0].parent),
             "--batch", str(batch), "--seconds", str(_seconds(env)), "--device", env.device, "--threads", "1",
         ], timeout_s=300)
         inprocess[batch].jobs_per_s.append(float(figures["images_per_s"]))

@@ -2,6 +2,10 @@
 
 Layout: `<root>/<model>/<version>/manifest.json` beside the artifact it pins by sha256, and the
 calibration images its expectations refer to (paths relative to the version directory).
+
+An artifact cannot run code (invariant 6): its `format` says how it is read, and weights
+(`safetensors`, `state-dict`) come with the network's `architecture` as declarative config. A
+`pickle` is code; a worker loads one only when the manifest says so and it opts in.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
 VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$"
@@ -19,6 +23,12 @@ VersionName = Annotated[str, Field(pattern=VERSION_PATTERN)]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 Task = Literal["detect", "segment", "pose", "classify", "face-detection", "human-parsing"]
+
+#: safetensors: tensors only, nothing in the file can execute. state-dict: a `torch.save`d mapping of
+#: names to tensors, read with `torch.load(weights_only=True)`. pickle: a whole pickled checkpoint
+#: (e.g. an ultralytics .pt), code when loaded. json: a backend's own declarative spec (trivial).
+ArtifactFormat = Literal["safetensors", "state-dict", "pickle", "json"]
+WEIGHTS_FORMATS: tuple[ArtifactFormat, ...] = ("safetensors", "state-dict")
 
 
 class ExpectedBox(BaseModel):
@@ -57,12 +67,17 @@ class Calibration(BaseModel):
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
-    schema_version: Literal[1] = 1
+    schema_version: Literal[2] = 2
     name: ModelName
     version: VersionName
     backend: str = Field(description="backend that loads the artifact, e.g. ultralytics")
     task: Task
     artifact: str = Field(description="artifact file name inside the version directory")
+    format: ArtifactFormat = Field(description="how the artifact is read; pickle needs the worker's opt-in")
+    architecture: dict[str, Any] | None = Field(
+        None, description="the network as declarative config, which weights formats need "
+        "(ultralytics: the model's yaml dict: layers by module name, literal arguments)",
+    )
     sha256: Sha256
     classes: dict[int, str]
     input_size: int = Field(ge=32, le=4096)
@@ -71,6 +86,20 @@ class Manifest(BaseModel):
     lineage: dict[str, Any] = Field(
         default_factory=dict, description="parent version, data set, recipe, metrics"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _current_schema(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("schema_version") == 1:
+            raise ValueError("manifest schema_version 1 predates artifact formats (format, architecture): "
+                             "rebuild the version or write its manifest again")
+        return data
+
+    @model_validator(mode="after")
+    def _weights_need_an_architecture(self) -> Manifest:
+        if self.format in WEIGHTS_FORMATS and self.architecture is None:
+            raise ValueError(f"a {self.format} artifact holds weights only: the manifest needs the architecture")
+        return self
 
     @field_validator("artifact")
     @classmethod

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import os
 import socket
@@ -15,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import aio_pika
@@ -26,6 +28,7 @@ from control.operator import Operator
 from control.processes import WorkerProcess
 from control.zoo import ensure_zoo
 from schemas.jobs import JobResult
+from schemas.manifest import Manifest
 from schemas.signing import KeyFiles, Signer, Verifier, generate_keys
 from schemas.topology import Topology
 from worker.app import Worker
@@ -72,6 +75,52 @@ def heldout(zoo: Path) -> list[HeldOut]:
 @pytest.fixture(scope="session")
 def bus_jpg() -> Path:
     return ULTRALYTICS_ASSETS / "bus.jpg"
+
+
+def reference_yolo(version_dir: Path) -> Any:
+    """In-process `YOLO.predict` on a zoo version's own weights, nothing unpickled: a YOLO from a
+    packaged config, its network rebuilt from the manifest's architecture, the safetensors loaded.
+    Built here with ultralytics alone, not with the worker's loading code it is compared with."""
+    from safetensors.torch import load_file
+    from ultralytics import YOLO
+    from ultralytics.nn.tasks import DetectionModel
+
+    manifest = Manifest.model_validate_json((version_dir / "manifest.json").read_bytes())
+    assert manifest.format == "safetensors" and manifest.architecture is not None
+    yolo = YOLO("yolov8n.yaml", task="detect")
+    network = DetectionModel(copy.deepcopy(manifest.architecture), verbose=False)
+    network.load_state_dict(load_file(version_dir / manifest.artifact), strict=True)
+    network.names, network.args = dict(manifest.classes), yolo.model.args
+    yolo.model = network.eval()
+    return yolo
+
+
+class Trojan:
+    """Pickles to a call of `open(marker, "w")`: unpickling it creates the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.marker), "w"))
+
+
+def write_trojan(path: Path, marker: Path) -> Path:
+    """A checkpoint-shaped pickle (`torch.save`) whose payload, once unpickled, writes `marker`."""
+    import torch
+
+    torch.save({"model": Trojan(marker), "date": "2026-01-01"}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference() -> Callable[[Path], Any]:
+    return reference_yolo
+
+
+@pytest.fixture(scope="session")
+def trojan() -> Callable[[Path, Path], Path]:
+    return write_trojan
 
 
 @pytest.fixture(scope="session")

@@ -35,7 +35,9 @@ from worker.runtime.artifacts import ArtifactCache
 from worker.runtime.deployment import Deployment
 from worker.runtime.manager import ModelManager, ModelSpec
 from worker.runtime.repository import ModelRepository
+from worker.runtime.sources import SourcePolicy
 from worker.runtime.validation import LatencyBudget
+from worker.runtime.weights import ArtifactLoader
 from worker.status import StatusServer
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,8 @@ class Worker:
         self.models = ModelManager(
             ModelRepository(settings.model_root), settings.device, self.control_executor,
             LatencyBudget(factor=settings.latency_budget_factor, cpu_time=settings.device == "cpu"), self.metrics,
-            ArtifactCache(settings.artifact_cache, settings.artifact_sources),
+            ArtifactCache(settings.artifact_cache, SourcePolicy(settings.artifact_sources)),
+            ArtifactLoader(allow_pickle=settings.allow_pickle),
         )
         self.limits = ImageLimits(
             max_bytes=settings.max_image_bytes,

@@ -11,6 +11,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas.topology import Topology
+from worker.runtime.sources import SourcePolicy
 
 
 def _default_worker_id() -> str:
@@ -60,7 +61,10 @@ class WorkerSettings(BaseSettings):
         None, description="Ed25519 key signing status events; default: worker.key beside control_public_key"
     )
     artifact_sources: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="URI prefixes artifacts may be fetched from, comma separated"
+        default_factory=list, description="file:// or http(s):// sources artifacts may be fetched from, comma separated"
+    )
+    allow_pickle: bool = Field(
+        False, description="load pickled checkpoints (code) where a manifest says format pickle; off: refused"
     )
     artifact_cache: Path = Path.home() / ".cache" / "hotswap" / "artifacts"
     keep_standby: int = Field(1, ge=0, le=16, description="earlier versions kept warm for rollback")
@@ -93,4 +97,10 @@ class WorkerSettings(BaseSettings):
         # NoDecode hands comma-separated environment values over as plain strings.
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("artifact_sources")
+    @classmethod
+    def _valid_sources(cls, value: list[str]) -> list[str]:
+        SourcePolicy(value)  # a malformed source stops the worker at start, not at the first update
         return value

@@ -13,6 +13,7 @@ import pytest
 
 from control import zoo
 from schemas.manifest import Manifest
+from worker.runtime.repository import sha256_of
 
 
 def test_generator_is_deterministic_per_seed() -> None:
@@ -87,13 +88,13 @@ def trained(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Replaces training by writing a fake checkpoint; records which versions were trained."""
     versions: list[str] = []
 
-    def fake_train(recipe: zoo.Recipe, data_yaml: str, project: str) -> tuple[str, float]:
+    def fake_train(recipe: zoo.Recipe, data_yaml: str, project: str) -> zoo.Trained:
         assert Path(data_yaml).is_file()
         versions.append(recipe.version)
-        checkpoint = Path(project) / f"{recipe.version}.pt"
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_bytes(f"weights of {recipe.version} #{len(versions)}".encode())
-        return str(checkpoint), 0.5
+        weights = Path(project) / f"{recipe.version}.safetensors"
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        weights.write_bytes(f"weights of {recipe.version} #{len(versions)}".encode())
+        return zoo.Trained(str(weights), 0.5, {"backbone": [], "head": [], "stub": recipe.version})
 
     monkeypatch.setattr(zoo, "ProcessPoolExecutor", _InlinePool)
     monkeypatch.setattr(zoo, "_train", fake_train)
@@ -108,6 +109,8 @@ def test_build_writes_valid_versions_and_caches(tmp_path: Path, trained: list[st
     for d in dirs:
         manifest = Manifest.model_validate_json((d / "manifest.json").read_text())
         assert zoo.is_complete(d) and manifest.version == d.name
+        assert (manifest.artifact, manifest.format) == ("model.safetensors", "safetensors")
+        assert manifest.architecture == {"backbone": [], "head": [], "stub": d.name}
         assert manifest.created_at == zoo.CREATED_AT and manifest.lineage["metrics"] == {"mAP50": 0.5}
         assert manifest.calibration is not None and len(manifest.calibration.images) == 8
         assert all((d / image.file).is_file() for image in manifest.calibration.images)
@@ -121,7 +124,7 @@ def test_build_writes_valid_versions_and_caches(tmp_path: Path, trained: list[st
 def test_tampered_or_half_written_version_is_rebuilt(tmp_path: Path, trained: list[str]) -> None:
     zoo.build_zoo(tmp_path)
     first = (tmp_path / "shapes/1.0.0/manifest.json").read_bytes()
-    (tmp_path / "shapes/2.0.0/model.pt").write_bytes(b"tampered")
+    (tmp_path / "shapes/2.0.0/model.safetensors").write_bytes(b"tampered")
     (tmp_path / "shapes/0.9.0-bad/manifest.json").unlink()
     leftover = tmp_path / "shapes/.tmp-2.0.0-dead"
     leftover.mkdir()
@@ -151,6 +154,24 @@ def test_changed_recipe_or_generator_makes_versions_stale(
     monkeypatch.setattr(zoo, "GENERATOR", zoo.GENERATOR + 1)
     zoo.build_zoo(tmp_path)
     assert trained[4:] == ["1.0.0", "2.0.0"] and spec.read_text() != before
+
+
+def test_versions_of_an_older_artifact_format_are_rebuilt(tmp_path: Path, trained: list[str]) -> None:
+    """A zoo built before artifact formats (a pickled model.pt, manifest schema 1) counts as stale,
+    and so does a version whose manifest names another format than the zoo writes now."""
+    zoo.build_zoo(tmp_path)
+    old = json.loads((tmp_path / "shapes/1.0.0/manifest.json").read_text())
+    (tmp_path / "shapes/1.0.0/model.pt").write_bytes(b"a pickled checkpoint")
+    old.update(schema_version=1, artifact="model.pt", sha256=sha256_of(tmp_path / "shapes/1.0.0/model.pt"))
+    del old["format"], old["architecture"]
+    (tmp_path / "shapes/1.0.0/manifest.json").write_text(json.dumps(old))
+    other = json.loads((tmp_path / "shapes/2.0.0/manifest.json").read_text())
+    (tmp_path / "shapes/2.0.0/manifest.json").write_text(json.dumps({**other, "format": "state-dict"}))
+    assert not zoo.is_complete(tmp_path / "shapes/1.0.0") and not zoo.is_complete(tmp_path / "shapes/2.0.0")
+
+    zoo.build_zoo(tmp_path)
+    assert trained[3:] == ["1.0.0", "2.0.0"]
+    assert not (tmp_path / "shapes/1.0.0/model.pt").exists()
 
 
 def test_is_complete_rejects_bad_manifests(tmp_path: Path) -> None:

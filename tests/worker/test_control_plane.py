@@ -120,9 +120,11 @@ def craft(model_root: Path, name: str, source: str, edit) -> None:  # type: igno
 
 
 async def test_bad_updates_are_refused_with_reasons_and_serving_goes_on(
-    start_worker, operator: Operator, load, model_root: Path, amqp_url: str, namespace: str, metric
+    start_worker, operator: Operator, load, model_root: Path, amqp_url: str, namespace: str, metric, trojan
 ) -> None:
     import hashlib
+
+    from safetensors.torch import save_file
 
     def sha(path: Path) -> str:
         return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -131,27 +133,39 @@ async def test_bad_updates_are_refused_with_reasons_and_serving_goes_on(
         m["sha256"] = "0" * 64
 
     def corrupt(d: Path, m: dict) -> None:  # type: ignore[type-arg]
-        (d / "model.pt").write_bytes((d / "model.pt").read_bytes()[:5000])
-        m["sha256"] = sha(d / "model.pt")
+        (d / m["artifact"]).write_bytes((d / m["artifact"]).read_bytes()[:5000])
+        m["sha256"] = sha(d / m["artifact"])
 
     def not_yolo(d: Path, m: dict) -> None:  # type: ignore[type-arg]
         import torch
 
-        torch.save({"weights": torch.zeros(3)}, d / "model.pt")
-        m["sha256"] = sha(d / "model.pt")
+        save_file({"weights": torch.zeros(3)}, d / m["artifact"])
+        m["sha256"] = sha(d / m["artifact"])
 
     def slow(_: Path, m: dict) -> None:  # type: ignore[type-arg]
         m["input_size"] = 640  # the same network at 25× the pixels
         m["calibration"] = None
 
-    def missing(d: Path, _: dict) -> None:  # type: ignore[type-arg]
-        (d / "model.pt").unlink()
+    def missing(d: Path, m: dict) -> None:  # type: ignore[type-arg]
+        (d / m["artifact"]).unlink()
 
     def unknown_backend(_: Path, m: dict) -> None:  # type: ignore[type-arg]
         m["backend"] = "onnx"
 
+    # A trojaned checkpoint, signed like any update: as a pickle, and under manifests that lie.
+    marker = model_root.parent / "trojan-payload-ran"
+
+    def trojaned(fmt: str):  # type: ignore[no-untyped-def]
+        def edit(d: Path, m: dict) -> None:  # type: ignore[type-arg]
+            (d / m["artifact"]).unlink()
+            m.update(format=fmt, artifact="model.pt", sha256=sha(trojan(d / "model.pt", marker)))
+
+        return edit
+
     crafted = {"3.0.0-wrongsha": wrong_sha, "3.0.0-corrupt": corrupt, "3.0.0-notyolo": not_yolo,
-               "3.0.0-slow": slow, "3.0.0-missing": missing, "3.0.0-onnx": unknown_backend}
+               "3.0.0-slow": slow, "3.0.0-missing": missing, "3.0.0-onnx": unknown_backend,
+               "3.0.0-pickle": trojaned("pickle"), "3.0.0-lies-safetensors": trojaned("safetensors"),
+               "3.0.0-lies-statedict": trojaned("state-dict")}
     for name, edit in crafted.items():
         craft(model_root, name, "2.0.0", edit)
     a, _ = start_worker("shapes@1.0.0", name="a"), start_worker("shapes@1.0.0", name="b")
@@ -160,6 +174,9 @@ async def test_bad_updates_are_refused_with_reasons_and_serving_goes_on(
 
     expected = {"3.0.0-wrongsha": "sha256", "3.0.0-corrupt": "could not load", "3.0.0-notyolo": "could not load",
                 "3.0.0-slow": "latency", "3.0.0-missing": "missing", "3.0.0-onnx": "unknown backend",
+                "3.0.0-pickle": "this worker does not allow pickles (HOTSWAP_ALLOW_PICKLE)",
+                "3.0.0-lies-safetensors": "not a valid safetensors file",
+                "3.0.0-lies-statedict": "not a valid state-dict file: WeightsUnpickler error: Unsupported global",
                 "0.9.0-bad": "calibration recall", "9.9.9": "not found"}
     for version, reason in expected.items():
         report = await operator.publish_and_wait("shapes", Update(version=version))
@@ -167,6 +184,7 @@ async def test_bad_updates_are_refused_with_reasons_and_serving_goes_on(
         for worker in ("a", "b"):
             final = report.final(worker)
             assert final is not None and final.phase == "failed" and reason in (final.reason or ""), final
+    assert not marker.exists(), "a trojaned checkpoint's payload ran in a worker"
 
     # A forged command (another key) and a replayed one (an old envelope sent again).
     async with Operator(amqp_url, namespace=namespace, signer=Signer.from_file(
@@ -286,21 +304,53 @@ async def test_artifacts_by_uri_from_allowed_sources_only(
 
     try:
         refused = {
-            f"file://{elsewhere}/shapes/4.0.0/model.pt": "not under an allowed artifact source",
-            f"file://{published}/shapes/4.2.0/model.pt": "cannot fetch",
-            f"{http}/shapes/4.2.0/model.pt": "cannot fetch",
+            f"file://{elsewhere}/shapes/4.0.0/model.safetensors": "not under an allowed artifact source",
+            f"file://{published}/../elsewhere/shapes/4.0.0/model.safetensors": "not under an allowed artifact source",
+            f"file://{published}/%2e%2e/elsewhere/shapes/4.0.0/model.safetensors": "not under an allowed",
+            f"{http}/%2e%2e/elsewhere/shapes/4.0.0/model.safetensors": "'..'",
+            f"file://{published}/shapes/4.2.0/model.safetensors": "cannot fetch",
+            f"{http}/shapes/4.2.0/model.safetensors": "cannot fetch",
         }
         for uri, reason in refused.items():
             report = await update("4.0.0" if "4.0.0" in uri else "4.2.0", uri)
             final = report.final("a")
             assert final is not None and final.phase == "failed" and reason in (final.reason or ""), final
-        wrong = await update("4.1.0", f"{http}/shapes/4.1.0/model.pt", pinned="1" * 64)
+        wrong = await update("4.1.0", f"{http}/shapes/4.1.0/model.safetensors", pinned="1" * 64)
         assert "sha256" in (wrong.final("a").reason or "")  # type: ignore[union-attr]
 
-        assert_ok(await update("4.0.0", f"file://{published}/shapes/4.0.0/model.pt"), {"a"})
+        assert_ok(await update("4.0.0", f"file://{published}/shapes/4.0.0/model.safetensors"), {"a"})
         assert (await client.submit(heldout[0].path, model="shapes")).version == "4.0.0"
     finally:
         await runner.cleanup()
+
+
+async def test_a_pickled_checkpoint_loads_only_on_a_worker_that_allows_pickles(
+    start_worker, operator: Operator, client: Client, heldout, model_root: Path, zoo: Path, reference
+) -> None:
+    def pickled(d: Path, m: dict) -> None:  # type: ignore[type-arg]
+        import hashlib
+
+        (d / m["artifact"]).unlink()
+        reference(zoo / "shapes" / "2.0.0").save(d / "model.pt")  # a genuine ultralytics checkpoint
+        sha = hashlib.sha256((d / "model.pt").read_bytes()).hexdigest()
+        m.update(format="pickle", artifact="model.pt", architecture=None, sha256=sha)
+
+    craft(model_root, "3.0.0-pickled", "2.0.0", pickled)
+    start_worker("shapes@1.0.0", name="safe")
+    start_worker("shapes@1.0.0", name="opted-in", env={"HOTSWAP_ALLOW_PICKLE": "1"})
+    report = await operator.publish_and_wait("shapes", Update(version="3.0.0-pickled"))
+    refused, loaded = report.final("safe"), report.final("opted-in")
+    assert refused is not None and refused.phase == "failed", refused
+    assert "does not allow pickles (HOTSWAP_ALLOW_PICKLE)" in (refused.reason or "")
+    assert loaded is not None and loaded.phase == "done", loaded
+    beats = await operator.heartbeats(1.5)
+    assert beats["opted-in"].models["shapes"].active == "3.0.0-pickled"
+    assert beats["safe"].models["shapes"].active == "1.0.0"
+    assert beats["safe"].models["shapes"].versions["3.0.0-pickled"].state == "failed"
+    served = await asyncio.gather(*(client.submit(heldout[i % len(heldout)].path, model="shapes") for i in range(40)))
+    assert all(r.status == "ok" for r in served)
+    assert {(r.worker_id, r.version) for r in served} <= {("safe", "1.0.0"), ("opted-in", "3.0.0-pickled")}
+    assert any(r.worker_id == "opted-in" for r in served)
 
 
 async def test_concurrency_rules(start_worker, operator: Operator, client: Client, heldout) -> None:

@@ -35,18 +35,16 @@ def png(size: tuple[int, int], noise: bool = False) -> bytes:
 
 
 async def test_held_out_images_come_back_right_and_equal_in_process_predict(
-    start_worker, client: Client, heldout, zoo: Path
+    start_worker, client: Client, heldout, zoo: Path, reference
 ) -> None:
-    from ultralytics import YOLO
-
     start_worker("shapes@2.0.0")
     results = await asyncio.gather(*(client.submit(item.path, model="shapes") for item in heldout))
-    reference = YOLO(str(zoo / "shapes" / "2.0.0" / "model.pt"))
+    yolo = reference(zoo / "shapes" / "2.0.0")
     found = expected = 0
     for item, result in zip(heldout, results, strict=True):
         assert (result.status, result.model, result.version) == ("ok", "shapes", "2.0.0")
         assert result.image is not None and (result.image.width, result.image.height) == (128, 128)
-        theirs = reference.predict(str(item.path), imgsz=128, verbose=False)[0].boxes
+        theirs = yolo.predict(str(item.path), imgsz=128, verbose=False)[0].boxes
         ours = np.array([[d.box.x1, d.box.y1, d.box.x2, d.box.y2] for d in result.detections]).reshape(-1, 4)
         assert np.allclose(ours, theirs.xyxy.numpy(), atol=1e-3), item.path
         assert [d.class_id for d in result.detections] == theirs.cls.numpy().astype(int).tolist()

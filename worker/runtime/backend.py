@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from schemas.jobs import Detection, InferenceParams
 from schemas.manifest import Manifest
+
+if TYPE_CHECKING:
+    from worker.runtime.weights import ArtifactLoader
 
 #: A decoded image: height × width × 3, uint8, BGR (OpenCV and ultralytics order).
 Image = npt.NDArray[np.uint8]
@@ -27,7 +30,10 @@ class BackendError(Exception):
 
 class ModelBackend(Protocol):
     """One loaded model version. All methods block: the worker calls them in threads, and
-    `predict` may be called from two at once (serving, and validation measuring a baseline)."""
+    `predict` may be called from two at once (serving, and validation measuring a baseline).
+
+    `load` reads the artifact through the `ArtifactLoader` the backend was created with, in a
+    format its manifest names: that loader is where "artifacts cannot run code" is enforced."""
 
     def load(self, artifact: Path, manifest: Manifest) -> None: ...
 
@@ -40,14 +46,17 @@ class ModelBackend(Protocol):
     def release(self) -> None: ...
 
 
-BackendFactory = Callable[[str], ModelBackend]
+BackendFactory = Callable[[str, "ArtifactLoader"], ModelBackend]
 
 
-def create_backend(name: str, device: str) -> ModelBackend:
+def create_backend(name: str, device: str, loader: ArtifactLoader | None = None) -> ModelBackend:
+    """A backend for `device`; `loader` (default: no pickles) reads its artifacts."""
+    from worker.runtime.weights import ArtifactLoader
+
     factory = _factories().get(name)
     if factory is None:
         raise BackendError(f"unknown backend {name!r}; known: {', '.join(sorted(_factories()))}")
-    return factory(device)
+    return factory(device, loader or ArtifactLoader())
 
 
 def _factories() -> dict[str, BackendFactory]:

@@ -28,6 +28,7 @@ from worker.runtime.lifecycle import ModelVersion, VersionState
 from worker.runtime.memory import memory_in_use
 from worker.runtime.repository import ModelRepository, RepositoryError
 from worker.runtime.validation import LatencyBudget, check_calibration, check_latency
+from worker.runtime.weights import ArtifactLoader
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -75,9 +76,11 @@ class ModelManager:
         budget: LatencyBudget | None = None,
         metrics: WorkerMetrics | None = None,
         artifacts: ArtifactCache | None = None,
+        loader: ArtifactLoader | None = None,
     ) -> None:
         self.repository = repository
         self.artifacts = artifacts
+        self.loader = loader or ArtifactLoader()
         self.metrics = metrics
         self.device = device
         self.executor = control_executor
@@ -132,7 +135,7 @@ class ModelManager:
                     entry = await self._run(self.artifacts.fetch, model, name, ref)
                 version.manifest = entry.manifest
                 artifact = await self._run(self.repository.verified_artifact, entry)
-                backend = create_backend(entry.manifest.backend, self.device)
+                backend = create_backend(entry.manifest.backend, self.device, self.loader)
                 await self._run(backend.load, artifact, entry.manifest)
                 version.backend = backend
             version.advance(VersionState.VALIDATING)

@@ -1,10 +1,10 @@
 """A model that costs nothing: the worker's own overhead, measured (`hotswap loadtest bench`).
 
-Its artifact is a small JSON file, `{"kind": "trivial"}`, optionally with `"whole_image": true`
-(one box covering the whole image, class 0, instead of no detections) and `"delay_ms": N` (each
-batch takes that long, in a sleep that releases the GIL as a GPU call does: a stand-in for a heavy
-model, or, very long, for a stuck one). No framework, no torch: whatever a job costs on a trivial
-version is transport, parsing, decoding and bookkeeping.
+Its artifact is a small JSON file (manifest format `json`), `{"kind": "trivial"}`, optionally with
+`"whole_image": true` (one box covering the whole image, class 0, instead of no detections) and
+`"delay_ms": N` (each batch takes that long, in a sleep that releases the GIL as a GPU call does: a
+stand-in for a heavy model, or, very long, for a stuck one). No framework, no torch: whatever a job
+costs on a trivial version is transport, parsing, decoding and bookkeeping.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from schemas.jobs import Box, Detection, InferenceParams
 from schemas.manifest import Manifest
 from worker.runtime.backend import BackendError, Image
 from worker.runtime.repository import sha256_of
+from worker.runtime.weights import JSON, ArtifactLoader
 
 ARTIFACT_KIND = "trivial"
 TRIVIAL_MODEL = "trivial"
@@ -39,7 +40,7 @@ def write_trivial_model(root: Path, version: str = "1.0.0", *, whole_image: bool
     artifact = directory / "model.json"
     artifact.write_bytes(trivial_artifact(whole_image=whole_image, delay_ms=delay_ms))
     manifest = Manifest(
-        name=name, version=version, backend="trivial", task="detect", artifact=artifact.name,
+        name=name, version=version, backend="trivial", task="detect", artifact=artifact.name, format="json",
         sha256=sha256_of(artifact), classes={0: "thing"}, input_size=32, created_at=datetime.now(UTC),
         lineage={"note": "written for a trivial model: no network, no torch"},
     )
@@ -48,21 +49,18 @@ def write_trivial_model(root: Path, version: str = "1.0.0", *, whole_image: bool
 
 
 class TrivialBackend:
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, loader: ArtifactLoader | None = None) -> None:
         self.device = device  # nothing runs on it
+        self.loader = loader or ArtifactLoader()
         self._manifest: Manifest | None = None
         self._whole_image = False
         self._delay_s = 0.0
 
     def load(self, artifact: Path, manifest: Manifest) -> None:
+        self.loader.check(manifest, JSON)
         if not artifact.is_file():
             raise BackendError(f"artifact {artifact} does not exist")
-        if artifact.stat().st_size > MAX_ARTIFACT_BYTES:
-            raise BackendError(f"artifact {artifact.name} is too large for a trivial model")
-        try:
-            spec = json.loads(artifact.read_bytes())
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise BackendError(f"artifact {artifact.name} is not JSON: {exc}") from exc
+        spec = self.loader.json(artifact, manifest, MAX_ARTIFACT_BYTES)
         if not isinstance(spec, dict) or spec.get("kind") != ARTIFACT_KIND:
             raise BackendError(f'artifact {artifact.name} is not a trivial model ({{"kind": "trivial"}})')
         whole_image = spec.get("whole_image", False)

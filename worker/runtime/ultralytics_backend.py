@@ -6,7 +6,12 @@ and its inference thread run side by side (on this project's 2-core machine, 128
 8.5 against 15.0 ms per image beside a busy Python thread, 7.9 against 10.6 ms alone).
 Pre- and post-processing are ultralytics' own (`LetterBox`, `non_max_suppression`,
 `scale_boxes`) with the arguments its predictor passes, so the answers are those of
-`YOLO.predict` (a test holds them to it). Other tasks go through `YOLO.predict`.
+`YOLO.predict` (a test holds them to it). Other tasks go through `YOLO.predict`, on a `YOLO`
+built around the version's network (`ultralytics_networks.yolo_around`).
+
+The network comes from the manifest's architecture and the artifact's weights (safetensors or a
+weights-only state dict), or, where the manifest says pickle and the worker allows it, from a
+pickled ultralytics checkpoint (`ultralytics_networks.load_network`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from schemas.jobs import Box, Detection, InferenceParams
 from schemas.manifest import Manifest
 from worker.runtime.backend import BackendError, Image, blank_image
 from worker.runtime.tracing import traced
+from worker.runtime.ultralytics_networks import Network, load_network, yolo_around
+from worker.runtime.weights import ArtifactLoader, PickleRefused
 
 if TYPE_CHECKING:
     from ultralytics import YOLO
@@ -49,10 +56,10 @@ class TracedDetector:
     device: str
 
     @classmethod
-    def trace(cls, yolo: YOLO, device: str, size: int) -> TracedDetector:
+    def trace(cls, network: Network, device: str, size: int) -> TracedDetector:
         # As ultralytics' predictor runs it: Conv+BN fused, weights channels-last (about 15 % faster
         # on CPU than contiguous ones here).
-        network = yolo.model.fuse(verbose=False).eval().to(memory_format=torch.channels_last)
+        network = network.fuse(verbose=False).eval().to(device, memory_format=torch.channels_last)
         for parameter in network.parameters():
             parameter.requires_grad_(False)
         for module in network.modules():
@@ -99,8 +106,9 @@ class FirstOutput(torch.nn.Module):
 
 
 class UltralyticsBackend:
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, loader: ArtifactLoader | None = None) -> None:
         self.device = device
+        self.loader = loader or ArtifactLoader()
         self._model: YOLO | None = None
         self._detector: TracedDetector | None = None
         self._manifest: Manifest | None = None
@@ -109,26 +117,22 @@ class UltralyticsBackend:
         self._lock = threading.Lock()
 
     def load(self, artifact: Path, manifest: Manifest) -> None:
-        # The caller has checked the sha256: YOLO() unpickles, and a pickle is code.
         if not artifact.is_file():
             raise BackendError(f"artifact {artifact} does not exist")
         prepare_offline_environment()
-        from ultralytics import YOLO
-
         try:
-            model = YOLO(str(artifact), task=manifest.task)
-            model.to(self.device)
+            network = load_network(artifact, manifest, self.loader).to(self.device)
+            if manifest.task != "detect":
+                self._model = yolo_around(network, manifest)
+        except PickleRefused:
+            raise  # not a broken artifact but a refused one: its reason says why
         except Exception as exc:  # any failure here means the artifact is unusable
             raise BackendError(f"ultralytics could not load {artifact.name}: {exc}") from exc
-        if model.task != manifest.task:
-            raise BackendError(f"artifact is a {model.task} model, manifest says {manifest.task}")
         if manifest.task == "detect":
             try:
-                self._detector = TracedDetector.trace(model, self.device, manifest.input_size)
+                self._detector = TracedDetector.trace(network, self.device, manifest.input_size)
             except Exception as exc:  # a network TorchScript cannot trace is unusable here
                 raise BackendError(f"could not trace {artifact.name} for serving: {exc}") from exc
-        else:
-            self._model = model
         self._manifest = manifest
 
     def warm_up(self) -> None:

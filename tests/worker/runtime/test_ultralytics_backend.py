@@ -22,17 +22,16 @@ def backend(zoo: Path):
     model.release()
 
 
-def test_batch_predictions_equal_in_process_ultralytics(backend, zoo: Path, heldout, bus_jpg: Path) -> None:
-    from ultralytics import YOLO
-
-    reference = YOLO(str(zoo / "shapes" / "2.0.0" / "model.pt"))
+def test_batch_predictions_equal_in_process_ultralytics(backend, zoo: Path, heldout, bus_jpg: Path,
+                                                       reference) -> None:
+    yolo = reference(zoo / "shapes" / "2.0.0")
     # ultralytics letterboxes a batch of mixed sizes differently from single images, so the
     # same-sized held-out images go as one batch and the photo alone.
     paths = [item.path for item in heldout[:6]]
     ours = backend.predict([decode_image(p.read_bytes(), LIMITS) for p in paths], InferenceParams(conf=0.1))
     ours += backend.predict([decode_image(bus_jpg.read_bytes(), LIMITS)], InferenceParams(conf=0.1))
     for path, detections in zip([*paths, bus_jpg], ours, strict=True):
-        theirs = reference.predict(str(path), imgsz=128, conf=0.1, verbose=False)[0].boxes
+        theirs = yolo.predict(str(path), imgsz=128, conf=0.1, verbose=False)[0].boxes
         assert len(detections) == len(theirs), path
         for detection, box, score, cls in zip(
             detections, theirs.xyxy.numpy(), theirs.conf.numpy(), theirs.cls.numpy(), strict=True
@@ -62,8 +61,8 @@ def test_params_are_honoured(backend, heldout) -> None:
 
 def test_loading_garbage_is_a_backend_error(tmp_path: Path, zoo: Path) -> None:
     entry = ModelRepository(zoo).get("shapes", "1.0.0")
-    garbage = tmp_path / "model.pt"
-    garbage.write_bytes(b"this is not a checkpoint")
+    garbage = tmp_path / "model.safetensors"
+    garbage.write_bytes(b"this is not a safetensors file")
     with pytest.raises(BackendError, match="could not load"):
         create_backend("ultralytics", "cpu").load(garbage, entry.manifest)
 
