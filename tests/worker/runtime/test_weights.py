@@ -17,7 +17,7 @@ from schemas.manifest import Manifest
 from worker.images import ImageLimits, decode_image
 from worker.runtime.backend import BackendError, create_backend
 from worker.runtime.repository import ModelRepository, sha256_of
-from worker.runtime.trivial_backend import TrivialBackend
+from worker.runtime.trivial_backend import TrivialBackend, write_trivial_model
 from worker.runtime.weights import ArtifactLoader, PickleRefused
 
 LIMITS = ImageLimits(max_bytes=10**7, max_pixels=10**7)
@@ -80,8 +80,6 @@ def test_a_trojaned_checkpoint_never_runs_by_default(
 
 
 def test_the_trivial_backend_reads_json_only(tmp_path: Path, trojaned: Path, marker: Path) -> None:
-    from loadtest.bench_env import write_trivial_model
-
     manifest = ModelRepository(write_trivial_model(tmp_path).parent.parent).get("trivial", "1.0.0").manifest
     assert manifest.format == "json"
     with pytest.raises(BackendError, match="does not load pickle artifacts"):
