@@ -27,6 +27,9 @@ class ErrorCode(StrEnum):
     IMAGE_TOO_LARGE = "image_too_large"
     TOO_MANY_PIXELS = "too_many_pixels"
     IMAGE_FETCH_FAILED = "image_fetch_failed"
+    # The worker's policy will not fetch that URL (host or address not allowed, a redirect off
+    # the allowed hosts, a file outside the allowed roots): retrying cannot help.
+    IMAGE_URL_REFUSED = "image_url_refused"
     UNKNOWN_MODEL = "unknown_model"
     UNKNOWN_VERSION = "unknown_version"
     EXPIRED = "expired"

@@ -25,12 +25,14 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 from schemas.errors import ErrorCode
 from schemas.manifest import MODEL_NAME_PATTERN, VERSION_PATTERN
+from schemas.urls import parse_image_url
 
 SCHEMA_VERSION: Literal[1] = 1
 JOB_ID_MAX_LENGTH = 128
@@ -81,6 +83,13 @@ class UrlImage(_Wire):
     url: str = Field(
         pattern=r"^(https?|file)://", max_length=4096, description="http(s) or allowed file URL"
     )
+
+    @field_validator("url")
+    @classmethod
+    def _fetchable(cls, url: str) -> str:
+        # A URL no worker could fetch is malformed (`invalid_job`), whatever the workers allow.
+        parse_image_url(url)  # ValueError saying why not
+        return url
 
 
 def _image_kind(value: object) -> str:

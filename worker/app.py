@@ -18,7 +18,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import aiohttp
 from aio_pika.abc import AbstractRobustConnection
 
 from schemas.signing import Signer, Verifier
@@ -28,6 +27,7 @@ from worker.config import WorkerSettings
 from worker.connections import connect
 from worker.consumer import JobConsumer
 from worker.control import ControlLoop
+from worker.fetch import UrlPolicy, image_session
 from worker.images import ImageLimits
 from worker.jobs import JobProcessor
 from worker.metrics import WorkerMetrics
@@ -72,8 +72,11 @@ class Worker:
             max_bytes=settings.max_image_bytes,
             max_pixels=settings.max_image_pixels,
             fetch_timeout_s=settings.image_fetch_timeout_s,
+            read_timeout_s=settings.image_read_timeout_s,
             file_roots=tuple(settings.image_file_roots),
         )
+        # Parsed here, so that a bad host pattern stops the worker before it serves.
+        self.url_policy = UrlPolicy.of(settings.image_url_hosts, settings.image_url_networks)
         self.connection: AbstractRobustConnection | None = None
         self.consumer: JobConsumer | None = None
         self.processor: JobProcessor | None = None
@@ -93,7 +96,7 @@ class Worker:
         signer = self._event_signer()
         status = StatusServer(self, self.settings.status_host, self.settings.status_port)
         self.status_url = await status.start()
-        http = aiohttp.ClientSession()
+        http = image_session(self.url_policy)  # only where the policy allows
         self.connection = await connect(self.settings.amqp_url, f"hotswap-worker {self.settings.worker_id}",
                                         heartbeat_s=self.settings.amqp_heartbeat_s)
         self.connection.close_callbacks.add(lambda *_: self._set_connected(False))

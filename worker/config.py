@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, IPvAnyNetwork, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas.topology import Topology
@@ -51,9 +51,17 @@ class WorkerSettings(BaseSettings):
     max_pixels_in_flight: int = Field(
         160_000_000, ge=1, description="decoded pixels held at once by the jobs in flight (memory bound)"
     )
-    image_fetch_timeout_s: float = Field(10.0, gt=0)
+    image_fetch_timeout_s: float = Field(10.0, gt=0, description="a whole image URL fetch, redirects included")
+    image_read_timeout_s: float = Field(5.0, gt=0, description="one connect, or one wait for more of the body")
     image_file_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="directories file:// image URLs may read from"
+    )
+    image_url_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="hosts http(s) image URLs may name: name, *.suffix, *, or IP; :port or :* (worker.fetch)",
+    )
+    image_url_networks: Annotated[list[IPvAnyNetwork], NoDecode] = Field(
+        default_factory=list, description="CIDRs image URLs may reach although private, loopback, …"
     )
 
     control_public_key: Path | None = Field(None, description="Ed25519 key verifying control commands")
@@ -91,7 +99,9 @@ class WorkerSettings(BaseSettings):
             return self.control_public_key.parent / "worker.key"
         return None
 
-    @field_validator("models", "image_file_roots", "artifact_sources", mode="before")
+    @field_validator(
+        "models", "image_file_roots", "image_url_hosts", "image_url_networks", "artifact_sources", mode="before"
+    )
     @classmethod
     def _split_commas(cls, value: object) -> object:
         # NoDecode hands comma-separated environment values over as plain strings.

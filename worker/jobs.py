@@ -31,7 +31,8 @@ from schemas.jobs import (
 )
 from worker.admission import PixelBudget
 from worker.batching import MicroBatcher
-from worker.images import ImageHeader, ImageLimits, ImageRejected, decode_pixels, fetch_image, read_header
+from worker.fetch import fetch_image
+from worker.images import ImageHeader, ImageLimits, ImageRejected, decode_pixels, read_header
 from worker.metrics import WorkerMetrics
 from worker.runtime.backend import Image
 from worker.runtime.deployment import Deployment, DeploymentTable, UnknownVersion

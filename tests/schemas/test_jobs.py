@@ -96,3 +96,44 @@ def test_published_json_schemas_match_the_models() -> None:
     for name, document in json_schemas().items():
         published = json.loads((SCHEMA_DIR / f"{name}.schema.json").read_text())
         assert published == document, f"run `hotswap schema --write`: {name} changed"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://[::1",
+        "http://" + "a" * 300 + "/a.png",
+        "file:///data/a\x00b.png",
+        "file:///data/a%00b.png",
+        "http://bücher.example/a.png",
+        "http://ｅxample.com/a.png",
+        "http://user:pass@example.com/a.png",
+        "http://example.com:99999/a.png",
+        "http://example.com:0/a.png",
+        "http://127.1/a.png",
+        "http://example.com\t/a.png",
+        "http:///a.png",
+        "file://server/share/a.png",
+    ],
+)
+def test_urls_no_worker_could_fetch_are_invalid_jobs(url: str) -> None:
+    raw = json.dumps({"job_id": "j1", "model": "shapes", "image": {"url": url}}).encode()
+    with pytest.raises(MalformedJob) as caught:
+        parse_job(raw)
+    assert caught.value.code is ErrorCode.INVALID_JOB
+    assert caught.value.message.startswith("image.url.url: ")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://images.example.com/a.png?size=large#x",
+        "http://xn--bcher-kva.example:8080/a.png",
+        "http://10.1.2.3/a.png",  # well formed: whether it may be fetched is the worker's policy
+        "http://[2001:db8::1]:8443/a.png",
+        "file:///data/an image.png",
+        "file://localhost/data/a.png",
+    ],
+)
+def test_well_formed_urls_parse(url: str) -> None:
+    assert parse_job(body(image={"url": url})).image == UrlImage(url=url)

@@ -1,15 +1,13 @@
 import io
 from pathlib import Path
 
-import aiohttp
 import cv2
 import numpy as np
 import pytest
-from aiohttp import web
 from PIL import Image
 
 from schemas.errors import ErrorCode
-from worker.images import ImageLimits, ImageRejected, decode_image, fetch_image
+from worker.images import ImageLimits, ImageRejected, decode_image
 
 LIMITS = ImageLimits(max_bytes=2_000_000, max_pixels=4_000_000, fetch_timeout_s=2.0)
 
@@ -93,49 +91,3 @@ def test_zero_sized_png_header_is_empty_or_invalid() -> None:
     png = bytearray(encode("PNG", size=(1, 1)))
     png[16:24] = (0).to_bytes(4, "big") * 2  # IHDR width and height
     assert rejected(bytes(png)) in {ErrorCode.EMPTY_IMAGE, ErrorCode.NOT_AN_IMAGE}
-
-
-async def test_file_urls_only_from_allowed_roots(tmp_path: Path) -> None:
-    allowed = tmp_path / "allowed"
-    allowed.mkdir()
-    (allowed / "a.png").write_bytes(encode("PNG"))
-    (tmp_path / "secret.png").write_bytes(encode("PNG"))
-    limits = ImageLimits(max_bytes=10**6, max_pixels=10**6, file_roots=(allowed,))
-    async with aiohttp.ClientSession() as http:
-        assert await fetch_image(f"file://{allowed}/a.png", limits, http) == encode("PNG")
-        for url in (f"file://{tmp_path}/secret.png", f"file://{allowed}/../secret.png", f"file://{allowed}/none.png"):
-            with pytest.raises(ImageRejected) as caught:
-                await fetch_image(url, limits, http)
-            assert caught.value.code is ErrorCode.IMAGE_FETCH_FAILED
-
-
-async def test_http_urls_fetch_with_status_and_size_checks() -> None:
-    png = encode("PNG")
-
-    async def image(_: web.Request) -> web.Response:
-        return web.Response(body=png, content_type="image/png")
-
-    async def big(_: web.Request) -> web.Response:
-        return web.Response(body=b"x" * 5000)
-
-    app = web.Application()
-    app.router.add_get("/a.png", image)
-    app.router.add_get("/big", big)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    limits = ImageLimits(max_bytes=4000, max_pixels=10**6, fetch_timeout_s=2)
-    try:
-        async with aiohttp.ClientSession() as http:
-            assert await fetch_image(f"{base}/a.png", limits, http) == png
-            for path, code in (("/missing", ErrorCode.IMAGE_FETCH_FAILED), ("/big", ErrorCode.IMAGE_TOO_LARGE)):
-                with pytest.raises(ImageRejected) as caught:
-                    await fetch_image(base + path, limits, http)
-                assert caught.value.code is code
-            with pytest.raises(ImageRejected) as caught:
-                await fetch_image("http://127.0.0.1:1/nothing-listens", limits, http)
-            assert caught.value.code is ErrorCode.IMAGE_FETCH_FAILED
-    finally:
-        await runner.cleanup()

@@ -153,9 +153,6 @@ async def test_a_pinned_version_is_honoured(start_worker, client: Client, heldou
 
 
 async def test_images_by_url(start_worker, client: Client, heldout, tmp_path: Path) -> None:
-    image_dir = heldout[0].path.parent
-    start_worker("shapes@1.0.0", env={"HOTSWAP_IMAGE_FILE_ROOTS": str(image_dir)})
-
     async def serve(_: web.Request) -> web.Response:
         return web.Response(body=heldout[0].path.read_bytes(), content_type="image/png")
 
@@ -165,25 +162,42 @@ async def test_images_by_url(start_worker, client: Client, heldout, tmp_path: Pa
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     port = runner.addresses[0][1]
+    image_dir = heldout[0].path.parent
+    # This server's host and port only; its address is loopback, so that network must be allowed too.
+    worker = start_worker("shapes@1.0.0", env={
+        "HOTSWAP_IMAGE_FILE_ROOTS": str(image_dir),
+        "HOTSWAP_IMAGE_URL_HOSTS": f"127.0.0.1:{port}",
+        "HOTSWAP_IMAGE_URL_NETWORKS": "127.0.0.0/8",
+    })
     outside = tmp_path / "outside.png"
     outside.write_bytes(heldout[0].path.read_bytes())
     try:
-        by_http, by_file, refused = await asyncio.gather(
+        by_http, by_file, refused, own_status = await asyncio.gather(
             client.submit(f"http://127.0.0.1:{port}/image.png", model="shapes"),
             client.submit(f"file://{heldout[0].path}", model="shapes"),
             client.submit(f"file://{outside}", model="shapes"),
+            client.submit(worker.url + "/metrics", model="shapes"),  # same host, another port
         )
     finally:
         await runner.cleanup()
     inline = await client.submit(heldout[0].path, model="shapes")
-    assert by_http.status == by_file.status == "ok"
+    assert by_http.status == by_file.status == "ok", (by_http.error, by_file.error)
     # The same pixels; batching may differ in the last float bits.
     def rounded(result: JobResult) -> list[tuple[object, ...]]:
         return [(d.class_id, round(d.score, 4), round(d.box.x1, 2), round(d.box.y2, 2)) for d in result.detections]
 
     assert rounded(by_http) == rounded(by_file) == rounded(inline)
-    assert refused.error is not None and refused.error.code is ErrorCode.IMAGE_FETCH_FAILED
+    for result in (refused, own_status):
+        assert result.error is not None and result.error.code is ErrorCode.IMAGE_URL_REFUSED, result.error
 
+
+async def test_image_urls_are_refused_by_default(start_worker, client: Client, metric) -> None:
+    # A worker fetching whatever a producer names would fetch its own metrics, and worse.
+    worker = start_worker("shapes@1.0.0")
+    result = await client.submit(worker.url + "/metrics", model="shapes")
+    assert result.error is not None and result.error.code is ErrorCode.IMAGE_URL_REFUSED, result.error
+    assert "HOTSWAP_IMAGE_URL_HOSTS" in result.error.message
+    assert metric(worker.text("/metrics"), "hotswap_jobs_total", code="image_url_refused") == 1
 
 
 async def test_the_pixel_budget_bounds_the_images_held_at_once(start_worker, client: Client, heldout, metric) -> None:

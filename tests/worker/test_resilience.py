@@ -137,7 +137,9 @@ async def test_a_message_that_kills_workers_ends_in_the_dead_letter_queue(
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     url = f"http://127.0.0.1:{runner.addresses[0][1]}/hang.png"
-    env = {"HOTSWAP_DELIVERY_LIMIT": "1", "HOTSWAP_IMAGE_FETCH_TIMEOUT_S": "3600"}
+    env = {"HOTSWAP_DELIVERY_LIMIT": "1", "HOTSWAP_IMAGE_FETCH_TIMEOUT_S": "3600",
+           "HOTSWAP_IMAGE_READ_TIMEOUT_S": "3600", "HOTSWAP_IMAGE_URL_HOSTS": "127.0.0.1:*",
+           "HOTSWAP_IMAGE_URL_NETWORKS": "127.0.0.0/8"}
     topology = Topology(namespace)
     poison: asyncio.Task[JobResult] | None = None
     kills = 0
