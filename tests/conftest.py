@@ -145,7 +145,7 @@ def model_root(zoo: Path, tmp_path: Path) -> Path:
 async def namespace(amqp_url: str) -> AsyncIterator[str]:
     name = f"test-{uuid.uuid4().hex[:10]}"
     yield name
-    await delete_namespace(amqp_url, name, models=["shapes", "other"])
+    await delete_namespace(amqp_url, name, models=["shapes", "other", "trivial"])
 
 
 @pytest.fixture
@@ -258,7 +258,6 @@ async def serve_in_process(namespace: str, amqp_url: str, tmp_path: Path) -> Asy
         worker.stopping.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, 30)
-    await delete_namespace(amqp_url, namespace, models=["trivial"])
 
 
 @pytest.fixture
