@@ -274,6 +274,8 @@ class BackgroundLoad:
         self.images = images
         self.options = options
         self.results: list[tuple[Path, JobResult]] = []  # in arrival order
+        #: Each lane's results in its order: a lane submits its next job once the last is answered.
+        self.by_lane: dict[int, list[JobResult]] = {}
         self.errors: list[BaseException] = []
         self._stop = asyncio.Event()
         self._tasks = [asyncio.create_task(self._loop(i)) for i in range(concurrency)]
@@ -286,6 +288,7 @@ class BackgroundLoad:
             try:
                 result = await self.client.submit(image, model="shapes", timeout_s=60, **self.options)  # type: ignore[arg-type]
                 self.results.append((image, result))
+                self.by_lane.setdefault(lane, []).append(result)
             except Exception as exc:  # a timeout is a lost job: the test reports it
                 self.errors.append(exc)
 
