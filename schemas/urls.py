@@ -72,20 +72,21 @@ def _check_host(host: str) -> None:
         try:
             ipaddress.IPv6Address(host)
         except ValueError as exc:
-            raise ValueError(f"host {_shorten(host)!r} is not an IPv6 address: {exc}") from None
+            raise ValueError(f"host {shorten(host)!r} is not an IPv6 address: {exc}") from None
         return
     name = host.lower().removesuffix(".")
     labels = name.split(".")
     if len(name) > _MAX_NAME or not all(_LABEL.fullmatch(label) for label in labels):
-        raise ValueError(f"host {_shorten(host)!r} is not a valid host name")
+        raise ValueError(f"host {shorten(host)!r} is not a valid host name")
     if labels[-1].isdigit():
         # An IPv4 address, or a legacy numeric form of one ("127.1", "2130706433"), which the
         # resolver would turn into an address no host pattern names: only the standard form.
         try:
             ipaddress.IPv4Address(host)  # no trailing dot either: "127.0.0.1." is no name
         except ValueError:
-            raise ValueError(f"host {_shorten(host)!r} is neither a host name nor an IPv4 address") from None
+            raise ValueError(f"host {shorten(host)!r} is neither a host name nor an IPv4 address") from None
 
 
-def _shorten(text: str, limit: int = 80) -> str:
+def shorten(text: str, limit: int = 80) -> str:
+    """`text`, cut to `limit` characters with an ellipsis: URLs in messages and logs stay a line."""
     return text if len(text) <= limit else text[:limit] + "…"

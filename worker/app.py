@@ -93,7 +93,7 @@ class Worker:
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stopping.set)
-        signer = self._event_signer()
+        keys = self._control_keys()
         status = StatusServer(self, self.settings.status_host, self.settings.status_port)
         self.status_url = await status.start()
         http = image_session(self.url_policy)  # only where the policy allows
@@ -104,7 +104,7 @@ class Worker:
         self._set_connected(True)
         watchdog: asyncio.Task[None] | None = None
         try:
-            await self._load_models(self.connection, signer)
+            await self._load_models(self.connection, keys)
             batcher = MicroBatcher(self.inference_executor, self.settings.max_batch, self.settings.max_wait_ms,
                                    self.metrics)
             self.processor = JobProcessor(
@@ -127,8 +127,9 @@ class Worker:
             self.decode_executor.shutdown(wait=False, cancel_futures=True)
             self.control_executor.shutdown(wait=False, cancel_futures=True)
 
-    def _event_signer(self) -> Signer | None:
-        """The worker key, when the control plane is on; refuses to start without one."""
+    def _control_keys(self) -> tuple[Verifier, Signer] | None:
+        """The keys of the control plane (commands in, status events out), None when it is off;
+        read before anything starts, so that a missing worker key stops the worker at once."""
         if self.settings.control_public_key is None:
             return None
         path = self.settings.worker_key_path
@@ -137,19 +138,19 @@ class Worker:
                 f"no worker key at {path}: the control plane needs one to sign status events "
                 "(`hotswap keys generate` writes worker.key beside control.pub; or HOTSWAP_WORKER_KEY)"
             )
-        return Signer.from_file(path)
+        return Verifier.from_file(self.settings.control_public_key), Signer.from_file(path)
 
-    async def _load_models(self, connection: AbstractRobustConnection, signer: Signer | None) -> None:
+    async def _load_models(self, connection: AbstractRobustConnection, keys: tuple[Verifier, Signer] | None) -> None:
         """With a control key: what the control log says (replayed). Without: what --model says."""
-        key = self.settings.control_public_key
-        if key is None or signer is None:
+        if keys is None:
             log.warning("no HOTSWAP_CONTROL_PUBLIC_KEY: control plane off, serving --model versions only")
             await self.models.start(self.specs)
             return
+        verifier, signer = keys
         initial = {s.model: s.version or self.models.repository.latest(s.model) for s in self.specs}
         self.control = ControlLoop(
             worker_id=self.settings.worker_id, topology=self.settings.topology, manager=self.models,
-            verifier=Verifier.from_file(key), signer=signer, metrics=self.metrics, initial=initial,
+            verifier=verifier, signer=signer, metrics=self.metrics, initial=initial,
             keep_standby=self.settings.keep_standby, heartbeat_interval_s=self.settings.heartbeat_interval_s,
         )
         await self.control.start(connection)

@@ -32,7 +32,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
 from schemas.errors import ErrorCode
-from schemas.urls import parse_image_url
+from schemas.urls import parse_image_url, shorten
 from worker.images import ImageLimits, ImageRejected
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -45,6 +45,7 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 ANY_PORT = 0  # a host pattern's port `*`
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
+_SHOWN = 200  # characters of a URL or an error a message quotes
 _REFUSED = ErrorCode.IMAGE_URL_REFUSED
 _FAILED = ErrorCode.IMAGE_FETCH_FAILED
 
@@ -239,7 +240,7 @@ def image_session(policy: UrlPolicy) -> aiohttp.ClientSession:
 
 async def fetch_image(url: str, limits: ImageLimits, session: aiohttp.ClientSession) -> bytes:
     """The bytes an image URL names. Raises `ImageRejected`, and nothing else, whatever the URL."""
-    shown = _shorten(url)
+    shown = shorten(url, _SHOWN)
     try:
         target = parse_image_url(url)
     except ValueError as exc:
@@ -263,7 +264,7 @@ async def _follow(
     for hop in range(MAX_REDIRECTS + 1):
         refusal = policy.refusal(url)
         if refusal is not None:
-            where = f"{shown} redirects to {_shorten(str(url))}, refused" if hop else f"{shown} refused"
+            where = f"{shown} redirects to {shorten(str(url), _SHOWN)}, refused" if hop else f"{shown} refused"
             raise ImageRejected(_REFUSED, f"{where}: {refusal}")
         got = await _get(url, limits, session)
         if isinstance(got, bytes):
@@ -274,7 +275,7 @@ async def _follow(
 
 async def _get(url: URL, limits: ImageLimits, session: aiohttp.ClientSession) -> bytes | URL:
     """One request: the body, or the URL it redirects to."""
-    shown = _shorten(str(url))
+    shown = shorten(str(url), _SHOWN)
     per_read = limits.read_timeout_s
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=per_read, sock_read=per_read)
     try:
@@ -300,7 +301,7 @@ async def _get(url: URL, limits: ImageLimits, session: aiohttp.ClientSession) ->
 
 
 def _redirect_target(url: URL, response: aiohttp.ClientResponse) -> URL:
-    shown = _shorten(str(url))
+    shown = shorten(str(url), _SHOWN)
     location = response.headers.get(hdrs.LOCATION)
     if not location:
         raise ImageRejected(_FAILED, f"GET {shown} answered HTTP {response.status} without a Location")
@@ -354,10 +355,6 @@ def _read_allowed_file(path: Path, limits: ImageLimits) -> bytes:
     return data
 
 
-def _shorten(text: str, limit: int = 200) -> str:
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
 def _why(exc: BaseException) -> str:
     # aiohttp quotes what it could not parse, a whole body at times: results and logs get a line.
-    return _shorten(" ".join(str(exc).split()) or type(exc).__name__)
+    return shorten(" ".join(str(exc).split()) or type(exc).__name__, _SHOWN)

@@ -244,7 +244,7 @@ class JobProcessor:
         Shadow work is optional: it is dropped (and counted) rather than queued whenever it would
         delay primary jobs: too many shadows running, batches waiting for the inference thread, or
         no room in the pixel budget right now."""
-        dropped = self._shadow_drop_reason(pixels)
+        dropped = self._admit_shadow(pixels)
         if dropped is not None:
             self.metrics.shadow_dropped.labels(job.model, shadow.version, dropped).inc()
             return
@@ -265,7 +265,8 @@ class JobProcessor:
         self._shadows.add(task)
         task.add_done_callback(self._shadows.discard)
 
-    def _shadow_drop_reason(self, pixels: int) -> str | None:
+    def _admit_shadow(self, pixels: int) -> str | None:
+        """None when the shadow may run, its pixels now held (released when it ends); else why not."""
         if len(self._shadows) >= self.max_shadows:
             return "limit"
         if self.batcher.backlogged:

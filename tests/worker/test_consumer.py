@@ -16,6 +16,7 @@ from typing import Any
 import aio_pika
 import pytest
 
+import worker.jobs as jobs_module  # the module whose names the job path looks up at call time
 from control.client import Client
 from schemas.control import Shadow
 from schemas.errors import ErrorCode
@@ -66,8 +67,6 @@ class Stage:
     times: int | None = None  # fail this many calls only (then the retry goes through)
     by_url: bool = False  # the job names its image by file:// URL (so that fetching runs)
 
-
-import worker.jobs as jobs_module  # noqa: E402  (the module whose names the job path looks up)
 
 STAGES = {
     "parse": Stage(jobs_module, "parse_job", ErrorCode.INTERNAL, dead_letter=True),

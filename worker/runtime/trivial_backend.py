@@ -19,7 +19,7 @@ from schemas.jobs import Box, Detection, InferenceParams
 from schemas.manifest import Manifest
 from worker.runtime.backend import BackendError, Image
 from worker.runtime.repository import sha256_of
-from worker.runtime.weights import JSON, ArtifactLoader
+from worker.runtime.weights import ArtifactLoader
 
 ARTIFACT_KIND = "trivial"
 TRIVIAL_MODEL = "trivial"
@@ -57,10 +57,9 @@ class TrivialBackend:
         self._delay_s = 0.0
 
     def load(self, artifact: Path, manifest: Manifest) -> None:
-        self.loader.check(manifest, JSON)
         if not artifact.is_file():
             raise BackendError(f"artifact {artifact} does not exist")
-        spec = self.loader.json(artifact, manifest, MAX_ARTIFACT_BYTES)
+        spec = self.loader.json(artifact, manifest, MAX_ARTIFACT_BYTES)  # checks the format first
         if not isinstance(spec, dict) or spec.get("kind") != ARTIFACT_KIND:
             raise BackendError(f'artifact {artifact.name} is not a trivial model ({{"kind": "trivial"}})')
         whole_image = spec.get("whole_image", False)
