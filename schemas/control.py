@@ -31,6 +31,8 @@ class Update(_Wire):
     artifact: ArtifactRef | None = Field(None, description="None: the repository's version directory")
     activate: Literal["now", "standby", "canary"] = "now"
     canary_percent: float | None = Field(None, gt=0, lt=100, description="with activate=canary")
+    new_contract: bool = Field(False, description="the version may change the task or the class or keypoint "
+                               "names producers see; without it such a version is refused")
 
     @model_validator(mode="after")
     def _canary_needs_a_share(self) -> Update:

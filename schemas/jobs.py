@@ -32,6 +32,7 @@ from pydantic_core import PydanticCustomError
 
 from schemas.errors import ErrorCode
 from schemas.manifest import MODEL_NAME_PATTERN, VERSION_PATTERN
+from schemas.outputs import TaskOutput, per_detection
 from schemas.urls import parse_image_url
 
 SCHEMA_VERSION: Literal[1] = 1
@@ -181,14 +182,25 @@ class JobResult(_Wire):
     attempt: int = Field(1, ge=1, description="delivery attempt that produced this result")
     timings: Timings = Timings()
     image: ImageInfo | None = None
-    detections: list[Detection] = []
+    detections: list[Detection] = Field(default=[], description="what the model found, box, class and score, "
+                                        "for every task that finds objects")
+    output: TaskOutput | None = Field(None, description="the task, and what it adds to each detection "
+                                      "(masks, keypoints, landmarks) or to the image (parts, classes)")
     error: JobError | None = None
 
     @model_validator(mode="after")
     def _error_iff_failed(self) -> JobResult:
         if (self.status == "error") != (self.error is not None):
             raise ValueError("an error result carries `error`, and only an error result does")
+        if self.output is not None:
+            tied = per_detection(self.output)
+            if tied is not None and tied != len(self.detections):
+                raise ValueError(f"{self.output.task} output has {tied} entries for {len(self.detections)} detections")
         return self
+
+    @property
+    def task(self) -> str | None:
+        return self.output.task if self.output is not None else None
 
 
 class MalformedJob(Exception):

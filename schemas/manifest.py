@@ -11,9 +11,13 @@ An artifact cannot run code (invariant 6): its `format` says how it is read, and
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
+from packaging.requirements import InvalidRequirement
+from packaging.requirements import Requirement as PackagingRequirement
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from schemas.outputs import Rle
 
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
 VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$"
@@ -21,6 +25,16 @@ VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$"
 ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
 VersionName = Annotated[str, Field(pattern=VERSION_PATTERN)]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+def _requirement(text: str) -> str:
+    try:
+        PackagingRequirement(text)
+    except InvalidRequirement as exc:
+        raise ValueError(f"not a PEP 508 requirement: {exc}") from exc
+    return text
+
+
+Requirement = Annotated[str, AfterValidator(_requirement)]
 
 Task = Literal["detect", "segment", "pose", "classify", "face-detection", "human-parsing"]
 
@@ -31,18 +45,61 @@ ArtifactFormat = Literal["safetensors", "state-dict", "pickle", "json"]
 WEIGHTS_FORMATS: tuple[ArtifactFormat, ...] = ("safetensors", "state-dict")
 
 
-class ExpectedBox(BaseModel):
+class Contract(NamedTuple):
+    """The shape of a version's answers. An update that changes it is refused unless the command
+    says the contract changes: producers must not get another shape of answer by surprise."""
+
+    task: str
+    classes: tuple[tuple[int, str], ...]
+    keypoints: tuple[str, ...]
+
+    def changes_to(self, other: Contract) -> list[str]:
+        """What differs, in words; empty when nothing does."""
+        changes = []
+        if self.task != other.task:
+            changes.append(f"task {self.task} → {other.task}")
+        if self.classes != other.classes:
+            changes.append(f"classes {_names(self.classes)} → {_names(other.classes)}")
+        if self.keypoints != other.keypoints:
+            changes.append(f"keypoints {list(self.keypoints)} → {list(other.keypoints)}")
+        return changes
+
+
+def _names(classes: tuple[tuple[int, str], ...]) -> str:
+    shown = ", ".join(f"{i}: {name}" for i, name in classes[:6])
+    return "{" + shown + (", …" if len(classes) > 6 else "") + "}"
+
+
+class ExpectedObject(BaseModel):
+    """Something a calibration image holds, as the task's evaluator compares it (DetectOutput and
+    the rest in `schemas.outputs`): a box for every task that finds objects, a mask for segment
+    and human-parsing parts, keypoints for pose and face landmarks."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     class_name: str
-    box: tuple[float, float, float, float] = Field(description="x1, y1, x2, y2 in pixels")
+    box: tuple[float, float, float, float] | None = Field(None, description="x1, y1, x2, y2 in pixels")
+    mask: Rle | None = Field(None, description="segment: the instance; human-parsing: the part")
+    keypoints: list[tuple[float, float, float]] | None = Field(
+        None, description="x, y, visibility (0: not labelled) per keypoint name, in the manifest's order"
+    )
+
+    @model_validator(mode="after")
+    def _something_to_compare(self) -> ExpectedObject:
+        if self.box is None and self.mask is None:
+            raise ValueError("an expected object has a box or a mask")
+        return self
+
+
+#: The name calibration expectations had when every model detected.
+ExpectedBox = ExpectedObject
 
 
 class CalibrationImage(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     file: str = Field(description="path relative to the version directory")
-    expected: list[ExpectedBox]
+    expected: list[ExpectedObject]
 
     @field_validator("file")
     @classmethod
@@ -59,8 +116,9 @@ class Calibration(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     images: list[CalibrationImage]
-    min_recall: float = Field(ge=0, le=1, description="share of expected boxes found")
-    match_iou: float = Field(0.5, gt=0, le=1, description="IoU for a box to count as found")
+    min_recall: float = Field(ge=0, le=1, description="share of expected objects found")
+    match_iou: float = Field(0.5, gt=0, le=1, description="box or mask IoU for an object to count as found")
+    min_oks: float = Field(0.5, gt=0, le=1, description="keypoint similarity (OKS) for keypoints to count")
     conf: float = Field(0.25, ge=0, le=1)
 
 
@@ -79,7 +137,13 @@ class Manifest(BaseModel):
         "(ultralytics: the model's yaml dict: layers by module name, literal arguments)",
     )
     sha256: Sha256
-    classes: dict[int, str]
+    classes: dict[int, str] = Field(description="class, or for human-parsing part, names by id")
+    keypoints: list[str] | None = Field(None, description="pose: keypoint names; face-detection: landmark names")
+    skeleton: list[tuple[int, int]] | None = Field(None, description="pose: keypoint index pairs to draw")
+    requires: list[Requirement] = Field(
+        default_factory=list, description="libraries the artifact needs, e.g. 'modelscope>=1.9', 'torch<3' "
+        "(PEP 508), checked at preload against the worker's environment",
+    )
     input_size: int = Field(ge=32, le=4096)
     calibration: Calibration | None = None
     created_at: AwareDatetime
@@ -100,6 +164,11 @@ class Manifest(BaseModel):
         if self.format in WEIGHTS_FORMATS and self.architecture is None:
             raise ValueError(f"a {self.format} artifact holds weights only: the manifest needs the architecture")
         return self
+
+    @property
+    def contract(self) -> Contract:
+        """What producers see of this version: its task and the names in its answers."""
+        return Contract(self.task, tuple(sorted(self.classes.items())), tuple(self.keypoints or ()))
 
     @field_validator("artifact")
     @classmethod

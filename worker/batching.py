@@ -16,10 +16,11 @@ from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
-from schemas.jobs import Detection, InferenceParams
+from schemas.jobs import InferenceParams
 from worker.metrics import WorkerMetrics
 from worker.runtime.backend import Image, ModelBackend
 from worker.runtime.lifecycle import ModelVersion
+from worker.runtime.predictions import Prediction
 
 BatchKey = tuple[int, InferenceParams, tuple[int, ...]]
 
@@ -29,7 +30,7 @@ class _Batch:
     version: ModelVersion
     params: InferenceParams
     images: list[Image] = field(default_factory=list)
-    futures: list[asyncio.Future[list[Detection]]] = field(default_factory=list)
+    futures: list[asyncio.Future[Prediction]] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
 
 
@@ -55,7 +56,7 @@ class MicroBatcher:
         now = time.monotonic()
         return max((now - started for started in list(self._started.values())), default=0.0)
 
-    async def predict(self, version: ModelVersion, image: Image, params: InferenceParams) -> list[Detection]:
+    async def predict(self, version: ModelVersion, image: Image, params: InferenceParams) -> Prediction:
         loop = asyncio.get_running_loop()
         key = (id(version), params, image.shape)
         batch = self._open.get(key)
@@ -63,7 +64,7 @@ class MicroBatcher:
             batch = self._open[key] = _Batch(version, params)
             if self.max_batch > 1 and self.max_wait_s > 0:
                 batch.timer = loop.call_later(self.max_wait_s, self._on_timer, key)
-        future: asyncio.Future[list[Detection]] = loop.create_future()
+        future: asyncio.Future[Prediction] = loop.create_future()
         batch.images.append(image)
         batch.futures.append(future)
         if len(batch.images) >= self.max_batch or batch.timer is None:
@@ -111,7 +112,7 @@ class MicroBatcher:
 
     def _predict(
         self, backend: ModelBackend, images: Sequence[Image], params: InferenceParams
-    ) -> list[list[Detection]]:
+    ) -> list[Prediction]:
         # In the inference thread: the time it starts running, not the time it was queued, is what a
         # hang is measured from (`running_for`).
         thread = threading.get_ident()

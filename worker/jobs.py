@@ -19,7 +19,6 @@ import aiohttp
 
 from schemas.errors import MALFORMED, ErrorCode
 from schemas.jobs import (
-    Detection,
     ImageInfo,
     InlineImage,
     Job,
@@ -34,10 +33,12 @@ from worker.batching import MicroBatcher
 from worker.fetch import fetch_image
 from worker.images import ImageHeader, ImageLimits, ImageRejected, decode_pixels, read_header
 from worker.metrics import WorkerMetrics
+from worker.outputs import to_wire
 from worker.runtime.backend import Image
 from worker.runtime.deployment import Deployment, DeploymentTable, UnknownVersion
 from worker.runtime.lifecycle import ModelVersion
-from worker.runtime.matching import agreement
+from worker.runtime.predictions import Prediction
+from worker.runtime.validation import evaluator_for
 
 log = logging.getLogger(__name__)
 
@@ -191,10 +192,11 @@ class JobProcessor:
         async with self.pixels.hold(header.pixels):  # from decoding until inference is done
             image = await self._decode(header, clock)
             _check_deadline(job)
-            detections = await self._infer(version, image, job, clock)
+            prediction = await self._infer(version, image, job, clock)
         shadow = deployment.shadow_for(_routing_key(job), version)
         if shadow is not None:
-            self._start_shadow(shadow, version, image, header.pixels, job, detections)
+            self._start_shadow(shadow, version, image, header.pixels, job, prediction)
+        detections, output = to_wire(prediction, version.loaded_manifest)
         return JobResult(
             job_id=job.job_id,
             status="ok",
@@ -205,6 +207,7 @@ class JobProcessor:
             timings=clock.timings(job.submitted_at),
             image=ImageInfo(width=image.shape[1], height=image.shape[0]),
             detections=detections,
+            output=output,
         )
 
     async def _header(self, job: Job) -> ImageHeader:
@@ -226,18 +229,18 @@ class JobProcessor:
         clock.decode_ms = (time.perf_counter() - started) * 1000
         return image
 
-    async def _infer(self, version: ModelVersion, image: Image, job: Job, clock: _Clock) -> list[Detection]:
+    async def _infer(self, version: ModelVersion, image: Image, job: Job, clock: _Clock) -> Prediction:
         started = time.perf_counter()
         try:
-            detections = await self.batcher.predict(version, image, job.params)
+            prediction = await self.batcher.predict(version, image, job.params)
         except Exception as exc:  # a model failure is this job's error, not the worker's
             raise JobFailed(ErrorCode.INFERENCE_FAILED, f"{type(exc).__name__}: {exc}") from exc
         clock.inference_ms = (time.perf_counter() - started) * 1000  # its batch's wait included
-        return detections
+        return prediction
 
     def _start_shadow(
         self, shadow: ModelVersion, primary: ModelVersion, image: Image, pixels: int, job: Job,
-        detections: list[Detection],
+        prediction: Prediction,
     ) -> None:
         """Run the job on the shadow version too, after the primary; only the agreement is kept.
 
@@ -253,7 +256,7 @@ class JobProcessor:
         async def run() -> None:
             try:
                 theirs = await self.batcher.predict(shadow, image, job.params)
-                ratio = agreement(detections, theirs)
+                ratio = evaluator_for(primary.loaded_manifest).agreement(prediction, theirs)
                 self.metrics.shadow_agreement.labels(job.model, primary.version, shadow.version).observe(ratio)
             except Exception as exc:  # a shadow failure is recorded, never the producer's problem
                 log.warning("shadow run on %s/%s failed: %s", shadow.model, shadow.version, exc)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from schemas.jobs import Detection, InferenceParams
-from schemas.manifest import Manifest
+from schemas.jobs import InferenceParams
+from schemas.manifest import Manifest, Task
+from worker.runtime.predictions import Prediction
 
 if TYPE_CHECKING:
     from worker.runtime.weights import ArtifactLoader
@@ -39,8 +42,8 @@ class ModelBackend(Protocol):
 
     def warm_up(self) -> None: ...
 
-    def predict(self, images: Sequence[Image], params: InferenceParams) -> list[list[Detection]]:
-        """One list of detections per image, boxes in that image's pixels."""
+    def predict(self, images: Sequence[Image], params: InferenceParams) -> list[Prediction]:
+        """One prediction per image, as arrays in that image's pixels: the task's fields filled."""
         ...
 
     def release(self) -> None: ...
@@ -49,19 +52,63 @@ class ModelBackend(Protocol):
 BackendFactory = Callable[[str, "ArtifactLoader"], ModelBackend]
 
 
-def create_backend(name: str, device: str, loader: ArtifactLoader | None = None) -> ModelBackend:
-    """A backend for `device`; `loader` (default: no pickles) reads its artifacts."""
+@dataclass(frozen=True)
+class BackendEntry:
+    """A backend the registry knows: the tasks it serves, and where its class lives. Imported only
+    when a version asks for it: each backend drags in a framework (torch, ultralytics, modelscope),
+    and a missing optional one must fail that version, not the worker."""
+
+    name: str
+    tasks: frozenset[Task]
+    factory: str  # "package.module:Class"
+    install_hint: str | None = None
+
+    def load_factory(self) -> BackendFactory:
+        module_name, _, attribute = self.factory.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            hint = f"; install it with  {self.install_hint}" if self.install_hint else ""
+            raise BackendError(f"backend {self.name!r} cannot be imported here ({exc}){hint}") from exc
+        factory: BackendFactory = getattr(module, attribute)
+        return factory
+
+
+_REGISTRY: dict[tuple[str, str], BackendEntry] = {}
+
+
+def register_backend(entry: BackendEntry) -> None:
+    """Make a backend available for its tasks; a later entry for the same backend and task wins."""
+    for task in entry.tasks:
+        _REGISTRY[entry.name, task] = entry
+
+
+def registered() -> dict[tuple[str, str], BackendEntry]:
+    return dict(_REGISTRY)
+
+
+def create_backend(
+    name: str, device: str, loader: ArtifactLoader | None = None, *, task: str = "detect"
+) -> ModelBackend:
+    """A backend serving `task` on `device`; `loader` (default: no pickles) reads its artifacts."""
     from worker.runtime.weights import ArtifactLoader
 
-    factory = _factories().get(name)
-    if factory is None:
-        raise BackendError(f"unknown backend {name!r}; known: {', '.join(sorted(_factories()))}")
-    return factory(device, loader or ArtifactLoader())
+    entry = _REGISTRY.get((name, task))
+    if entry is None:
+        backends = sorted({b for b, _ in _REGISTRY})
+        if name not in backends:
+            raise BackendError(f"unknown backend {name!r}; known: {', '.join(backends)}")
+        tasks = sorted(t for b, t in _REGISTRY if b == name)
+        raise BackendError(f"backend {name!r} does not serve task {task!r}; it serves {', '.join(tasks)}")
+    return entry.load_factory()(device, loader or ArtifactLoader())
 
 
-def _factories() -> dict[str, BackendFactory]:
-    # Imported lazily: each backend drags in a heavy framework.
-    from worker.runtime.trivial_backend import TrivialBackend
-    from worker.runtime.ultralytics_backend import UltralyticsBackend
-
-    return {"ultralytics": UltralyticsBackend, "trivial": TrivialBackend}
+register_backend(BackendEntry("trivial", frozenset({"detect"}), "worker.runtime.trivial_backend:TrivialBackend"))
+register_backend(BackendEntry(
+    "ultralytics", frozenset({"detect", "segment", "pose", "classify"}),
+    "worker.runtime.ultralytics_backend:UltralyticsBackend",
+))
+register_backend(BackendEntry(
+    "modelscope", frozenset({"face-detection", "human-parsing"}), "worker.runtime.modelscope_backend:ModelscopeBackend",
+    install_hint="pip install 'hotswap[modelscope]'",
+))

@@ -71,5 +71,11 @@ class ModelVersion:
         self.advance(VersionState.FAILED, reason)
 
     @property
+    def loaded_manifest(self) -> Manifest:
+        if self.manifest is None:
+            raise IllegalTransition(f"{self.model}/{self.version} has no manifest: it was never loaded")
+        return self.manifest
+
+    @property
     def serving(self) -> bool:
         return self.state in SERVING

@@ -27,7 +27,13 @@ from worker.runtime.desired import DesiredState
 from worker.runtime.lifecycle import ModelVersion, VersionState
 from worker.runtime.memory import memory_in_use
 from worker.runtime.repository import ModelRepository, RepositoryError
-from worker.runtime.validation import LatencyBudget, check_calibration, check_latency
+from worker.runtime.validation import (
+    LatencyBudget,
+    check_calibration,
+    check_contract,
+    check_latency,
+    check_requirements,
+)
 from worker.runtime.weights import ArtifactLoader
 
 log = logging.getLogger(__name__)
@@ -110,7 +116,8 @@ class ModelManager:
                     baseline = current.active if current else None
                     source = desired.sources.get(name)
                     ref = source.artifact if source is not None else None
-                    loaded[name] = await self._load(model, name, baseline, progress, ref)
+                    new_contract = source is not None and source.new_contract
+                    loaded[name] = await self._load(model, name, baseline, progress, ref, new_contract)
             with self._timed(model, "swap"):
                 self._swap(desired, loaded)
             await progress(model, desired.active or "", "swap")
@@ -120,7 +127,7 @@ class ModelManager:
 
     async def _load(
         self, model: str, name: str, baseline: ModelVersion | None, progress: ProgressCallback,
-        ref: ArtifactRef | None = None,
+        ref: ArtifactRef | None = None, new_contract: bool = False,
     ) -> ModelVersion:
         version = ModelVersion(model, name)
         started = time.perf_counter()
@@ -134,8 +141,10 @@ class ModelManager:
                 else:
                     entry = await self._run(self.artifacts.fetch, model, name, ref)
                 version.manifest = entry.manifest
+                check_requirements(entry.manifest)
+                check_contract(entry.manifest, baseline.manifest if baseline else None, new_contract)
                 artifact = await self._run(self.repository.verified_artifact, entry)
-                backend = create_backend(entry.manifest.backend, self.device, self.loader)
+                backend = create_backend(entry.manifest.backend, self.device, self.loader, task=entry.manifest.task)
                 await self._run(backend.load, artifact, entry.manifest)
                 version.backend = backend
             version.advance(VersionState.VALIDATING)

@@ -15,9 +15,10 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from schemas.jobs import Box, Detection, InferenceParams
+from schemas.jobs import InferenceParams
 from schemas.manifest import Manifest
 from worker.runtime.backend import BackendError, Image
+from worker.runtime.predictions import Prediction
 from worker.runtime.repository import sha256_of
 from worker.runtime.weights import ArtifactLoader
 
@@ -75,18 +76,14 @@ class TrivialBackend:
     def warm_up(self) -> None:
         self._loaded_manifest()
 
-    def predict(self, images: Sequence[Image], params: InferenceParams) -> list[list[Detection]]:
-        manifest = self._loaded_manifest()
+    def predict(self, images: Sequence[Image], params: InferenceParams) -> list[Prediction]:
+        self._loaded_manifest()
         if self._delay_s:
             time.sleep(self._delay_s)
         if not self._whole_image:
-            return [[] for _ in images]
-        name = manifest.classes.get(0, "0")
-        return [
-            [Detection(class_id=0, class_name=name, score=1.0,
-                       box=Box.of((0.0, 0.0, float(image.shape[1]), float(image.shape[0]))))]
-            for image in images
-        ]
+            return [Prediction.empty() for _ in images]
+        return [Prediction.of([(0.0, 0.0, float(image.shape[1]), float(image.shape[0]))], [1.0], [0])
+                for image in images]
 
     def release(self) -> None:
         self._manifest = None

@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from schemas.jobs import Box, Detection, InferenceParams
+from schemas.jobs import InferenceParams
 from schemas.manifest import Manifest
 from worker.runtime.backend import BackendError, Image, blank_image
+from worker.runtime.predictions import Prediction
 from worker.runtime.tracing import traced
 from worker.runtime.ultralytics_networks import Network, load_network, yolo_around
 from worker.runtime.weights import ArtifactLoader, PickleRefused
@@ -140,16 +141,17 @@ class UltralyticsBackend:
         for _ in range(2):
             self.predict([blank_image(self._loaded_manifest().input_size)], InferenceParams())
 
-    def predict(self, images: Sequence[Image], params: InferenceParams) -> list[list[Detection]]:
+    def predict(self, images: Sequence[Image], params: InferenceParams) -> list[Prediction]:
         manifest = self._loaded_manifest()
         size = params.imgsz or manifest.input_size
         if self._detector is not None:
-            return [_detections(rows, manifest) for rows in self._detector(images, params, size)]
+            return [Prediction.from_rows(rows) for rows in self._detector(images, params, size)]
         model = self._loaded_model()
         with self._lock:
+            # retina_masks: masks at the original image's size, as the wire contract has them.
             results = model.predict(list(images), conf=params.conf, iou=params.iou, max_det=params.max_det,
-                                    imgsz=size, device=self.device, verbose=False)
-        return [_detections(result.boxes.data.cpu().numpy(), manifest) for result in results]
+                                    imgsz=size, device=self.device, verbose=False, retina_masks=True)
+        return [_prediction(result) for result in results]
 
     def release(self) -> None:
         self._model = None
@@ -169,11 +171,16 @@ class UltralyticsBackend:
         return self._manifest
 
 
-def _detections(rows: np.ndarray[Any, Any], manifest: Manifest) -> list[Detection]:
-    """(n, 6) rows of x1, y1, x2, y2, score, class id → detections."""
-    detections = []
-    for x1, y1, x2, y2, score, class_id in rows.tolist():
-        cls = int(class_id)
-        detections.append(Detection(class_id=cls, class_name=manifest.classes.get(cls, str(cls)), score=score,
-                                    box=Box.of((x1, y1, x2, y2))))
-    return detections
+def _prediction(result: Any) -> Prediction:
+    """An ultralytics `Results` as arrays: boxes, and the masks, keypoints or class scores its task adds."""
+    if result.probs is not None:
+        return Prediction.of(probs=result.probs.data.cpu().numpy().astype(np.float32))
+    extra: dict[str, Any] = {}
+    if result.masks is not None:
+        extra["masks"] = result.masks.data.cpu().numpy() > 0.5
+    if result.keypoints is not None:
+        points = result.keypoints.data.cpu().numpy().astype(np.float32)
+        if points.shape[-1] == 2:  # a model trained without visibility: every point counts as seen
+            points = np.concatenate([points, np.ones((*points.shape[:-1], 1), np.float32)], axis=-1)
+        extra["keypoints"] = points
+    return Prediction.from_rows(result.boxes.data.cpu().numpy()[:, :6], **extra)

@@ -13,11 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from schemas.jobs import Box, InferenceParams
+from schemas.jobs import InferenceParams
 from schemas.manifest import Manifest
 from worker.images import ImageLimits, decode_image
 from worker.runtime.backend import Image, ModelBackend
-from worker.runtime.matching import matched
+from worker.runtime.evaluation import Evaluator, Score, Thresholds
 
 _LIMITS = ImageLimits(max_bytes=50 * 1024 * 1024, max_pixels=100_000_000)
 
@@ -50,19 +50,65 @@ def check_calibration(backend: ModelBackend, manifest: Manifest, version_dir: Pa
     if calibration is None or not calibration.images:
         return Calibrated([], None)
     images = [decode_image((version_dir / item.file).read_bytes(), _LIMITS) for item in calibration.images]
-    results = backend.predict(images, InferenceParams(conf=calibration.conf))
-    expected = found = 0
-    for item, detections in zip(calibration.images, results, strict=True):
-        boxes = [(e.class_name, Box.of(e.box)) for e in item.expected]
-        expected += len(boxes)
-        found += matched(boxes, detections, calibration.match_iou)
-    recall = found / expected if expected else 1.0
-    if recall < calibration.min_recall:
+    predictions = backend.predict(images, InferenceParams(conf=calibration.conf))
+    if len(predictions) != len(images):
+        raise ValidationFailed(f"the backend returned {len(predictions)} predictions for {len(images)} images")
+    evaluator = evaluator_for(manifest)
+    total = Score(0, 0)
+    for item, image, prediction in zip(calibration.images, images, predictions, strict=True):
+        total += evaluator.score(item.expected, prediction, image.shape[:2])
+    if total.recall < calibration.min_recall:
         raise ValidationFailed(
-            f"calibration recall {recall:.2f} is below the manifest's minimum {calibration.min_recall:.2f} "
-            f"({found} of {expected} expected boxes found)"
+            f"calibration recall {total.recall:.2f} is below the manifest's minimum {calibration.min_recall:.2f} "
+            f"({total.found} of {total.expected} expected {_objects(manifest)} found)"
         )
-    return Calibrated(images, recall)
+    return Calibrated(images, total.recall)
+
+
+def check_contract(candidate: Manifest, serving: Manifest | None, allowed: bool) -> None:
+    """Refuse a version that would change what producers get back, unless the command allows it."""
+    if serving is None or allowed:
+        return
+    changes = serving.contract.changes_to(candidate.contract)
+    if changes:
+        raise ValidationFailed(
+            f"the contract changes ({'; '.join(changes)}) from {serving.version}: producers would get another "
+            "shape of answer; send the update with --new-contract if they are ready for it"
+        )
+
+
+def check_requirements(manifest: Manifest) -> None:
+    """Refuse a version whose `requires` this worker's environment does not meet, naming each miss."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.requirements import Requirement
+
+    missing = []
+    for text in manifest.requires:
+        requirement = Requirement(text)
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        try:
+            installed = version(requirement.name)
+        except PackageNotFoundError:
+            missing.append(f"{text} (not installed)")
+            continue
+        if not requirement.specifier.contains(installed, prereleases=True):
+            missing.append(f"{text} (installed: {installed})")
+    if missing:
+        raise ValidationFailed(f"this worker's environment does not meet the version's requirements: "
+                               f"{', '.join(missing)}")
+
+
+def evaluator_for(manifest: Manifest) -> Evaluator:
+    """The evaluator of a version's task, with its calibration's thresholds."""
+    calibration = manifest.calibration
+    thresholds = Thresholds(calibration.match_iou, calibration.min_oks) if calibration else Thresholds()
+    return Evaluator(manifest.task, manifest.classes, thresholds)
+
+
+def _objects(manifest: Manifest) -> str:
+    return {"human-parsing": "parts", "face-detection": "faces", "classify": "classes"}.get(manifest.task, "objects")
 
 
 def median_latencies_ms(
