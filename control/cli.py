@@ -12,9 +12,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from control import commands
+from control.render import print_result
 from loadtest.cli import app as loadtest_app
 from schemas.jobs import InferenceParams, Job, JobResult
 
@@ -109,31 +109,15 @@ def submit(
         if as_json:
             print(result.model_dump_json(exclude_none=True))
         else:
-            print_result(image, result)
+            print_result(image, result, console)
         if annotate is not None and result.status == "ok" and not image.startswith(("http", "file:")):
-            from control.annotate import draw_detections
+            from control.annotate import draw_result
 
-            out = draw_detections(Path(image), result, annotate)
+            out = draw_result(Path(image), result, annotate)
             if not as_json:
                 console.print(f"  annotated: {out}")
     if any(r.status != "ok" for r in results):
         raise typer.Exit(1)
-
-
-def print_result(image: str, result: JobResult) -> None:
-    where = f"{result.model}/{result.version or '?'} on {result.worker_id}"
-    if result.error is not None:
-        console.print(f"[bold]{image}[/bold]: [red]{result.error.code}[/red] {result.error.message} ({where})")
-        return
-    table = Table(title=f"{image} — {where}, {result.timings.total_ms:.1f} ms", title_justify="left")
-    for column in ("class", "score", "x1", "y1", "x2", "y2"):
-        table.add_column(column, justify="left" if column == "class" else "right")
-    for d in result.detections:
-        b = d.box
-        table.add_row(d.class_name, f"{d.score:.2f}", *(f"{v:.1f}" for v in (b.x1, b.y1, b.x2, b.y2)))
-    if not result.detections:
-        table.add_row("(nothing)", "", "", "", "", "")
-    console.print(table)
 
 
 @zoo_app.command("build")

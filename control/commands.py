@@ -57,6 +57,9 @@ def update(
     sha256: Annotated[str | None, typer.Option(help="sha256 of --artifact")] = None,
     canary: Annotated[float | None, typer.Option(help="send this percent to the new version, keep the rest")] = None,
     standby: Annotated[bool, typer.Option(help="preload and validate only; do not serve yet")] = False,
+    new_contract: Annotated[bool, typer.Option(
+        help="the version may change the task or the class or keypoint names producers get back "
+             "(refused otherwise)")] = False,
     wait: Wait = False, timeout: Timeout = 120.0, as_json: AsJson = False,
     amqp_url: AmqpUrl = None, namespace: Namespace = "hotswap", key: KeyPath = DEFAULT_KEY,
     worker_key: WorkerKeyPath = DEFAULT_WORKER_KEY,
@@ -66,7 +69,7 @@ def update(
         raise typer.BadParameter("--artifact and --sha256 go together")
     activate = "canary" if canary is not None else "standby" if standby else "now"
     action = Update(
-        version=version, activate=activate, canary_percent=canary,
+        version=version, activate=activate, canary_percent=canary, new_contract=new_contract,
         artifact=ArtifactRef(uri=artifact, sha256=sha256) if artifact and sha256 else None,
     )
     _send(model, action, wait, timeout, as_json, amqp_url, namespace, key, worker_key)

@@ -1,4 +1,5 @@
-"""`make demo`: two workers, real photos and held-out shapes, results and throughput."""
+"""`make demo`: two workers, real photos through a detection, a face and (with the large zoo) a
+human-parsing model side by side, held-out shapes scored by the detection evaluator, throughput."""
 
 from __future__ import annotations
 
@@ -9,22 +10,29 @@ import statistics
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from control.annotate import draw_detections
-from control.cli import print_result
+from control.annotate import draw_result, side_by_side
 from control.client import DEFAULT_AMQP_URL, Client
 from control.processes import WorkerProcess
+from control.render import print_result
 from control.zoo import build_zoo
-from schemas.jobs import Box, JobResult
+from schemas.jobs import JobResult
+from schemas.manifest import ExpectedObject
+from worker.outputs import score_results
+from worker.runtime.evaluation import Score
 
 NAMESPACE = "hotswap-demo"
 OUT = Path("out") / "demo"
 THROUGHPUT_JOBS = 400
+DETECTOR = "shapes"
+#: Shown beside the detector on the photos, where the zoo has them (`parsing`: `hotswap zoo build --large`).
+OTHER_MODELS = ("faces", "parsing")
 console = Console()
 
 
@@ -39,12 +47,16 @@ def run_demo(root: Path, amqp_url: str | None) -> int:
         return 1
     console.rule("model zoo")
     build_zoo(root, progress=lambda line: console.print(f"[dim]{line}[/dim]"))
-    versions = sorted(p.name for p in (root / "shapes").iterdir() if not p.name.startswith("."))
-    console.print(f"zoo ready in {root}/shapes: {', '.join(versions)}")
+    models = [DETECTOR, *(m for m in OTHER_MODELS if (root / m).is_dir())]
+    for model in models:
+        versions = sorted(p.name for p in (root / model).iterdir() if not p.name.startswith("."))
+        console.print(f"zoo ready in {root}/{model}: {', '.join(versions)}")
+    if "parsing" not in models:
+        console.print("[dim]no human-parsing model: `hotswap zoo build --large` builds M2FP (random weights)[/dim]")
     console.rule("starting two workers")
     workers = [
         WorkerProcess(
-            models=["shapes"],
+            models=models,
             log_path=OUT / f"worker-{i}.log",
             env={"HOTSWAP_MODEL_ROOT": str(root.resolve()), "HOTSWAP_AMQP_URL": url,
                  "HOTSWAP_NAMESPACE": NAMESPACE, "HOTSWAP_WORKER_ID": f"demo-{i}"},
@@ -55,7 +67,7 @@ def run_demo(root: Path, amqp_url: str | None) -> int:
         for worker in workers:
             worker.start()
             console.print(f"worker {worker.env['HOTSWAP_WORKER_ID']} ready, status at {worker.url}/status")
-        asyncio.run(_submit_everything(url, root))
+        asyncio.run(_submit_everything(url, root, models))
     finally:
         console.rule("stopping workers (SIGTERM)")
         for worker in workers:
@@ -64,44 +76,47 @@ def run_demo(root: Path, amqp_url: str | None) -> int:
     return 0
 
 
-async def _submit_everything(url: str, root: Path) -> None:
+async def _submit_everything(url: str, root: Path, models: list[str]) -> None:
     import ultralytics
 
     assets = Path(ultralytics.__file__).parent / "assets"
     heldout_dir = root / "_data" / "shapes-heldout"
     labels = json.loads((heldout_dir / "labels.json").read_text())
     async with Client(url, namespace=NAMESPACE) as client:
-        console.rule("ultralytics' bundled photos (the model knows only circles, squares, triangles)")
+        console.rule(f"ultralytics' bundled photos through {', '.join(models)} "
+                     f"({DETECTOR} knows only circles, squares, triangles)")
         for photo in sorted(assets.glob("*.jpg")):
-            result = await client.submit(photo, model="shapes")
-            print_result(photo.name, result)
+            results = await asyncio.gather(*(client.submit(photo, model=m) for m in models))
+            for result in results:
+                print_result(photo.name, result, console)
+            if all(r.status == "ok" for r in results):
+                console.print(f"  side by side: {side_by_side(photo, results, OUT)}")
         console.rule(f"{len(labels)} held-out shapes images")
         paths = [heldout_dir / item["file"] for item in labels]
-        results = await asyncio.gather(*(client.submit(p, model="shapes") for p in paths))
+        results = await asyncio.gather(*(client.submit(p, model=DETECTOR) for p in paths))
         _print_accuracy(labels, results)
         for path, result in list(zip(paths, results, strict=True))[:2]:
-            print_result(path.name, result)
-            console.print(f"  annotated: {draw_detections(path, result, OUT)}")
+            print_result(path.name, result, console)
+            console.print(f"  annotated: {draw_result(path, result, OUT)}")
         console.rule(f"throughput: {THROUGHPUT_JOBS} jobs, two workers")
         await _throughput(client, paths)
 
 
-def _print_accuracy(labels: list[dict[str, object]], results: list[JobResult]) -> None:
-    expected = found = detected = 0
-    for item, result in zip(labels, results, strict=True):
-        boxes = item["boxes"]
-        assert isinstance(boxes, list)
-        expected += len(boxes)
-        detected += len(result.detections)
-        for truth in boxes:
-            box = Box.of(truth["box"])
-            found += any(d.class_name == truth["class_name"] and d.box.iou(box) >= 0.5 for d in result.detections)
+def heldout_score(labels: list[dict[str, Any]], results: list[JobResult]) -> Score:
+    """Recall of the held-out shapes, by the detection evaluator validation uses."""
+    expected = [[ExpectedObject.model_validate(box) for box in item["boxes"]] for item in labels]
+    return score_results("detect", zip(expected, results, strict=True))
+
+
+def _print_accuracy(labels: list[dict[str, Any]], results: list[JobResult]) -> None:
+    score = heldout_score(labels, results)
+    detected = sum(len(r.detections) for r in results)
     versions = Counter(f"{r.model}/{r.version}" for r in results)
     table = Table(title="held-out accuracy (IoU ≥ 0.5, class must match)", title_justify="left")
     for column in ("served by", "shapes", "found", "recall", "detections", "precision"):
         table.add_column(column, justify="right")
-    table.add_row(", ".join(versions), str(expected), str(found), f"{found / max(expected, 1):.2f}",
-                  str(detected), f"{found / max(detected, 1):.2f}")
+    table.add_row(", ".join(versions), str(score.expected), str(score.found), f"{score.recall:.2f}",
+                  str(detected), f"{score.found / max(detected, 1):.2f}")
     console.print(table)
 
 

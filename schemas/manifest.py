@@ -71,9 +71,9 @@ def _names(classes: tuple[tuple[int, str], ...]) -> str:
 
 
 class ExpectedObject(BaseModel):
-    """Something a calibration image holds, as the task's evaluator compares it (DetectOutput and
-    the rest in `schemas.outputs`): a box for every task that finds objects, a mask for segment
-    and human-parsing parts, keypoints for pose and face landmarks."""
+    """Something a calibration image holds, as the task's evaluator compares it: a box for every
+    task that finds objects, a mask for segment and human-parsing parts, keypoints for pose and
+    face landmarks, the class alone for classify."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -83,12 +83,6 @@ class ExpectedObject(BaseModel):
     keypoints: list[tuple[float, float, float]] | None = Field(
         None, description="x, y, visibility (0: not labelled) per keypoint name, in the manifest's order"
     )
-
-    @model_validator(mode="after")
-    def _something_to_compare(self) -> ExpectedObject:
-        if self.box is None and self.mask is None:
-            raise ValueError("an expected object has a box or a mask")
-        return self
 
 
 #: The name calibration expectations had when every model detected.

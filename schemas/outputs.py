@@ -51,6 +51,7 @@ class SegmentOutput(_Wire):
 class PoseOutput(_Wire):
     task: Literal["pose"] = "pose"
     keypoint_names: list[str]
+    skeleton: list[tuple[int, int]] = Field(default=[], description="keypoint index pairs a drawing joins")
     keypoints: list[list[Keypoint]] = Field(description="per detection, one point per keypoint name")
 
 

@@ -28,7 +28,7 @@ from control.operator import Operator
 from control.processes import WorkerProcess
 from control.zoo import ensure_zoo
 from schemas.jobs import JobResult
-from schemas.manifest import Manifest
+from schemas.manifest import ExpectedObject, Manifest
 from schemas.signing import KeyFiles, Signer, Verifier, generate_keys
 from schemas.topology import Topology
 from worker.app import Worker
@@ -44,6 +44,10 @@ ULTRALYTICS_ASSETS = Path(__import__("ultralytics").__file__).parent / "assets"
 class HeldOut:
     path: Path
     boxes: list[tuple[str, tuple[float, float, float, float]]]
+
+    @property
+    def expected(self) -> list[ExpectedObject]:
+        return [ExpectedObject(class_name=name, box=box) for name, box in self.boxes]
 
 
 @pytest.fixture(scope="session")

@@ -7,12 +7,13 @@ accuracy table, tests, rollout gates) hand them to the same evaluators the worke
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
 from schemas.jobs import Box, Detection, JobResult
-from schemas.manifest import Manifest
+from schemas.manifest import ExpectedObject, Manifest
 from schemas.outputs import (
     FACE_LANDMARKS,
     ClassifyOutput,
@@ -26,6 +27,7 @@ from schemas.outputs import (
     SegmentOutput,
     TaskOutput,
 )
+from worker.runtime.evaluation import Evaluator, Score, Thresholds
 from worker.runtime.masks import decode_masks, encode_masks
 from worker.runtime.predictions import Parts, Prediction
 
@@ -50,7 +52,8 @@ def _output(prediction: Prediction, manifest: Manifest) -> TaskOutput:
         masks = prediction.masks if prediction.masks is not None else np.zeros((len(prediction), 0, 0), np.bool_)
         return SegmentOutput(masks=encode_masks(masks))
     if task == "pose":
-        return PoseOutput(keypoint_names=list(manifest.keypoints or ()), keypoints=_points(prediction))
+        return PoseOutput(keypoint_names=list(manifest.keypoints or ()), skeleton=list(manifest.skeleton or ()),
+                          keypoints=_points(prediction))
     if task == "face-detection":
         return FaceOutput(landmark_names=list(manifest.keypoints or FACE_LANDMARKS), landmarks=_points(prediction))
     if task == "human-parsing":
@@ -101,3 +104,26 @@ def prediction_of(result: JobResult) -> Prediction:
                 probs[c.class_id] = c.score
             extra["probs"] = probs
     return Prediction.of(boxes, scores, class_ids, **extra)
+
+
+def names_of(result: JobResult) -> dict[int, str]:
+    """The class names a result mentions, by id: what an evaluator of its predictions needs."""
+    names = {d.class_id: d.class_name for d in result.detections}
+    match result.output:
+        case ParsingOutput(parts=parts):
+            names.update((p.class_id, p.class_name) for p in parts)
+        case ClassifyOutput(top=top):
+            names.update((c.class_id, c.class_name) for c in top)
+    return names
+
+
+def score_results(task: str, cases: Iterable[tuple[Sequence[ExpectedObject], JobResult]],
+                  thresholds: Thresholds | None = None) -> Score:
+    """Recall over results against what each image holds, by the task's evaluator: the one
+    validation and shadow runs use, for callers that hold wire results (the demo, tests)."""
+    total = Score(0, 0)
+    for expected, result in cases:
+        size = (result.image.height, result.image.width) if result.image is not None else None
+        evaluator = Evaluator(task, names_of(result), thresholds or Thresholds())
+        total += evaluator.score(expected, prediction_of(result), size)
+    return total

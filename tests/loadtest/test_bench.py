@@ -138,7 +138,7 @@ def test_the_trivial_model_loads_from_a_repository_and_predicts_without_torch(tm
     backend.load(repository.verified_artifact(entry), entry.manifest)
     backend.warm_up()
     images = [np.zeros((40, 60, 3), dtype=np.uint8), np.zeros((32, 32, 3), dtype=np.uint8)]
-    assert backend.predict(images, InferenceParams()) == [[], []]
+    assert [len(found) for found in backend.predict(images, InferenceParams())] == [0, 0]
     backend.release()
     with pytest.raises(BackendError, match="not loaded"):
         backend.predict(images, InferenceParams())
@@ -151,8 +151,8 @@ def test_the_trivial_model_can_answer_one_whole_image_box(tmp_path: Path) -> Non
     artifact.write_bytes(trivial_artifact(whole_image=True))
     backend = TrivialBackend("cpu")
     backend.load(artifact, entry.manifest)
-    [[detection]] = backend.predict([np.zeros((40, 60, 3), dtype=np.uint8)], InferenceParams())
-    assert (detection.class_name, detection.box.x2, detection.box.y2) == ("thing", 60.0, 40.0)
+    [found] = backend.predict([np.zeros((40, 60, 3), dtype=np.uint8)], InferenceParams())
+    assert (found.class_ids.tolist(), found.boxes.tolist()) == ([0], [[0.0, 0.0, 60.0, 40.0]])
 
 
 @pytest.mark.parametrize(("content", "reason"), [

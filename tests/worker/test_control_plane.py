@@ -6,7 +6,7 @@ import asyncio
 import json
 import re
 import shutil
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterator
 from itertools import groupby
 from pathlib import Path
@@ -17,8 +17,9 @@ import pytest
 from control.client import Client
 from control.operator import Operator, WaitReport
 from schemas.control import Rollback, Shadow, Traffic, Update
-from schemas.jobs import Box, JobResult
+from schemas.jobs import JobResult
 from schemas.signing import Signer, generate_keys
+from worker.outputs import score_results
 
 if TYPE_CHECKING:
     from conftest import BackgroundLoad
@@ -61,15 +62,11 @@ async def test_update_under_load_switches_each_worker_once_and_improves(
     await running.stop()
     for worker in ("a", "b"):
         assert_switched_once(running, worker, ["1.0.0", "2.0.0"])
-    truth = {h.path: h.boxes for h in heldout}
-    recall: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for path, result in running.results:
-        for name, box in truth[path]:
-            recall[result.version or ""][1] += 1
-            recall[result.version or ""][0] += any(
-                d.class_name == name and d.box.iou(Box.of(box)) >= 0.5 for d in result.detections
-            )
-    rates = {v: found / total for v, (found, total) in recall.items()}
+    truth = {h.path: h.expected for h in heldout}
+    rates = {
+        version: score_results("detect", ((truth[p], r) for p, r in running.results if r.version == version)).recall
+        for version in ("1.0.0", "2.0.0")
+    }
     print(f"held-out recall by version under load: {rates}")
     assert rates["2.0.0"] > rates["1.0.0"]
 

@@ -61,10 +61,10 @@ Similar = Callable[[_Object, _Object], bool]
 
 
 class Evaluator:
-    def __init__(self, task: str, names: Mapping[int, str], thresholds: Thresholds = Thresholds()) -> None:
+    def __init__(self, task: str, names: Mapping[int, str], thresholds: Thresholds | None = None) -> None:
         self.task = task
         self.names = names
-        self.thresholds = thresholds
+        self.thresholds = thresholds or Thresholds()
 
     def score(self, expected: Sequence[ExpectedObject], prediction: Prediction,
               mask_shape: tuple[int, int] | None = None) -> Score:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -23,5 +24,12 @@ def decode_masks(rles: list[Rle], size: tuple[int, int]) -> Masks:
     if not rles:
         return np.zeros((0, *size), dtype=np.bool_)
     raw = [{"size": list(r.size), "counts": r.counts.encode("ascii")} for r in rles]
-    decoded: np.ndarray[Any, Any] = coco_mask.decode(raw)
+    with warnings.catch_warnings():  # pycocotools' Cython predates NumPy 2's copy keyword; harmless here
+        warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+        decoded: np.ndarray[Any, Any] = coco_mask.decode(raw)
     return decoded.transpose(2, 0, 1).astype(np.bool_)
+
+
+def mask_area(rle: Rle) -> int:
+    """Pixels in the mask, counted from the encoding without decoding it."""
+    return int(coco_mask.area({"size": list(rle.size), "counts": rle.counts.encode("ascii")}))

@@ -34,7 +34,8 @@ def trivial_artifact(*, whole_image: bool = False, delay_ms: float = 0.0) -> byt
 
 
 def write_trivial_model(root: Path, version: str = "1.0.0", *, whole_image: bool = False, delay_ms: float = 0.0,
-                        name: str = TRIVIAL_MODEL) -> Path:
+                        name: str = TRIVIAL_MODEL, classes: dict[int, str] | None = None,
+                        requires: list[str] | None = None) -> Path:
     """`<root>/<name>/<version>/` with a trivial artifact and its manifest; returns the directory."""
     directory = root / name / version
     directory.mkdir(parents=True, exist_ok=True)
@@ -42,7 +43,8 @@ def write_trivial_model(root: Path, version: str = "1.0.0", *, whole_image: bool
     artifact.write_bytes(trivial_artifact(whole_image=whole_image, delay_ms=delay_ms))
     manifest = Manifest(
         name=name, version=version, backend="trivial", task="detect", artifact=artifact.name, format="json",
-        sha256=sha256_of(artifact), classes={0: "thing"}, input_size=32, created_at=datetime.now(UTC),
+        sha256=sha256_of(artifact), classes=classes or {0: "thing"}, requires=requires or [], input_size=32,
+        created_at=datetime.now(UTC),
         lineage={"note": "written for a trivial model: no network, no torch"},
     )
     (directory / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")

@@ -30,25 +30,22 @@ def test_batch_predictions_equal_in_process_ultralytics(backend, zoo: Path, held
     paths = [item.path for item in heldout[:6]]
     ours = backend.predict([decode_image(p.read_bytes(), LIMITS) for p in paths], InferenceParams(conf=0.1))
     ours += backend.predict([decode_image(bus_jpg.read_bytes(), LIMITS)], InferenceParams(conf=0.1))
-    for path, detections in zip([*paths, bus_jpg], ours, strict=True):
+    for path, prediction in zip([*paths, bus_jpg], ours, strict=True):
         theirs = yolo.predict(str(path), imgsz=128, conf=0.1, verbose=False)[0].boxes
-        assert len(detections) == len(theirs), path
-        for detection, box, score, cls in zip(
-            detections, theirs.xyxy.numpy(), theirs.conf.numpy(), theirs.cls.numpy(), strict=True
-        ):
-            b = detection.box
-            assert np.allclose([b.x1, b.y1, b.x2, b.y2], box, atol=1e-3), path
-            assert abs(detection.score - float(score)) < 1e-3
-            assert detection.class_id == int(cls)
+        assert len(prediction) == len(theirs), path
+        assert np.allclose(prediction.boxes, theirs.xyxy.numpy(), atol=1e-3), path
+        assert np.allclose(prediction.scores, theirs.conf.numpy(), atol=1e-3), path
+        assert (prediction.class_ids == theirs.cls.numpy().astype(int)).all(), path
 
 
 def test_boxes_are_in_original_image_pixels(backend, bus_jpg: Path) -> None:
     image = decode_image(bus_jpg.read_bytes(), LIMITS)
-    (detections,) = backend.predict([image], InferenceParams(conf=0.01))
+    (found,) = backend.predict([image], InferenceParams(conf=0.01))
     height, width = image.shape[:2]
-    assert detections, "a 0.01 threshold finds something on a real photo"
-    assert all(0 <= d.box.x1 <= d.box.x2 <= width and 0 <= d.box.y1 <= d.box.y2 <= height for d in detections)
-    assert max(d.box.x2 for d in detections) > 128, "boxes were not scaled back from the 128 px input"
+    assert len(found), "a 0.01 threshold finds something on a real photo"
+    x1, y1, x2, y2 = found.boxes.T
+    assert ((x1 >= 0) & (x1 <= x2) & (x2 <= width) & (y1 >= 0) & (y1 <= y2) & (y2 <= height)).all()
+    assert x2.max() > 128, "boxes were not scaled back from the 128 px input"
 
 
 def test_params_are_honoured(backend, heldout) -> None:
@@ -88,7 +85,8 @@ def test_versions_of_one_architecture_share_one_trace(zoo: Path, heldout) -> Non
         (answers[name],) = model.predict([image], InferenceParams(conf=0.1))
         model.release()
     assert templates[0] >= 1 and templates[1:] == [templates[0]] * 2, f"traced again: {templates}"
-    boxes = {name: [(d.class_id, round(d.box.x1, 1)) for d in found] for name, found in answers.items()}
+    boxes = {name: [(int(c), round(float(x), 1)) for c, x in zip(found.class_ids, found.boxes[:, 0], strict=True)]
+             for name, found in answers.items()}
     assert boxes["1.0.0"] != boxes["2.0.0"], "two versions sharing a trace answered alike: weights not loaded"
 
 
