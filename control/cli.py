@@ -16,7 +16,7 @@ from rich.console import Console
 from control import commands
 from control.render import print_result
 from loadtest.cli import app as loadtest_app
-from schemas.jobs import InferenceParams, Job, JobResult
+from schemas.jobs import InferenceParams, JobResult
 
 app = typer.Typer(help="Serve vision models from RabbitMQ and change them while they serve.", no_args_is_help=True)
 zoo_app = typer.Typer(help="The demo model zoo, trained locally.", no_args_is_help=True)
@@ -135,24 +135,17 @@ def zoo_build(
 
 @app.command()
 def schema(
-    write: Annotated[bool, typer.Option(help="write schemas/json/*.schema.json instead of printing")] = False,
+    write: Annotated[bool, typer.Option(help="write schemas/json/*.schema.json and the README's outputs "
+                                              "section instead of printing the schemas")] = False,
 ) -> None:
-    """JSON Schemas of the job and the result, for producers in other languages."""
-    documents = json_schemas()
+    """JSON Schemas of the job, the result and the manifest, for other languages."""
+    from control.contracts import json_schemas, write_contracts
+
     if not write:
-        print(json.dumps(documents, indent=2))
+        print(json.dumps(json_schemas(), indent=2))
         return
-    for name, document in documents.items():
-        path = SCHEMA_DIR / f"{name}.schema.json"
-        path.write_text(json.dumps(document, indent=2) + "\n")
+    for path in write_contracts():
         console.print(f"wrote {path}")
-
-
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas" / "json"
-
-
-def json_schemas() -> dict[str, dict[str, Any]]:
-    return {"job": Job.model_json_schema(), "result": JobResult.model_json_schema()}
 
 
 @app.command()

@@ -50,14 +50,14 @@ class SegmentOutput(_Wire):
 
 class PoseOutput(_Wire):
     task: Literal["pose"] = "pose"
-    keypoint_names: list[str]
+    keypoint_names: list[str] = Field(description="the manifest's keypoint names, in order")
     skeleton: list[tuple[int, int]] = Field(default=[], description="keypoint index pairs a drawing joins")
     keypoints: list[list[Keypoint]] = Field(description="per detection, one point per keypoint name")
 
 
 class FaceOutput(_Wire):
     task: Literal["face-detection"] = "face-detection"
-    landmark_names: list[str] = Field(default=list(FACE_LANDMARKS))
+    landmark_names: list[str] = Field(default=list(FACE_LANDMARKS), description="the landmarks, in order")
     landmarks: list[list[Keypoint]] = Field(description="per detected face, one point per landmark name; "
                                             "empty lists when the model gives no landmarks")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from control.cli import SCHEMA_DIR
+from control.contracts import SCHEMA_DIR
 
 
 def hotswap(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

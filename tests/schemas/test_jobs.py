@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from control.cli import SCHEMA_DIR, json_schemas
+from control.contracts import README, SCHEMA_DIR, json_schemas, readme_with_outputs
 from schemas.errors import ErrorCode
 from schemas.jobs import InlineImage, Job, JobError, JobResult, MalformedJob, UrlImage, parse_job
 
@@ -96,6 +96,8 @@ def test_published_json_schemas_match_the_models() -> None:
     for name, document in json_schemas().items():
         published = json.loads((SCHEMA_DIR / f"{name}.schema.json").read_text())
         assert published == document, f"run `hotswap schema --write`: {name} changed"
+    readme = README.read_text()
+    assert readme_with_outputs(readme) == readme, "run `hotswap schema --write`: the README's outputs table changed"
 
 
 @pytest.mark.parametrize(
