@@ -1,7 +1,11 @@
-"""The in-process baseline of bench 1: ultralytics predict in a loop, nothing else.
+"""The in-process baselines: a model called in a loop, nothing else.
 
     python -m loadtest.bench_inprocess --version-dir models/shapes/1.0.0 --images DIR \
-        --batch 8 --seconds 8 [--device cpu] [--imgsz 128]
+        --batch 8 --seconds 8 [--device cpu] [--imgsz 128] [--backend]
+
+Bench 1 measures ultralytics' own `YOLO.predict`. With `--backend` (bench 6, every family), the
+version goes through the backend a worker would create for it (`create_backend`, then `load`,
+`warm_up`, `predict` on one image at a time): the model exactly as the pool runs it, minus the pool.
 
 Run as a process of its own (with no worker running) so it competes with nothing of ours. The
 weights are those the worker serves (the version's artifact, verified, on the network its
@@ -61,6 +65,37 @@ def measure(version_dir: Path, images_dir: Path, batch: int, seconds: float, dev
             "seconds": elapsed}
 
 
+def measure_backend(version_dir: Path, images_dir: Path, seconds: float, device: str,
+                    threads: int) -> dict[str, float | int]:
+    import cv2
+    import numpy as np
+    import torch
+
+    from schemas.jobs import InferenceParams
+    from worker.runtime.backend import create_backend
+    from worker.runtime.repository import ModelRepository
+
+    torch.set_num_threads(threads)
+    version_dir = version_dir.resolve()
+    repository = ModelRepository(version_dir.parent.parent)
+    entry = repository.get(version_dir.parent.name, version_dir.name)
+    backend = create_backend(entry.manifest.backend, device, task=entry.manifest.task)
+    backend.load(repository.verified_artifact(entry), entry.manifest)
+    backend.warm_up()
+    files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
+    images = [np.asarray(cv2.imread(str(p)), dtype=np.uint8) for p in files]
+    params = InferenceParams()
+    backend.predict([images[0]], params)
+    done = 0
+    started, cpu = time.perf_counter(), time.process_time()
+    while (elapsed := time.perf_counter() - started) < seconds or done < 2:
+        backend.predict([images[done % len(images)]], params)
+        done += 1
+    cpu = time.process_time() - cpu
+    return {"images_per_s": done / elapsed, "ms_per_image": 1000 * elapsed / done,
+            "cpu_ms_per_image": 1000 * cpu / done, "batch": 1, "batches": done, "images": done, "seconds": elapsed}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--version-dir", type=Path, required=True, help="<root>/<model>/<version>")
@@ -70,8 +105,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--imgsz", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--backend", action="store_true", help="through the worker's backend, one image at a time")
     args = parser.parse_args()
-    result = measure(args.version_dir, args.images, args.batch, args.seconds, args.device, args.imgsz, args.threads)
+    if args.backend:
+        result = measure_backend(args.version_dir, args.images, args.seconds, args.device, args.threads)
+    else:
+        result = measure(args.version_dir, args.images, args.batch, args.seconds, args.device, args.imgsz,
+                         args.threads)
     print(json.dumps(result), flush=True)
 
 

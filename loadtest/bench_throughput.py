@@ -35,6 +35,7 @@ from loadtest.bench_env import (
     thread_cpu_seconds,
     warm_up,
 )
+from loadtest.runner import LoadShape
 from worker.config import WorkerSettings
 from worker.runtime.trivial_backend import TRIVIAL_MODEL, write_trivial_model
 
@@ -111,11 +112,13 @@ class ServerUse:
     broker_cpu_s: float | None
 
 
-async def _measured_load(env: BenchEnv, namespace: str, model: str, pid: int, tag: str) -> tuple[LoadRun, ServerUse]:
+async def measured_load(env: BenchEnv, namespace: str, model: str, pid: int, tag: str,
+                        shape: LoadShape | None = None) -> tuple[LoadRun, ServerUse]:
+    """Load (default: the saturating closed loop) and what serving it cost process `pid`."""
     broker = broker_pid()
     broker_cpu = cpu_seconds(broker) if broker else None
     cpu, threads, started = cpu_seconds(pid), thread_cpu_seconds(pid), time.monotonic()
-    run = await run_load(env, namespace, closed_loop(env, model, _seconds(env), CONCURRENCY), tag=tag)
+    run = await run_load(env, namespace, shape or closed_loop(env, model, _seconds(env), CONCURRENCY), tag=tag)
     wall = time.monotonic() - started
     use = ServerUse(cpu_seconds(pid) - cpu, busiest_thread_share(threads, thread_cpu_seconds(pid), wall),
                     cpu_seconds(broker) - broker_cpu if broker and broker_cpu is not None else None)
@@ -140,7 +143,7 @@ async def _measure_worker(env: BenchEnv, namespace: str, worker: WorkerProcess, 
         await warm_up(env, namespace, model)
         assert worker.process is not None
         before: Totals = histogram_totals(worker.text("/metrics"))
-        run, use = await _measured_load(env, namespace, model, worker.process.pid, series.label)
+        run, use = await measured_load(env, namespace, model, worker.process.pid, series.label)
         means = worker_means(before, histogram_totals(worker.text("/metrics")))
     finally:
         await env.stop(worker)
@@ -224,7 +227,7 @@ async def trivial_vs_raw(env: BenchEnv) -> BenchResult:
             await helper.start()
             try:
                 await warm_up(env, namespace, TRIVIAL_MODEL)
-                run, use = await _measured_load(env, namespace, TRIVIAL_MODEL, helper.pid, "raw")
+                run, use = await measured_load(env, namespace, TRIVIAL_MODEL, helper.pid, "raw")
             finally:
                 await helper.stop()
             if run.lost or run.failed:
