@@ -90,7 +90,8 @@ async def _pool(env: BenchEnv, family: Family, version: str, images_dir: Path, m
         await warm_up(env, namespace, family.model, jobs=4 if family.heavy else 24)
         assert worker.process is not None
         shape = LoadShape(model=family.model, images=images, concurrency=2 if family.heavy else 4,
-                          duration_s=seconds, job_timeout_s=max(30.0, 10 * ms_per_image / 1000), grace_s=max(30.0, 4 * ms_per_image / 1000))
+                          duration_s=seconds, job_timeout_s=max(30.0, ms_per_image / 100),
+                          grace_s=max(30.0, ms_per_image / 250))
         run, use = await measured_load(env, namespace, family.model, worker.process.pid, series.label, shape)
     finally:
         await env.stop(worker)
