@@ -138,10 +138,13 @@ def control_keys(tmp_path_factory: pytest.TempPathFactory) -> KeyFiles:
 def model_root(zoo: Path, tmp_path: Path) -> Path:
     """A repository of this test's own: the zoo's versions (linked), room for crafted ones."""
     root = tmp_path / "models"
-    (root / "shapes").mkdir(parents=True)
-    for version in (zoo / "shapes").iterdir():
-        if not version.name.startswith("."):
-            (root / "shapes" / version.name).symlink_to(version, target_is_directory=True)
+    for model in zoo.iterdir():
+        if not model.is_dir() or model.name.startswith((".", "_")):
+            continue
+        (root / model.name).mkdir(parents=True)
+        for version in model.iterdir():
+            if not version.name.startswith("."):
+                (root / model.name / version.name).symlink_to(version, target_is_directory=True)
     return root
 
 
@@ -273,9 +276,11 @@ async def client(namespace: str, amqp_url: str) -> AsyncIterator[Client]:
 class BackgroundLoad:
     """Jobs submitted continuously (`concurrency` in flight) until stopped; nothing may be lost."""
 
-    def __init__(self, client: Client, images: list[Path], concurrency: int = 8, **options: object) -> None:
+    def __init__(self, client: Client, images: list[Path], concurrency: int = 8, model: str = "shapes",
+                 **options: object) -> None:
         self.client = client
         self.images = images
+        self.model = model
         self.options = options
         self.results: list[tuple[Path, JobResult]] = []  # in arrival order
         #: Each lane's results in its order: a lane submits its next job once the last is answered.
@@ -290,7 +295,7 @@ class BackgroundLoad:
             image = self.images[i % len(self.images)]
             i += len(self._tasks) or 1
             try:
-                result = await self.client.submit(image, model="shapes", timeout_s=60, **self.options)  # type: ignore[arg-type]
+                result = await self.client.submit(image, model=self.model, timeout_s=60, **self.options)  # type: ignore[arg-type]
                 self.results.append((image, result))
                 self.by_lane.setdefault(lane, []).append(result)
             except Exception as exc:  # a timeout is a lost job: the test reports it
@@ -315,8 +320,8 @@ class BackgroundLoad:
 async def load(client: Client, heldout: list[HeldOut]) -> AsyncIterator[Callable[..., BackgroundLoad]]:
     started: list[BackgroundLoad] = []
 
-    def start(concurrency: int = 8, **options: object) -> BackgroundLoad:
-        started.append(BackgroundLoad(client, [h.path for h in heldout], concurrency, **options))
+    def start(concurrency: int = 8, images: list[Path] | None = None, **options: object) -> BackgroundLoad:
+        started.append(BackgroundLoad(client, images or [h.path for h in heldout], concurrency, **options))
         return started[-1]
 
     yield start
