@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from packaging.version import InvalidVersion, Version
 from pydantic import ValidationError
 
 from schemas.manifest import MODEL_NAME_PATTERN, VERSION_PATTERN, Manifest
@@ -34,11 +37,31 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def release_key(version: str) -> tuple[int, tuple[int, ...]]:
-    """Sort key: releases (`2.0.0`) above pre-releases (`2.0.0-rc1`), then numerically."""
-    core, _, pre = version.partition("-")
-    numbers = tuple(int(n) for n in re.findall(r"\d+", core))
-    return (0 if pre else 1, numbers)
+def release_key(version: str) -> tuple[tuple[int, ...], int, Any]:
+    """Sort key: PEP 440 order (`2.0.0rc1` < `2.0.0rc2` < `2.0.0` < `2.0.0.post1`); a name PEP 440
+    does not parse (`0.9.0-bad`) sorts as a labelled build just below the release of its numbers."""
+    try:
+        parsed = Version(version)
+    except InvalidVersion:
+        core, _, label = version.partition("-")
+        return (_trimmed(int(n) for n in re.findall(r"\d+", core)), 0, label)
+    return (_trimmed(parsed.release), 1, parsed)
+
+
+def is_release(version: str) -> bool:
+    """A final release: not a pre-release, a development build or a labelled build."""
+    try:
+        return not Version(version).is_prerelease
+    except InvalidVersion:
+        return False
+
+
+def _trimmed(numbers: Iterable[int]) -> tuple[int, ...]:
+    """`1.0` and `1.0.0` are one release."""
+    release = list(numbers)
+    while release and release[-1] == 0:
+        release.pop()
+    return tuple(release)
 
 
 class ModelRepository:
@@ -59,7 +82,7 @@ class ModelRepository:
         return sorted(found, key=release_key)
 
     def latest(self, model: str) -> str:
-        versions = [v for v in self.versions(model) if "-" not in v] or self.versions(model)
+        versions = [v for v in self.versions(model) if is_release(v)] or self.versions(model)
         if not versions:
             raise RepositoryError(f"model {model!r} has no versions under {self.root}")
         return versions[-1]

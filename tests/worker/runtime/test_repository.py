@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.runtime.repository import ModelRepository, RepositoryError, release_key
+from worker.runtime.repository import ModelRepository, RepositoryError, is_release, release_key
 
 
 @pytest.fixture
@@ -12,9 +12,11 @@ def repo(zoo: Path, tmp_path: Path) -> ModelRepository:
     return ModelRepository(tmp_path)
 
 
-def test_releases_sort_above_prereleases_and_numerically() -> None:
-    versions = ["2.0.0", "0.9.0-bad", "10.0.0", "1.0.0", "2.0.0-rc1"]
-    assert sorted(versions, key=release_key) == ["0.9.0-bad", "2.0.0-rc1", "1.0.0", "2.0.0", "10.0.0"]
+def test_versions_sort_as_pep_440_says_with_labelled_builds_below_their_release() -> None:
+    versions = ["2.0.0", "0.9.0-bad", "10.0.0", "1.0.0", "2.0.0rc10", "2.0.0-rc2", "2.0.0.post1", "1.0", "0.9.0"]
+    assert sorted(versions, key=release_key) == [
+        "0.9.0-bad", "0.9.0", "1.0.0", "1.0", "2.0.0-rc2", "2.0.0rc10", "2.0.0", "2.0.0.post1", "10.0.0"]
+    assert [is_release(v) for v in ("2.0.0rc1", "0.9.0-bad", "2.0.0.post1", "1.0")] == [False, False, True, True]
 
 
 def test_latest_prefers_the_newest_release(zoo: Path) -> None:
