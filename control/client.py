@@ -35,6 +35,7 @@ from pydantic import ValidationError
 
 from schemas.jobs import InferenceParams, InlineImage, Job, JobResult, UrlImage
 from schemas.topology import Topology
+from worker.declarer import Declarer
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -128,14 +129,11 @@ class Client:
         # Kept for a while after a disconnect, so a reconnecting client still finds its results;
         # durable (and the results persistent, as the jobs are), so that a broker restart keeps them
         # too; acked by hand, so a result in flight when the connection drops is sent again.
-        queue = await self._channel.declare_queue(
-            self._reply_queue, durable=True, arguments={"x-expires": int(self.reply_queue_ttl_s * 1000)}
-        )
+        declarer = Declarer(self._channel, self.topology)
+        queue = await declarer.reply_queue(self._reply_queue, self.reply_queue_ttl_s)
         self._replies = (queue, await queue.consume(self._on_result))
         # Declared here too (idempotent) so that publishing before any worker ran is a clean NoRoute.
-        self._exchange = await self._channel.declare_exchange(
-            self.topology.jobs_exchange, aio_pika.ExchangeType.DIRECT, durable=True
-        )
+        self._exchange = await declarer.jobs_exchange()
 
     async def close(self) -> None:
         for future in self._pending.values():

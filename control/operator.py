@@ -29,7 +29,8 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMess
 from schemas.control import Action, Command, Heartbeat, Progress
 from schemas.signing import Refused, Signer, Verifier
 from schemas.topology import Topology
-from worker.control import SYNC_TYPE, declare_control_topology
+from worker.control import SYNC_TYPE
+from worker.declarer import FROM_THE_START, Declarer
 
 FINAL_PHASES = frozenset({"done", "failed", "refused"})
 #: A status event older (or further ahead, for clocks apart) than this is a replay, or useless.
@@ -94,8 +95,9 @@ class Operator:
             self.url, client_properties={"connection_name": "hotswap-operator"}
         )
         self._channel = await self._connection.channel(publisher_confirms=True)
-        self._control, _ = await declare_control_topology(self._channel, self.topology)
-        await self._channel.declare_exchange(self.topology.status_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        declarer = Declarer(self._channel, self.topology)
+        self._control, _ = await declarer.control()
+        await declarer.status_exchange()
         return self
 
     async def __aexit__(
@@ -123,10 +125,8 @@ class Operator:
             with contextlib.suppress(Refused):  # forged or broken entries are not part of the history
                 commands.append(verifier.open(message.body))
 
-        queue = await channel.declare_queue(
-            self.topology.control_log, durable=True, arguments={"x-queue-type": "stream"}
-        )
-        await queue.consume(on_message, arguments={"x-stream-offset": "first"})
+        _, queue = await Declarer(channel, self.topology).control()
+        await queue.consume(on_message, arguments=FROM_THE_START)
         await self._control.publish(aio_pika.Message(b"", type=SYNC_TYPE, message_id=marker), routing_key="")
         try:
             await asyncio.wait_for(done.wait(), timeout_s)
@@ -164,9 +164,7 @@ class Operator:
         if verifier is None:
             raise NoWorkerKey("following workers needs their public key (worker.pub, HOTSWAP_WORKER_PUBLIC_KEY)")
         channel = await self._connection.channel()
-        exchange = await channel.get_exchange(self.topology.status_exchange, ensure=False)
-        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await queue.bind(exchange, routing_key="#")
+        queue = await Declarer(channel, self.topology).event_queue()
         events: asyncio.Queue[Progress | Heartbeat] = asyncio.Queue()
 
         async def on_event(message: AbstractIncomingMessage) -> None:

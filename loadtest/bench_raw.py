@@ -20,7 +20,7 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
 from schemas.topology import Topology
-from worker.connections import declare_job_topology
+from worker.declarer import Declarer
 
 
 async def serve(url: str, namespace: str, model: str, prefetch: int, delivery_limit: int) -> None:
@@ -32,7 +32,7 @@ async def serve(url: str, namespace: str, model: str, prefetch: int, delivery_li
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await channel.set_qos(prefetch_count=prefetch)
-        queue = await declare_job_topology(channel, Topology(namespace), model, delivery_limit)
+        queue = await Declarer(channel, Topology(namespace)).job_queue(model, delivery_limit)
         exchange = channel.default_exchange
 
         async def on_message(message: AbstractIncomingMessage) -> None:

@@ -152,7 +152,8 @@ def model_root(zoo: Path, tmp_path: Path) -> Path:
 async def namespace(amqp_url: str) -> AsyncIterator[str]:
     name = f"test-{uuid.uuid4().hex[:10]}"
     yield name
-    await delete_namespace(amqp_url, name, models=["shapes", "other", "trivial"])
+    await delete_namespace(amqp_url, name, models=["shapes", "other", "trivial", "shapes-seg", "shapes-pose", "faces",
+                                                  "mogface", "parsing"])
 
 
 @pytest.fixture

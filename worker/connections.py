@@ -1,4 +1,4 @@
-"""AMQP transport: the robust connection and the job topology, declared idempotently."""
+"""AMQP transport: the robust connection (what it declares: `worker.declarer`)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ import asyncio
 import logging
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustConnection
 from yarl import URL
-
-from schemas.topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -41,32 +39,6 @@ async def connect(
             log.warning("broker at %s not reachable (%s); retrying in %.0f s", _safe(url), exc, delay_s)
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, 15.0)
-
-
-async def declare_job_topology(
-    channel: AbstractChannel, topology: Topology, model: str, delivery_limit: int
-) -> AbstractQueue:
-    """The jobs exchange, the model's quorum queue and its dead-letter queue."""
-    jobs = await channel.declare_exchange(topology.jobs_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
-    dlx = await channel.declare_exchange(
-        topology.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True
-    )
-    dead = await channel.declare_queue(
-        topology.dead_letter_queue(model), durable=True, arguments={"x-queue-type": "quorum"}
-    )
-    await dead.bind(dlx, routing_key=model)
-    queue = await channel.declare_queue(
-        topology.job_queue(model),
-        durable=True,
-        arguments={
-            "x-queue-type": "quorum",
-            "x-delivery-limit": delivery_limit,
-            "x-dead-letter-exchange": topology.dead_letter_exchange,
-            "x-dead-letter-routing-key": model,
-        },
-    )
-    await queue.bind(jobs, routing_key=model)
-    return queue
 
 
 def _safe(url: str) -> str:

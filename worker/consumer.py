@@ -19,7 +19,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from schemas.jobs import JobResult
 from worker.acks import AckRuns
 from worker.config import WorkerSettings
-from worker.connections import declare_job_topology
+from worker.declarer import Declarer
 from worker.jobs import Delivery, JobProcessor, Outcome
 from worker.metrics import WorkerMetrics
 
@@ -54,10 +54,9 @@ class JobConsumer:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await channel.set_qos(prefetch_count=self.settings.prefetch)
         self._channel = channel
+        declarer = Declarer(channel, self.settings.topology)
         for model in models:
-            queue = await declare_job_topology(
-                channel, self.settings.topology, model, self.settings.delivery_limit
-            )
+            queue = await declarer.job_queue(model, self.settings.delivery_limit)
             tag = await queue.consume(partial(self._on_message, model))
             self._consumers.append((queue, tag))
             log.info("consuming %s (prefetch %d)", queue.name, self.settings.prefetch)

@@ -25,16 +25,15 @@ from datetime import UTC, datetime
 
 import aio_pika
 from aio_pika.abc import (
-    AbstractChannel,
     AbstractExchange,
     AbstractIncomingMessage,
-    AbstractQueue,
     AbstractRobustConnection,
 )
 
 from schemas.control import Command, Heartbeat, ModelStatus, Phase, Progress, Update, VersionStatus
 from schemas.signing import Refused, Signer, Verifier, peek
 from schemas.topology import Topology
+from worker.declarer import FROM_THE_START, Declarer
 from worker.metrics import WorkerMetrics
 from worker.runtime.desired import DesiredState, reduce
 from worker.runtime.manager import LoadFailed, ModelManager, ProgressCallback, no_progress
@@ -89,12 +88,10 @@ class ControlLoop:
         await channel.set_qos(prefetch_count=256)  # a stream consumer needs credit
         # Consume on the queue object the robust channel declared: only that one (and its
         # consumer) is restored after a reconnect.
-        control, queue = await declare_control_topology(channel, self.topology)
+        control, queue = await Declarer(channel, self.topology).control()
         status_channel = await connection.channel(publisher_confirms=False)
-        self._status = await status_channel.declare_exchange(
-            self.topology.status_exchange, aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        await queue.consume(self._on_message, arguments={"x-stream-offset": "first"})
+        self._status = await Declarer(status_channel, self.topology).status_exchange()
+        await queue.consume(self._on_message, arguments=FROM_THE_START)
         await control.publish(aio_pika.Message(b"", type=SYNC_TYPE, message_id=self._marker), routing_key="")
         await asyncio.wait_for(self._caught_up.wait(), catch_up_timeout_s)
         for model in self.initial:
@@ -254,16 +251,3 @@ class ControlLoop:
             await self._status.publish(message, routing_key, mandatory=False)  # nobody listening is fine
         except Exception as exc:  # status is best effort; the control log is the truth
             log.debug("status event not sent: %s", exc)
-
-
-async def declare_control_topology(
-    channel: AbstractChannel, topology: Topology
-) -> tuple[AbstractExchange, AbstractQueue]:
-    """The control exchange and the stream it feeds; the operator declares them too."""
-    control = await channel.declare_exchange(topology.control_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
-    log_queue = await channel.declare_queue(
-        topology.control_log, durable=True, arguments={"x-queue-type": "stream"}
-    )
-    await log_queue.bind(control, routing_key="")
-    return control, log_queue
-
