@@ -1,6 +1,6 @@
 """Wire contracts shared by producers, workers and operators (pydantic v2)."""
 
-from schemas.errors import MALFORMED, ErrorCode
+from schemas.errors import MALFORMED, ErrorCode, JobFailure
 from schemas.jobs import (
     SCHEMA_VERSION,
     Box,
@@ -11,7 +11,6 @@ from schemas.jobs import (
     Job,
     JobError,
     JobResult,
-    MalformedJob,
     Timings,
     UrlImage,
     parse_job,
@@ -33,8 +32,8 @@ __all__ = [
     "InlineImage",
     "Job",
     "JobError",
+    "JobFailure",
     "JobResult",
-    "MalformedJob",
     "Manifest",
     "Timings",
     "Topology",

@@ -52,3 +52,15 @@ MALFORMED: frozenset[ErrorCode] = frozenset(
         ErrorCode.MISSING_REPLY_TO,
     }
 )
+
+
+class JobFailure(Exception):
+    """Why a job cannot be served: the code and message its error result carries. Raised wherever
+    the job path finds out (parsing, fetching, decoding, routing, inference); `job_id` is set when
+    the failure comes before the job is known (a malformed body whose id could still be read)."""
+
+    def __init__(self, code: ErrorCode, message: str, job_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.job_id = job_id

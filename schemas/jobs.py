@@ -30,7 +30,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from schemas.errors import ErrorCode
+from schemas.errors import ErrorCode, JobFailure
 from schemas.manifest import MODEL_NAME_PATTERN, VERSION_PATTERN
 from schemas.outputs import TaskOutput, per_detection
 from schemas.urls import parse_image_url
@@ -203,23 +203,13 @@ class JobResult(_Wire):
         return self.output.task if self.output is not None else None
 
 
-class MalformedJob(Exception):
-    """A message body that is not a valid job; carries the code the producer gets back."""
-
-    def __init__(self, code: ErrorCode, message: str, job_id: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.job_id = job_id
-
-
 def parse_job(body: bytes) -> Job:
-    """Validate a message body, raising `MalformedJob` with the most specific code."""
+    """Validate a message body, raising `JobFailure` with the most specific code and the id if readable."""
     try:
         return Job.model_validate_json(body)  # straight from bytes: the image is never a Python str
     except ValidationError as exc:
         code, message = _classify(exc, body)
-        raise MalformedJob(code, message, _job_id_of(body)) from exc
+        raise JobFailure(code, message, _job_id_of(body)) from exc
 
 
 class _JobIdOnly(BaseModel):

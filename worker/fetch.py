@@ -31,9 +31,9 @@ from aiohttp import hdrs
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-from schemas.errors import ErrorCode
+from schemas.errors import ErrorCode, JobFailure
 from schemas.urls import parse_image_url, shorten
-from worker.images import ImageLimits, ImageRejected
+from worker.images import ImageLimits
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -239,22 +239,22 @@ def image_session(policy: UrlPolicy) -> aiohttp.ClientSession:
 
 
 async def fetch_image(url: str, limits: ImageLimits, session: aiohttp.ClientSession) -> bytes:
-    """The bytes an image URL names. Raises `ImageRejected`, and nothing else, whatever the URL."""
+    """The bytes an image URL names. Raises `JobFailure`, and nothing else, whatever the URL."""
     shown = shorten(url, _SHOWN)
     try:
         target = parse_image_url(url)
     except ValueError as exc:
-        raise ImageRejected(_REFUSED, f"cannot fetch {shown}: {_why(exc)}") from exc
+        raise JobFailure(_REFUSED, f"cannot fetch {shown}: {_why(exc)}") from exc
     if target.scheme == "file":
         return await asyncio.to_thread(_read_allowed_file, Path(target.path), limits)
     connector = session.connector
     if not isinstance(connector, PolicyConnector):  # fail closed: no address check, no fetch
-        raise ImageRejected(_REFUSED, "this HTTP session does not check addresses; nothing is fetched")
+        raise JobFailure(_REFUSED, "this HTTP session does not check addresses; nothing is fetched")
     try:
         async with asyncio.timeout(limits.fetch_timeout_s):
             return await _follow(target, shown, limits, session, connector.policy)
     except TimeoutError as exc:
-        raise ImageRejected(_FAILED, f"GET {shown} timed out after {limits.fetch_timeout_s:g} s") from exc
+        raise JobFailure(_FAILED, f"GET {shown} timed out after {limits.fetch_timeout_s:g} s") from exc
 
 
 async def _follow(
@@ -265,12 +265,12 @@ async def _follow(
         refusal = policy.refusal(url)
         if refusal is not None:
             where = f"{shown} redirects to {shorten(str(url), _SHOWN)}, refused" if hop else f"{shown} refused"
-            raise ImageRejected(_REFUSED, f"{where}: {refusal}")
+            raise JobFailure(_REFUSED, f"{where}: {refusal}")
         got = await _get(url, limits, session)
         if isinstance(got, bytes):
             return got
         url = got
-    raise ImageRejected(_FAILED, f"GET {shown}: more than {MAX_REDIRECTS} redirects")
+    raise JobFailure(_FAILED, f"GET {shown}: more than {MAX_REDIRECTS} redirects")
 
 
 async def _get(url: URL, limits: ImageLimits, session: aiohttp.ClientSession) -> bytes | URL:
@@ -283,32 +283,32 @@ async def _get(url: URL, limits: ImageLimits, session: aiohttp.ClientSession) ->
             if response.status in _REDIRECTS:
                 return _redirect_target(url, response)
             if response.status != 200:
-                raise ImageRejected(_FAILED, f"GET {shown} answered HTTP {response.status}")
+                raise JobFailure(_FAILED, f"GET {shown} answered HTTP {response.status}")
             return await _read_body(response, shown, limits)
     except aiohttp.ClientConnectorError as exc:
         if isinstance(exc.os_error, AddressRefused):
-            raise ImageRejected(_REFUSED, f"GET {shown} refused: {_why(exc.os_error)}") from exc
-        raise ImageRejected(_FAILED, f"GET {shown} failed: {_why(exc)}") from exc
+            raise JobFailure(_REFUSED, f"GET {shown} refused: {_why(exc.os_error)}") from exc
+        raise JobFailure(_FAILED, f"GET {shown} failed: {_why(exc)}") from exc
     except aiohttp.ServerTimeoutError as exc:  # before the total: one connect or one read
         doing = "connecting" if isinstance(exc, aiohttp.ConnectionTimeoutError) else "waiting for data"
-        raise ImageRejected(_FAILED, f"GET {shown} timed out after {per_read:g} s {doing}") from exc
+        raise JobFailure(_FAILED, f"GET {shown} timed out after {per_read:g} s {doing}") from exc
     except aiohttp.InvalidURL as exc:  # a ValueError too: before the generic one below
-        raise ImageRejected(_REFUSED, f"cannot fetch {shown}: {_why(exc)}") from exc
+        raise JobFailure(_REFUSED, f"cannot fetch {shown}: {_why(exc)}") from exc
     except (aiohttp.ClientError, OSError) as exc:
-        raise ImageRejected(_FAILED, f"GET {shown} failed: {type(exc).__name__}: {_why(exc)}") from exc
+        raise JobFailure(_FAILED, f"GET {shown} failed: {type(exc).__name__}: {_why(exc)}") from exc
     except ValueError as exc:  # a URL the checks let through but the HTTP stack cannot use
-        raise ImageRejected(_REFUSED, f"cannot fetch {shown}: {_why(exc)}") from exc
+        raise JobFailure(_REFUSED, f"cannot fetch {shown}: {_why(exc)}") from exc
 
 
 def _redirect_target(url: URL, response: aiohttp.ClientResponse) -> URL:
     shown = shorten(str(url), _SHOWN)
     location = response.headers.get(hdrs.LOCATION)
     if not location:
-        raise ImageRejected(_FAILED, f"GET {shown} answered HTTP {response.status} without a Location")
+        raise JobFailure(_FAILED, f"GET {shown} answered HTTP {response.status} without a Location")
     try:
         return parse_image_url(str(url.join(URL(location))))  # relative to the URL that answered
     except ValueError as exc:
-        raise ImageRejected(_REFUSED, f"GET {shown} redirects to an unusable URL: {_why(exc)}") from exc
+        raise JobFailure(_REFUSED, f"GET {shown} redirects to an unusable URL: {_why(exc)}") from exc
 
 
 async def _read_body(response: aiohttp.ClientResponse, shown: str, limits: ImageLimits) -> bytes:
@@ -317,7 +317,7 @@ async def _read_body(response: aiohttp.ClientResponse, shown: str, limits: Image
     encoded = response.headers.get(hdrs.CONTENT_ENCODING, "identity").lower() != "identity"
     # Compressed, the declared length is not the image's: the decompressed bytes are counted.
     if declared is not None and declared > limits.max_bytes and not encoded:
-        raise ImageRejected(
+        raise JobFailure(
             ErrorCode.IMAGE_TOO_LARGE, f"{shown} is {declared} bytes; the limit is {limits.max_bytes}"
         )
     data = bytearray()
@@ -326,7 +326,7 @@ async def _read_body(response: aiohttp.ClientResponse, shown: str, limits: Image
     async for chunk in response.content.iter_any():
         data += chunk
         if len(data) > limits.max_bytes:
-            raise ImageRejected(
+            raise JobFailure(
                 ErrorCode.IMAGE_TOO_LARGE, f"{shown} is over the {limits.max_bytes}-byte limit"
             )
     return bytes(data)
@@ -334,24 +334,24 @@ async def _read_body(response: aiohttp.ClientResponse, shown: str, limits: Image
 
 def _read_allowed_file(path: Path, limits: ImageLimits) -> bytes:
     if not limits.file_roots:
-        raise ImageRejected(_REFUSED, "file:// image URLs are off (HOTSWAP_IMAGE_FILE_ROOTS is empty)")
+        raise JobFailure(_REFUSED, "file:// image URLs are off (HOTSWAP_IMAGE_FILE_ROOTS is empty)")
     try:
         resolved = path.resolve()
         inside = any(resolved.is_relative_to(root.resolve()) for root in limits.file_roots)
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop, before Python 3.13
-        raise ImageRejected(_FAILED, f"cannot read {path}: {exc}") from exc
+        raise JobFailure(_FAILED, f"cannot read {path}: {exc}") from exc
     if not inside:
-        raise ImageRejected(_REFUSED, f"{path} is outside the directories images may come from")
+        raise JobFailure(_REFUSED, f"{path} is outside the directories images may come from")
     try:
         # A FIFO or a device inside a root would block or never end: regular files only.
         if not stat.S_ISREG(resolved.stat().st_mode):
-            raise ImageRejected(_FAILED, f"cannot read {path}: not a regular file")
+            raise JobFailure(_FAILED, f"cannot read {path}: not a regular file")
         with resolved.open("rb") as f:
             data = f.read(limits.max_bytes + 1)
     except OSError as exc:
-        raise ImageRejected(_FAILED, f"cannot read {path}: {exc}") from exc
+        raise JobFailure(_FAILED, f"cannot read {path}: {exc}") from exc
     if len(data) > limits.max_bytes:
-        raise ImageRejected(ErrorCode.IMAGE_TOO_LARGE, f"{path} is over the {limits.max_bytes}-byte limit")
+        raise JobFailure(ErrorCode.IMAGE_TOO_LARGE, f"{path} is over the {limits.max_bytes}-byte limit")
     return data
 
 

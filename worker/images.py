@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image as PILImage
 from PIL import ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
-from schemas.errors import ErrorCode
+from schemas.errors import ErrorCode, JobFailure
 from worker.runtime.backend import Image
 
 # Opened by their own plugin, never through `PIL.Image.open`: ultralytics replaces that
@@ -31,13 +31,6 @@ _OPENERS = (
 
 # Our own pixel limit applies before decoding; PIL's guard would only warn below 2× its default.
 PILImage.MAX_IMAGE_PIXELS = None
-
-
-class ImageRejected(Exception):
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -70,17 +63,17 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image:
 def read_header(data: bytes, limits: ImageLimits) -> ImageHeader:
     """Check the bytes and the header against the limits (cheap: decompression bombs stop here)."""
     if not data:
-        raise ImageRejected(ErrorCode.EMPTY_IMAGE, "image data is empty")
+        raise JobFailure(ErrorCode.EMPTY_IMAGE, "image data is empty")
     if len(data) > limits.max_bytes:
-        raise ImageRejected(
+        raise JobFailure(
             ErrorCode.IMAGE_TOO_LARGE, f"image is {len(data)} bytes; the limit is {limits.max_bytes}"
         )
     picture = _open(data)
     width, height = picture.size
     if width == 0 or height == 0:
-        raise ImageRejected(ErrorCode.EMPTY_IMAGE, f"image is {width}×{height} pixels")
+        raise JobFailure(ErrorCode.EMPTY_IMAGE, f"image is {width}×{height} pixels")
     if width * height > limits.max_pixels:
-        raise ImageRejected(
+        raise JobFailure(
             ErrorCode.TOO_MANY_PIXELS,
             f"image is {width}×{height} = {width * height} pixels; the limit is {limits.max_pixels}",
         )
@@ -112,7 +105,7 @@ def _decode_with_pil(picture: PILImage.Image) -> Image:
     try:
         picture.load()
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise ImageRejected(_damage_code(exc), f"image data is damaged: {exc}") from exc
+        raise JobFailure(_damage_code(exc), f"image data is damaged: {exc}") from exc
     rgb = ImageOps.exif_transpose(picture).convert("RGB")
     return np.ascontiguousarray(np.asarray(rgb)[:, :, ::-1])
 
@@ -126,11 +119,11 @@ def _open(data: bytes) -> PILImage.Image:
         if data.startswith(magic):
             opener = plugin
     if opener is None:
-        raise ImageRejected(ErrorCode.NOT_AN_IMAGE, "bytes are not a JPEG, PNG or WebP image")
+        raise JobFailure(ErrorCode.NOT_AN_IMAGE, "bytes are not a JPEG, PNG or WebP image")
     try:
         return opener(io.BytesIO(data))  # type: ignore[call-arg]
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise ImageRejected(_damage_code(exc), f"unreadable image header: {exc}") from exc
+        raise JobFailure(_damage_code(exc), f"unreadable image header: {exc}") from exc
 
 
 def _damage_code(exc: Exception) -> ErrorCode:

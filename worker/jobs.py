@@ -17,21 +17,20 @@ from datetime import UTC, datetime
 
 import aiohttp
 
-from schemas.errors import MALFORMED, ErrorCode
+from schemas.errors import MALFORMED, ErrorCode, JobFailure
 from schemas.jobs import (
     ImageInfo,
     InlineImage,
     Job,
     JobError,
     JobResult,
-    MalformedJob,
     Timings,
     parse_job,
 )
 from worker.admission import PixelBudget
 from worker.batching import MicroBatcher
 from worker.fetch import fetch_image
-from worker.images import ImageHeader, ImageLimits, ImageRejected, decode_pixels, read_header
+from worker.images import ImageHeader, ImageLimits, decode_pixels, read_header
 from worker.metrics import WorkerMetrics
 from worker.outputs import to_wire
 from worker.runtime.backend import Image
@@ -80,13 +79,6 @@ class JobStats:
             "message": result.error.message,
             "at": datetime.now(UTC).isoformat(),
         }
-
-
-class JobFailed(Exception):
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class _Clock:
@@ -155,7 +147,7 @@ class JobProcessor:
     async def _process(self, delivery: Delivery, clock: _Clock) -> Outcome:
         try:
             job = parse_job(delivery.body)
-        except MalformedJob as exc:
+        except JobFailure as exc:
             job_id = exc.job_id or delivery.correlation_id or "unknown"
             result = self._error(job_id, delivery, clock, None, None, exc.code, exc.message)
             return self._finish(result, delivery)
@@ -168,7 +160,7 @@ class JobProcessor:
             deployment, version = self._route(job)
             version.in_flight += 1
             result = await self._run(job, deployment, version, delivery, clock)
-        except JobFailed as exc:
+        except JobFailure as exc:
             result = self._error(job.job_id, delivery, clock, job, version, exc.code, exc.message)
         finally:
             if version is not None:
@@ -179,11 +171,11 @@ class JobProcessor:
         _check_deadline(job)
         deployment = self.deployments.get(job.model)  # the snapshot this job keeps to the end
         if deployment is None:
-            raise JobFailed(ErrorCode.UNKNOWN_MODEL, f"this worker does not serve model {job.model!r}")
+            raise JobFailure(ErrorCode.UNKNOWN_MODEL, f"this worker does not serve model {job.model!r}")
         try:
             return deployment, deployment.resolve(job.version, _routing_key(job))
         except UnknownVersion as exc:
-            raise JobFailed(ErrorCode.UNKNOWN_VERSION, str(exc)) from exc
+            raise JobFailure(ErrorCode.UNKNOWN_VERSION, str(exc)) from exc
 
     async def _run(
         self, job: Job, deployment: Deployment, version: ModelVersion, delivery: Delivery, clock: _Clock
@@ -211,21 +203,15 @@ class JobProcessor:
         )
 
     async def _header(self, job: Job) -> ImageHeader:
-        try:
-            if isinstance(job.image, InlineImage):
-                data = job.image.data
-            else:
-                data = await fetch_image(job.image.url, self.limits, self.http)
-            return read_header(data, self.limits)  # on the loop: microseconds, no pixel decoded
-        except ImageRejected as exc:
-            raise JobFailed(exc.code, exc.message) from exc
+        if isinstance(job.image, InlineImage):
+            data = job.image.data
+        else:
+            data = await fetch_image(job.image.url, self.limits, self.http)
+        return read_header(data, self.limits)  # on the loop: microseconds, no pixel decoded
 
     async def _decode(self, header: ImageHeader, clock: _Clock) -> Image:
         started = time.perf_counter()
-        try:
-            image = await asyncio.get_running_loop().run_in_executor(self.decode_executor, decode_pixels, header)
-        except ImageRejected as exc:
-            raise JobFailed(exc.code, exc.message) from exc
+        image = await asyncio.get_running_loop().run_in_executor(self.decode_executor, decode_pixels, header)
         clock.decode_ms = (time.perf_counter() - started) * 1000
         return image
 
@@ -234,7 +220,7 @@ class JobProcessor:
         try:
             prediction = await self.batcher.predict(version, image, job.params)
         except Exception as exc:  # a model failure is this job's error, not the worker's
-            raise JobFailed(ErrorCode.INFERENCE_FAILED, f"{type(exc).__name__}: {exc}") from exc
+            raise JobFailure(ErrorCode.INFERENCE_FAILED, f"{type(exc).__name__}: {exc}") from exc
         clock.inference_ms = (time.perf_counter() - started) * 1000  # its batch's wait included
         return prediction
 
@@ -325,4 +311,4 @@ def _routing_key(job: Job) -> str:
 
 def _check_deadline(job: Job) -> None:
     if job.deadline is not None and datetime.now(UTC) >= job.deadline:
-        raise JobFailed(ErrorCode.EXPIRED, f"the job's deadline {job.deadline.isoformat()} has passed")
+        raise JobFailure(ErrorCode.EXPIRED, f"the job's deadline {job.deadline.isoformat()} has passed")

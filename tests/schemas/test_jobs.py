@@ -5,8 +5,8 @@ from datetime import UTC, datetime
 import pytest
 
 from control.contracts import README, SCHEMA_DIR, json_schemas, readme_with_outputs
-from schemas.errors import ErrorCode
-from schemas.jobs import InlineImage, Job, JobError, JobResult, MalformedJob, UrlImage, parse_job
+from schemas.errors import ErrorCode, JobFailure
+from schemas.jobs import InlineImage, Job, JobError, JobResult, UrlImage, parse_job
 
 
 def body(**fields: object) -> bytes:
@@ -16,7 +16,7 @@ def body(**fields: object) -> bytes:
 
 
 def code_of(raw: bytes) -> ErrorCode:
-    with pytest.raises(MalformedJob) as caught:
+    with pytest.raises(JobFailure) as caught:
         parse_job(raw)
     return caught.value.code
 
@@ -66,7 +66,7 @@ def test_malformed_bodies_get_specific_codes(raw: bytes, code: ErrorCode) -> Non
 
 
 def test_malformed_job_keeps_its_job_id_for_the_answer() -> None:
-    with pytest.raises(MalformedJob) as caught:
+    with pytest.raises(JobFailure) as caught:
         parse_job(body(job_id="keep-me", params={"conf": -1}))
     assert caught.value.job_id == "keep-me"
 
@@ -120,7 +120,7 @@ def test_published_json_schemas_match_the_models() -> None:
 )
 def test_urls_no_worker_could_fetch_are_invalid_jobs(url: str) -> None:
     raw = json.dumps({"job_id": "j1", "model": "shapes", "image": {"url": url}}).encode()
-    with pytest.raises(MalformedJob) as caught:
+    with pytest.raises(JobFailure) as caught:
         parse_job(raw)
     assert caught.value.code is ErrorCode.INVALID_JOB
     assert caught.value.message.startswith("image.url.url: ")

@@ -133,7 +133,7 @@ async def test_a_failing_shadow_leaves_its_primary_and_the_next_job_alone(
 ) -> None:
     worker = await serve_in_process()
     await worker.models.reconcile(DesiredState("trivial", active="1.0.0", shadow=Shadow(version="2.0.0", percent=100)))
-    monkeypatch.setattr(jobs_module, "agreement", failing()(jobs_module.agreement))
+    monkeypatch.setattr(jobs_module, "evaluator_for", failing()(jobs_module.evaluator_for))
     results = await asyncio.gather(*(client.submit(h.path, model="trivial") for h in heldout[:8]))
     assert all((r.status, r.version) == ("ok", "1.0.0") for r in results)
     await settled(worker)

@@ -21,9 +21,9 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from schemas.errors import ErrorCode
+from schemas.errors import ErrorCode, JobFailure
 from worker.fetch import UrlPolicy, fetch_image, image_session
-from worker.images import ImageLimits, ImageRejected, decode_image, read_header
+from worker.images import ImageLimits, decode_image, read_header
 
 LIMITS = ImageLimits(max_bytes=2_000_000, max_pixels=10**7, fetch_timeout_s=3.0, read_timeout_s=1.0)
 # The test servers listen on 127.0.0.1: a loopback address, so its network must be allowed too.
@@ -97,8 +97,8 @@ async def fetch(url: str, limits: ImageLimits = LIMITS, policy: UrlPolicy = LOCA
         return await fetch_image(url, limits, session)
 
 
-async def refused(url: str, limits: ImageLimits = LIMITS, policy: UrlPolicy = LOCAL) -> ImageRejected:
-    with pytest.raises(ImageRejected) as caught:
+async def refused(url: str, limits: ImageLimits = LIMITS, policy: UrlPolicy = LOCAL) -> JobFailure:
+    with pytest.raises(JobFailure) as caught:
         await fetch(url, limits, policy)
     return caught.value
 
@@ -194,7 +194,7 @@ async def test_a_content_length_shorter_than_the_body_cuts_the_image() -> None:
     async with raw_server(short) as base:
         data = await fetch(f"{base}/short.jpg")
     assert data == image[:declared]  # what the headers declared, and no more
-    with pytest.raises(ImageRejected) as caught:
+    with pytest.raises(JobFailure) as caught:
         decode_image(data, LIMITS)
     assert caught.value.code is ErrorCode.TRUNCATED_IMAGE
 
@@ -345,7 +345,7 @@ async def test_only_allowed_hosts_and_networks_are_fetched_from() -> None:
         assert await fetch(f"{by_name}/a.png", policy=UrlPolicy.of(["LocalHost:*"], ["127.0.0.0/8"])) == png
         assert await fetch(f"{base}/a.png", policy=UrlPolicy.of([f"127.0.0.1:{port}"], ["127.0.0.1/32"])) == png
         async with aiohttp.ClientSession() as unchecked:  # a session that does not check addresses
-            with pytest.raises(ImageRejected) as caught:
+            with pytest.raises(JobFailure) as caught:
                 await fetch_image(f"{base}/a.png", LIMITS, unchecked)
         assert caught.value.code is ErrorCode.IMAGE_URL_REFUSED
     assert hits == 2

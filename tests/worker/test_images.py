@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from schemas.errors import ErrorCode
-from worker.images import ImageLimits, ImageRejected, decode_image
+from schemas.errors import ErrorCode, JobFailure
+from worker.images import ImageLimits, decode_image
 
 LIMITS = ImageLimits(max_bytes=2_000_000, max_pixels=4_000_000, fetch_timeout_s=2.0)
 
@@ -19,7 +19,7 @@ def encode(fmt: str, size: tuple[int, int] = (64, 48), mode: str = "RGB") -> byt
 
 
 def rejected(data: bytes, limits: ImageLimits = LIMITS) -> ErrorCode:
-    with pytest.raises(ImageRejected) as caught:
+    with pytest.raises(JobFailure) as caught:
         decode_image(data, limits)
     return caught.value.code
 

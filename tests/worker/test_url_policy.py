@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from yarl import URL
 
-from schemas.errors import ErrorCode
+from schemas.errors import ErrorCode, JobFailure
 from worker.config import WorkerSettings
 from worker.fetch import AddressRefused, PolicyResolver, UrlPolicy, fetch_image, image_session
-from worker.images import ImageLimits, ImageRejected
+from worker.images import ImageLimits
 
 LIMITS = ImageLimits(max_bytes=10**6, max_pixels=10**6, fetch_timeout_s=2, read_timeout_s=1, file_roots=(Path("/"),))
 
@@ -164,7 +164,7 @@ UNPARSEABLE = [
 async def test_urls_no_parser_accepts_are_clean_rejections(url: str) -> None:
     # Allowing everything: whatever stops these is the URL itself, not the policy.
     async with image_session(UrlPolicy.of(["*"], ["0.0.0.0/0", "::/0"])) as session:
-        with pytest.raises(ImageRejected) as caught:
+        with pytest.raises(JobFailure) as caught:
             await fetch_image(url, LIMITS, session)
     assert caught.value.code is ErrorCode.IMAGE_URL_REFUSED
     assert len(caught.value.message) < 400
