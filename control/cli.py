@@ -14,7 +14,6 @@ import typer
 from rich.console import Console
 
 from control import commands
-from control.render import print_result
 from loadtest.cli import app as loadtest_app
 from schemas.jobs import InferenceParams, JobResult
 
@@ -105,6 +104,8 @@ def submit(
             )
 
     results = asyncio.run(run())
+    from control.render import print_result  # numpy and pycocotools, once there is something to show
+
     for image, result in zip(images, results, strict=True):
         if as_json:
             print(result.model_dump_json(exclude_none=True))

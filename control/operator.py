@@ -28,8 +28,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMess
 
 from schemas.control import Action, Command, Heartbeat, Progress
 from schemas.signing import Refused, Signer, Verifier
-from schemas.topology import Topology
-from worker.control import SYNC_TYPE
+from schemas.topology import SYNC_TYPE, Topology
 from worker.declarer import FROM_THE_START, Declarer
 
 FINAL_PHASES = frozenset({"done", "failed", "refused"})

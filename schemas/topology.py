@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: The AMQP `type` of an empty marker a reader publishes on the control exchange: when it comes back
+#: through the stream, the reader has read the whole log up to the moment it asked.
+SYNC_TYPE = "hotswap.sync"
+
 
 @dataclass(frozen=True)
 class Topology:

@@ -32,7 +32,7 @@ from aio_pika.abc import (
 
 from schemas.control import Command, Heartbeat, ModelStatus, Phase, Progress, Update, VersionStatus
 from schemas.signing import Refused, Signer, Verifier, peek
-from schemas.topology import Topology
+from schemas.topology import SYNC_TYPE, Topology
 from worker.declarer import FROM_THE_START, Declarer
 from worker.metrics import WorkerMetrics
 from worker.runtime.desired import DesiredState, reduce
@@ -40,7 +40,6 @@ from worker.runtime.manager import LoadFailed, ModelManager, ProgressCallback, n
 
 log = logging.getLogger(__name__)
 
-SYNC_TYPE = "hotswap.sync"
 
 
 class ControlLoop:
