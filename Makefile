@@ -28,7 +28,7 @@ test: zoo
 test-fast: zoo
 	HOTSWAP_TEST_ZOO=$(ZOO) $(PY) -m pytest -m 'not slow'
 
-# The performance benchmarks (ratios against the targets in DESIGN.md); `hotswap loadtest bench --quick`
+# The performance benchmarks (ratios against the targets in docs/architecture.md); `hotswap loadtest bench --quick`
 # for a shorter run. Reports; exits non-zero only when a benchmark cannot run.
 bench: zoo
 	$(VENV)/bin/hotswap loadtest bench

@@ -4,24 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
-import os
-import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
 from control import commands
-from loadtest.cli import app as loadtest_app
 from schemas.jobs import InferenceParams, JobResult
+from worker.cli import worker as worker_command
+
+
+def _add_command_groups(root: typer.Typer) -> None:
+    """Command groups other packages contribute (entry points `hotswap.commands`, e.g. `loadtest`):
+    the load tests build on the control plane, so it cannot import them."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group="hotswap.commands"):
+        root.add_typer(entry.load(), name=entry.name)
+
 
 app = typer.Typer(help="Serve vision models from RabbitMQ and change them while they serve.", no_args_is_help=True)
 zoo_app = typer.Typer(help="The demo model zoo, trained locally.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 app.add_typer(commands.keys_app, name="keys")
-app.add_typer(loadtest_app, name="loadtest")
+_add_command_groups(app)
+app.command("worker")(worker_command)
 for _command in (commands.update, commands.rollback, commands.traffic, commands.unload, commands.status,
                  commands.watch):
     app.command()(_command)
@@ -29,56 +37,6 @@ console = Console()
 
 AmqpUrl = Annotated[str | None, typer.Option(envvar="HOTSWAP_AMQP_URL", help="AMQP URL of the broker")]
 Namespace = Annotated[str, typer.Option(envvar="HOTSWAP_NAMESPACE", help="prefix of exchange and queue names")]
-
-
-def _configure_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("aiormq").setLevel(logging.WARNING)
-    logging.getLogger("aio_pika").setLevel(logging.WARNING)
-
-
-@app.command()
-def worker(
-    model: Annotated[list[str], typer.Option("--model", "-m", help="MODEL or MODEL@VERSION; repeatable")],
-    model_root: Annotated[Path | None, typer.Option(help="model repository root")] = None,
-    amqp_url: AmqpUrl = None,
-    namespace: Annotated[str | None, typer.Option(help="prefix of exchange and queue names")] = None,
-    status_port: Annotated[int | None, typer.Option(help="status/metrics port; 0 picks a free one")] = None,
-    status_host: Annotated[str | None, typer.Option()] = None,
-    prefetch: Annotated[int | None, typer.Option(help="unacked jobs this worker holds")] = None,
-    torch_threads: Annotated[int | None, typer.Option()] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ...")] = None,
-    grace_period: Annotated[float | None, typer.Option(help="seconds to finish in-flight jobs on SIGTERM")] = None,
-    worker_id: Annotated[str | None, typer.Option()] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
-) -> None:
-    """Serve image jobs for the given models until SIGTERM or SIGINT."""
-    from worker.app import EXIT_HUNG, Worker, WorkerKeyMissing
-    from worker.config import WorkerSettings
-    from worker.runtime.manager import LoadFailed
-
-    _configure_logging(verbose)
-    flags: dict[str, Any] = {
-        "models": model, "model_root": model_root, "amqp_url": amqp_url, "namespace": namespace,
-        "status_port": status_port, "status_host": status_host, "prefetch": prefetch,
-        "torch_threads": torch_threads, "device": device, "grace_period_s": grace_period,
-        "worker_id": worker_id,
-    }
-    settings = WorkerSettings(**{k: v for k, v in flags.items() if v is not None})
-    serving = Worker(settings)
-    try:
-        asyncio.run(serving.run())
-    except (LoadFailed, WorkerKeyMissing) as exc:
-        console.print(f"[red]cannot start: {exc}[/red]")
-        raise typer.Exit(2) from exc
-    if serving.hung is not None:
-        # The inference thread is stuck for good: an ordinary exit would wait for it forever.
-        logging.shutdown()
-        os._exit(EXIT_HUNG)
 
 
 @app.command()
@@ -93,7 +51,7 @@ def submit(
     amqp_url: AmqpUrl = None,
     namespace: Namespace = "hotswap",
 ) -> None:
-    """Submit images and print their detections."""
+    """Submit images and print what each model found (its task's output as tables)."""
     from control.client import Client
 
     async def run() -> list[JobResult]:

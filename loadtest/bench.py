@@ -1,4 +1,4 @@
-"""`hotswap loadtest bench`: the performance benchmarks of DESIGN.md ("Targets"), side by side.
+"""`hotswap loadtest bench`: the performance benchmarks of docs/architecture.md ("Targets"), side by side.
 
     1  pool vs in-process predict          pool(batch 1) ≥ 0.9 ×, pool(micro-batch) ≥ 1.5 × in-process batch 1
     2  trivial model vs raw aio-pika loop  worker ≥ 0.6 × raw

@@ -146,7 +146,7 @@ def bench(
     amqp_url: Annotated[str | None, typer.Option(envvar="HOTSWAP_AMQP_URL", help="AMQP URL of the broker")] = None,
     model_root: Annotated[Path, typer.Option(envvar="HOTSWAP_MODEL_ROOT", help="model repository")] = Path("models"),
 ) -> None:
-    """The performance benchmarks (DESIGN.md "Targets"): ratios measured side by side, a summary
+    """The performance benchmarks (docs/architecture.md, "Targets"): ratios measured side by side, a summary
     table and bench.json. A missed goal is reported, not an error: exits non-zero only on errors."""
     import asyncio
 

@@ -1,7 +1,7 @@
 """`python -m worker ARGS` is `hotswap worker ARGS`."""
 
-import sys
+import typer
 
-from control.cli import app
+from worker.cli import worker
 
-app(args=["worker", *sys.argv[1:]], prog_name="python -m worker")
+typer.run(worker)

@@ -28,11 +28,11 @@ from worker.connections import connect
 from worker.consumer import JobConsumer
 from worker.control import ControlLoop
 from worker.fetch import UrlPolicy, image_session
-from worker.images import ImageLimits
 from worker.jobs import JobProcessor
 from worker.metrics import WorkerMetrics
 from worker.runtime.artifacts import ArtifactCache
 from worker.runtime.deployment import Deployment
+from worker.runtime.images import ImageLimits
 from worker.runtime.manager import ModelManager, ModelSpec
 from worker.runtime.repository import ModelRepository
 from worker.runtime.sources import SourcePolicy
@@ -292,7 +292,7 @@ def lower_thread_priority(nice: int) -> None:
 
 
 def _limit_torch_threads(threads: int) -> None:
-    # Two torch threads under contention ran 20× slower on a 2-core machine (DESIGN.md).
+    # Two torch threads under contention ran 20× slower on a 2-core machine (docs/architecture.md, "Targets").
     import torch
 
     torch.set_num_threads(threads)

@@ -33,7 +33,7 @@ from yarl import URL
 
 from schemas.errors import ErrorCode, JobFailure
 from schemas.urls import parse_image_url, shorten
-from worker.images import ImageLimits
+from worker.runtime.images import ImageLimits
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -30,11 +30,11 @@ from schemas.jobs import (
 from worker.admission import PixelBudget
 from worker.batching import MicroBatcher
 from worker.fetch import fetch_image
-from worker.images import ImageHeader, ImageLimits, decode_pixels, read_header
 from worker.metrics import WorkerMetrics
 from worker.outputs import to_wire
 from worker.runtime.backend import Image
 from worker.runtime.deployment import Deployment, DeploymentTable, UnknownVersion
+from worker.runtime.images import ImageHeader, ImageLimits, decode_pixels, read_header
 from worker.runtime.lifecycle import ModelVersion
 from worker.runtime.predictions import Prediction
 from worker.runtime.validation import evaluator_for

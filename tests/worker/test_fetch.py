@@ -23,7 +23,7 @@ from PIL import Image
 
 from schemas.errors import ErrorCode, JobFailure
 from worker.fetch import UrlPolicy, fetch_image, image_session
-from worker.images import ImageLimits, decode_image, read_header
+from worker.runtime.images import ImageLimits, decode_image, read_header
 
 LIMITS = ImageLimits(max_bytes=2_000_000, max_pixels=10**7, fetch_timeout_s=3.0, read_timeout_s=1.0)
 # The test servers listen on 127.0.0.1: a loopback address, so its network must be allowed too.

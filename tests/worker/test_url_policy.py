@@ -13,7 +13,7 @@ from yarl import URL
 from schemas.errors import ErrorCode, JobFailure
 from worker.config import WorkerSettings
 from worker.fetch import AddressRefused, PolicyResolver, UrlPolicy, fetch_image, image_session
-from worker.images import ImageLimits
+from worker.runtime.images import ImageLimits
 
 LIMITS = ImageLimits(max_bytes=10**6, max_pixels=10**6, fetch_timeout_s=2, read_timeout_s=1, file_roots=(Path("/"),))
 

@@ -16,10 +16,11 @@ from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
+
+from prometheus_client import Gauge, Histogram
 
 from schemas.control import ArtifactRef, Phase
-from worker.metrics import WorkerMetrics
 from worker.runtime.artifacts import ArtifactCache
 from worker.runtime.backend import blank_image, create_backend
 from worker.runtime.deployment import Deployment, DeploymentTable
@@ -38,6 +39,14 @@ from worker.runtime.weights import ArtifactLoader
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+class LifecycleMetrics(Protocol):
+    """What the manager records (the worker's `WorkerMetrics` has it): the runtime names the
+    metrics it needs instead of importing the worker's registry."""
+
+    update_phase_seconds: Histogram  # labels: model, phase
+    memory_released: Gauge  # labels: model
+
 
 #: Called as each phase begins: (model, version, phase). Phase durations go to the metrics.
 ProgressCallback = Callable[[str, str, Phase], Awaitable[None]]
@@ -80,7 +89,7 @@ class ModelManager:
         device: str,
         control_executor: Executor,
         budget: LatencyBudget | None = None,
-        metrics: WorkerMetrics | None = None,
+        metrics: LifecycleMetrics | None = None,
         artifacts: ArtifactCache | None = None,
         loader: ArtifactLoader | None = None,
     ) -> None:

@@ -1,4 +1,4 @@
-"""The validation gate a version passes before it may serve (DESIGN.md, "Validation gate").
+"""The validation gate a version passes before it may serve (docs/architecture.md, "Lifecycle").
 
 sha256 and the isolated load happen in `ModelManager.load`; this module adds the calibration
 expectations from the manifest and the latency budget against the active version. Everything
@@ -15,9 +15,9 @@ from pathlib import Path
 
 from schemas.jobs import InferenceParams
 from schemas.manifest import Manifest
-from worker.images import ImageLimits, decode_image
 from worker.runtime.backend import Image, ModelBackend
 from worker.runtime.evaluation import Evaluator, Score, Thresholds
+from worker.runtime.images import ImageLimits, decode_image
 
 _LIMITS = ImageLimits(max_bytes=50 * 1024 * 1024, max_pixels=100_000_000)
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from schemas.errors import ErrorCode, JobFailure
-from worker.images import ImageLimits, decode_image
+from worker.runtime.images import ImageLimits, decode_image
 
 LIMITS = ImageLimits(max_bytes=2_000_000, max_pixels=4_000_000, fetch_timeout_s=2.0)
 
