@@ -236,7 +236,7 @@ class Worker:
         return {
             "applied_seq": self.control.applied_seq,
             "last_error": self.control.last_error,
-            "unusable": self.models.unusable,
+            "unusable": self.models.unusable_everywhere(),
             "cleanups": [vars(c) for c in self.models.cleanups[-5:]],
         }
 

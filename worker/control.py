@@ -78,7 +78,7 @@ class ControlLoop:
         self._tasks: list[asyncio.Task[None]] = []
 
     def desired(self, model: str) -> DesiredState:
-        unusable = self.manager.unusable.get(model, {}).keys()
+        unusable = self.manager.unusable(model).keys()
         return reduce(model, self.logs[model], unusable, self.keep_standby, self.initial[model])
 
     async def start(self, connection: AbstractRobustConnection, catch_up_timeout_s: float = 60.0) -> None:
@@ -173,7 +173,7 @@ class ControlLoop:
         for command in commands:
             await self._progress(command.model, command.command_id, command.seq, "received")
             if isinstance(command.action, Update):  # asked again: worth another try (it may have been transient)
-                self.manager.unusable.get(command.model, {}).pop(command.action.version, None)
+                self.manager.retry(command.model, command.action.version)
 
         async def progress(model: str, version: str, phase: Phase) -> None:
             await self._progress(model, newest.command_id, newest.seq, phase)
@@ -233,7 +233,7 @@ class ControlLoop:
                 name: VersionStatus(state=v.state.value, reason=v.reason, weight=weights.get(name, 0.0))
                 for name, v in deployment.loaded.items()
             }
-            for name, reason in self.manager.unusable.get(deployment.model, {}).items():
+            for name, reason in self.manager.unusable(deployment.model).items():
                 versions.setdefault(name, VersionStatus(state="failed", reason=reason))
             statuses[deployment.model] = ModelStatus(
                 active=deployment.active.version, versions=versions, shadow=deployment.shadow,

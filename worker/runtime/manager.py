@@ -104,9 +104,20 @@ class ModelManager:
         #: Versions holding a backend (not freed), per model.
         self.loaded: dict[str, dict[str, ModelVersion]] = {}
         #: Versions that failed here, with why: updates to them are ignored (DesiredState).
-        self.unusable: dict[str, dict[str, str]] = {}
+        self._unusable: dict[str, dict[str, str]] = {}
         self.cleanups: list[Cleanup] = []
         self._locks: dict[str, asyncio.Lock] = {}
+
+    def unusable(self, model: str) -> dict[str, str]:
+        """The model's versions that failed on this worker, with why (a copy)."""
+        return dict(self._unusable.get(model, {}))
+
+    def unusable_everywhere(self) -> dict[str, dict[str, str]]:
+        return {model: dict(failed) for model, failed in self._unusable.items() if failed}
+
+    def retry(self, model: str, version: str) -> None:
+        """Let a version that failed here be tried again (a new update of it asks for that)."""
+        self._unusable.get(model, {}).pop(version, None)
 
     async def start(self, specs: list[ModelSpec]) -> None:
         """Load and activate one version per model; raises LoadFailed on the first failure."""
@@ -170,7 +181,7 @@ class ModelManager:
         except Exception as exc:  # every failure is the version's reason; serving is untouched
             log.warning("%s/%s refused: %s", model, name, exc)
             version.fail(str(exc))
-            self.unusable.setdefault(model, {})[name] = str(exc)
+            self._unusable.setdefault(model, {})[name] = str(exc)
             if version.backend is not None:
                 await self._run(_release, version)
             raise LoadFailed(version) from exc
