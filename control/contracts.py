@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from schemas.jobs import Job, JobResult
 from schemas.manifest import Manifest
+from schemas.status import WorkerStatus
 from schemas.outputs import (
     ClassifyOutput,
     DetectOutput,
@@ -44,7 +45,7 @@ _EXAMPLES: dict[str, dict[str, Any]] = {
 
 def json_schemas() -> dict[str, dict[str, Any]]:
     return {"job": Job.model_json_schema(), "result": JobResult.model_json_schema(),
-            "manifest": Manifest.model_json_schema()}
+            "manifest": Manifest.model_json_schema(), "status": WorkerStatus.model_json_schema()}
 
 
 def outputs_section() -> str:

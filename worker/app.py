@@ -16,11 +16,11 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from aio_pika.abc import AbstractRobustConnection
 
 from schemas.signing import Signer, Verifier
+from schemas.status import WorkerStatus
 from worker.admission import PixelBudget
 from worker.batching import MicroBatcher
 from worker.config import WorkerSettings
@@ -31,7 +31,6 @@ from worker.fetch import UrlPolicy, image_session
 from worker.jobs import JobProcessor
 from worker.metrics import WorkerMetrics
 from worker.runtime.artifacts import ArtifactCache
-from worker.runtime.deployment import Deployment
 from worker.runtime.images import ImageLimits
 from worker.runtime.manager import ModelManager, ModelSpec
 from worker.runtime.repository import ModelRepository
@@ -212,33 +211,17 @@ class Worker:
             reasons.append("shutting down")
         return reasons
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> WorkerStatus:
         stats = self.processor.stats if self.processor else None
-        return {
-            "worker_id": self.settings.worker_id,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "uptime_s": round(time.time() - self.started_at, 3),
-            "ready": not self.not_ready_reasons(),
-            "hung": self.hung,
-            "broker_connected": self.broker_connected,
-            "in_flight": self.consumer.in_flight if self.consumer else 0,
-            "jobs_done": stats.done if stats else 0,
-            "jobs_failed": stats.failed if stats else 0,
-            "last_error": stats.last_error if stats else None,
-            "models": {d.model: _deployment_status(d) for d in self.models.table.all()},
-            "control": self._control_status(),
-        }
-
-    def _control_status(self) -> dict[str, Any] | None:
-        if self.control is None:
-            return None
-        return {
-            "applied_seq": self.control.applied_seq,
-            "last_error": self.control.last_error,
-            "unusable": self.models.unusable_everywhere(),
-            "cleanups": [vars(c) for c in self.models.cleanups[-5:]],
-        }
+        return WorkerStatus(
+            worker_id=self.settings.worker_id, host=socket.gethostname(), pid=os.getpid(),
+            uptime_s=round(time.time() - self.started_at, 3), ready=not self.not_ready_reasons(), hung=self.hung,
+            broker_connected=self.broker_connected, in_flight=self.consumer.in_flight if self.consumer else 0,
+            jobs_done=stats.done if stats else 0, jobs_failed=stats.failed if stats else 0,
+            last_error=stats.last_error if stats else None,
+            models={d.model: d.status() for d in self.models.table.all()},
+            control=self.control.status() if self.control else None,
+        )
 
     def refresh_metrics(self) -> None:
         if self.processor is not None:
@@ -258,24 +241,6 @@ class Worker:
                     manifest.backend if manifest else "", manifest.task if manifest else "",
                     version.state.value,
                 ).set(1)
-
-
-def _deployment_status(deployment: Deployment) -> dict[str, Any]:
-    return {
-        "active": deployment.active.version,
-        "weights": dict(deployment.weights) if deployment.weights else None,
-        "shadow": deployment.shadow.model_dump() if deployment.shadow else None,
-        "versions": {
-            name: {
-                "state": v.state.value,
-                "reason": v.reason,
-                "in_flight": v.in_flight,
-                "backend": v.manifest.backend if v.manifest else None,
-                "sha256": v.manifest.sha256 if v.manifest else None,
-            }
-            for name, v in deployment.loaded.items()
-        },
-    }
 
 
 class WorkerKeyMissing(Exception):

@@ -32,6 +32,7 @@ from aio_pika.abc import (
 
 from schemas.control import Command, Heartbeat, ModelStatus, Phase, Progress, Update, VersionStatus
 from schemas.signing import Refused, Signer, Verifier, peek
+from schemas.status import CleanupRecord, ControlStatus
 from schemas.topology import SYNC_TYPE, Topology
 from worker.declarer import FROM_THE_START, Declarer
 from worker.metrics import WorkerMetrics
@@ -220,6 +221,14 @@ class ControlLoop:
         while True:
             await self._publish(f"heartbeat.{self.worker_id}", self.heartbeat())
             await asyncio.sleep(self.heartbeat_interval_s)
+
+    def status(self) -> ControlStatus:
+        return ControlStatus(
+            applied_seq=dict(self.applied_seq), last_error=self.last_error,
+            unusable=self.manager.unusable_everywhere(),
+            cleanups=[CleanupRecord(version=c.version, memory_before=c.memory_before, memory_after=c.memory_after)
+                      for c in self.manager.cleanups[-5:]],
+        )
 
     def heartbeat(self) -> Heartbeat:
         return Heartbeat(worker_id=self.worker_id, at=datetime.now(UTC), models=self.model_status(),

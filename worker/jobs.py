@@ -27,6 +27,7 @@ from schemas.jobs import (
     Timings,
     parse_job,
 )
+from schemas.status import LastError
 from worker.admission import PixelBudget
 from worker.batching import MicroBatcher
 from worker.fetch import fetch_image
@@ -66,19 +67,15 @@ class Outcome:
 class JobStats:
     done: int = 0
     failed: int = 0
-    last_error: dict[str, str] | None = None
+    last_error: LastError | None = None
 
     def record(self, result: JobResult) -> None:
         if result.error is None:
             self.done += 1
             return
         self.failed += 1
-        self.last_error = {
-            "job_id": result.job_id,
-            "code": result.error.code.value,
-            "message": result.error.message,
-            "at": datetime.now(UTC).isoformat(),
-        }
+        self.last_error = LastError(job_id=result.job_id, code=result.error.code.value,
+                                    message=result.error.message, at=datetime.now(UTC))
 
 
 class _Clock:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Protocol
+from typing import Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from schemas.status import WorkerStatus
 from worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
@@ -16,7 +17,7 @@ log = logging.getLogger(__name__)
 class StatusSource(Protocol):
     metrics: WorkerMetrics
 
-    def status(self) -> dict[str, Any]: ...
+    def status(self) -> WorkerStatus: ...
 
     def not_ready_reasons(self) -> list[str]:
         """Empty when the worker is ready to take jobs."""
@@ -37,7 +38,7 @@ def create_app(source: StatusSource) -> web.Application:
         return web.json_response({"ready": True})
 
     async def status(_: web.Request) -> web.Response:
-        return web.json_response(source.status())
+        return web.Response(text=source.status().model_dump_json(), content_type="application/json")
 
     async def metrics(_: web.Request) -> web.Response:
         source.refresh_metrics()

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from schemas.control import Shadow
+from schemas.status import DeploymentStatus
 from worker.runtime.lifecycle import ModelVersion
 
 #: Version aliases a job may pin instead of a version name.
@@ -34,6 +35,12 @@ class Deployment:
     #: Percent per version under a traffic split; None sends everything to `active`.
     weights: Mapping[str, float] | None = None
     shadow: Shadow | None = None
+
+    def status(self) -> DeploymentStatus:
+        return DeploymentStatus(
+            active=self.active.version, weights=dict(self.weights) if self.weights else None, shadow=self.shadow,
+            versions={name: v.detail() for name, v in self.loaded.items()},
+        )
 
     def resolve(self, pin: str | None, routing_key: str) -> ModelVersion:
         """The version a job runs on: its pin (a version or an alias), else by traffic weight."""

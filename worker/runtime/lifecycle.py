@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from schemas.manifest import Manifest
+from schemas.status import VersionDetail
 from worker.runtime.backend import ModelBackend
 
 
@@ -69,6 +70,12 @@ class ModelVersion:
 
     def fail(self, reason: str) -> None:
         self.advance(VersionState.FAILED, reason)
+
+    def detail(self) -> VersionDetail:
+        manifest = self.manifest
+        return VersionDetail(state=self.state.value, reason=self.reason, in_flight=self.in_flight,
+                             backend=manifest.backend if manifest else None, task=manifest.task if manifest else None,
+                             sha256=manifest.sha256 if manifest else None)
 
     @property
     def loaded_manifest(self) -> Manifest:
