@@ -140,11 +140,13 @@ def print_result(image: str, result: JobResult) -> None:
 def zoo_build(
     root: Annotated[Path, typer.Option(help="model repository root")] = Path("models"),
     force: Annotated[bool, typer.Option(help="rebuild versions that already exist")] = False,
+    large: Annotated[bool, typer.Option(help="also build MogFace (~342 MB) and M2FP human parsing (~253 MB)")] = False,
 ) -> None:
-    """Train the demo YOLOv8n models on synthetic shapes (offline, about 3 minutes the first time)."""
+    """Train the demo YOLOv8n models on synthetic shapes (offline, about 3 minutes the first time), and
+    write the modelscope face detectors (seeded, seconds; with --large about 2 more minutes)."""
     from control.zoo import build_zoo
 
-    built = build_zoo(root, force=force, progress=lambda line: console.print(f"[dim]{line}[/dim]"))
+    built = build_zoo(root, force=force, large=large, progress=lambda line: console.print(f"[dim]{line}[/dim]"))
     for path in built:
         console.print(f"[green]ready[/green] {path}")
 
