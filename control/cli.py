@@ -143,7 +143,7 @@ def zoo_build(
     large: Annotated[bool, typer.Option(help="also build MogFace (~342 MB) and M2FP human parsing (~253 MB)")] = False,
 ) -> None:
     """Train the demo YOLOv8n models on synthetic shapes (offline, about 3 minutes the first time), and
-    write the modelscope face detectors (seeded, seconds; with --large about 2 more minutes)."""
+    write the modelscope face detectors (seeded, seconds; --large about a minute more, 600 MB)."""
     from control.zoo import build_zoo
 
     built = build_zoo(root, force=force, large=large, progress=lambda line: console.print(f"[dim]{line}[/dim]"))
