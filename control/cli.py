@@ -83,11 +83,13 @@ def submit(
 def zoo_build(
     root: Annotated[Path, typer.Option(help="model repository root")] = Path("models"),
     force: Annotated[bool, typer.Option(help="rebuild versions that already exist")] = False,
+    large: Annotated[bool, typer.Option(help="also build MogFace (~342 MB) and M2FP human parsing (~253 MB)")] = False,
 ) -> None:
-    """Train the demo YOLOv8n models on synthetic shapes (offline, about 3 minutes the first time)."""
+    """Train the demo YOLOv8n models on synthetic shapes (offline, about 3 minutes the first time), and
+    write the modelscope face detectors (seeded, seconds; --large about a minute more, 600 MB)."""
     from control.zoo import build_zoo
 
-    built = build_zoo(root, force=force, progress=lambda line: console.print(f"[dim]{line}[/dim]"))
+    built = build_zoo(root, force=force, large=large, progress=lambda line: console.print(f"[dim]{line}[/dim]"))
     for path in built:
         console.print(f"[green]ready[/green] {path}")
 

@@ -346,11 +346,15 @@ def _write_training_data(work: Path) -> Path:
     return data_yaml
 
 
-def build_zoo(root: Path, *, force: bool = False, progress: Progress | None = None) -> list[Path]:
-    """Build every missing version (all of them with `force`); returns all version directories."""
+def build_zoo(root: Path, *, force: bool = False, progress: Progress | None = None, large: bool = False) -> list[Path]:
+    """Build every missing version (all of them with `force`); returns the shapes version directories.
+    The modelscope families (`control/zoo_faces.py`) come first, `large` adding the big ones."""
     say = progress or (lambda _message: None)
     root = root.resolve()
     finals = [root / MODEL_NAME / r.version for r in RECIPES]
+    from control.zoo_faces import build_faces  # it imports this module
+
+    build_faces(root, force=force, progress=say, large=large)
     with _locked(root):
         _sweep(root)
         heldout = _build_heldout(root)

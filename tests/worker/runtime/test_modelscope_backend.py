@@ -1,0 +1,205 @@
+"""The modelscope backend on real modelscope networks (seeded, biased: control/zoo_faces.py), held
+to modelscope's own pipeline run in-process on the same model directory."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("modelscope", reason="pip install 'hotswap[modelscope]'")
+
+from control.zoo_faces import build_faces
+from schemas.jobs import InferenceParams
+from schemas.manifest import Manifest
+from worker.images import ImageLimits, decode_image
+from worker.runtime.backend import BackendError, create_backend
+from worker.runtime.masks import decode_masks, encode_masks
+from worker.runtime.repository import ModelRepository
+from worker.runtime.validation import ValidationFailed, check_calibration, check_requirements
+
+REPO = Path(__file__).resolve().parents[3]
+LIMITS = ImageLimits(max_bytes=10**8, max_pixels=10**8)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # as a worker runs (worker/app.py): two threads contend on two cores
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory: pytest.TempPathFactory) -> ModelRepository:
+    root = tmp_path_factory.mktemp("faces-zoo")
+    build_faces(root)
+    return ModelRepository(root)
+
+
+@pytest.fixture(scope="module")
+def large() -> ModelRepository:
+    """MogFace and M2FP (~600 MB): built once into the test zoo and kept there."""
+    root = Path(os.environ.get("HOTSWAP_TEST_ZOO", REPO / "models")).resolve()
+    build_faces(root, large=True)
+    return ModelRepository(root)
+
+
+def loaded(repository: ModelRepository, model: str, version: str) -> Any:
+    entry = repository.get(model, version)
+    backend = create_backend("modelscope", "cpu", task=entry.manifest.task)
+    backend.load(repository.verified_artifact(entry), entry.manifest)
+    return backend
+
+
+def calibration_images(repository: ModelRepository, model: str, version: str) -> list[np.ndarray]:
+    entry = repository.get(model, version)
+    assert entry.manifest.calibration is not None
+    return [decode_image((entry.path / i.file).read_bytes(), LIMITS) for i in entry.manifest.calibration.images]
+
+
+def in_process_pipeline(version_dir: Path, tmp_path: Path) -> Any:
+    """modelscope's own pipeline on the version's files, as its documentation builds one: a local
+    directory with configuration.json and pytorch_model.pt. Written here with safetensors and
+    torch alone, not with the backend's code it is compared with."""
+    import torch
+    from modelscope.pipelines import pipeline
+    from safetensors.torch import load_file
+
+    manifest = Manifest.model_validate_json((version_dir / "manifest.json").read_bytes())
+    config = json.loads(json.dumps(manifest.architecture))
+    model_dir = tmp_path / "in-process"
+    model_dir.mkdir()
+    tensors = load_file(version_dir / manifest.artifact)
+    if config["pipeline"]["type"] == "m2fp-image-human-parsing":
+        config["model"]["pretrained"] = True  # M2FP reads {"model": state dict} only when told to
+        torch.save({"model": tensors}, model_dir / "pytorch_model.pt")
+    else:
+        torch.save(tensors, model_dir / "pytorch_model.pt")
+    (model_dir / "configuration.json").write_text(json.dumps(config))
+    return pipeline(config["task"], model=str(model_dir.resolve()), device="cpu")
+
+
+def by_box(boxes: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.lexsort((boxes[:, 1], boxes[:, 0], -scores))
+    return boxes[order], scores[order]
+
+
+def test_ulfd_equals_in_process_pipeline(faces: ModelRepository, tmp_path: Path) -> None:
+    backend = loaded(faces, "faces", "1.0.0")
+    reference = in_process_pipeline(faces.get("faces", "1.0.0").path, tmp_path)
+    images = calibration_images(faces, "faces", "1.0.0")
+    ours = backend.predict(images, InferenceParams(conf=0.0, max_det=1000))
+    for image, prediction in zip(images, ours, strict=True):
+        theirs = reference(image)
+        boxes, scores = by_box(np.asarray(theirs["boxes"], np.float32).reshape(-1, 4),
+                               np.asarray(theirs["scores"], np.float32))
+        assert len(prediction) == len(boxes) > 0
+        mine, my_scores = by_box(prediction.boxes, prediction.scores)
+        assert np.allclose(mine, boxes, atol=1e-3) and np.allclose(my_scores, scores, atol=1e-3)
+        assert prediction.keypoints is None and set(prediction.class_ids.tolist()) == {0}
+    backend.release()
+
+
+def test_versions_answer_differently_and_pass_their_golden_calibration(faces: ModelRepository) -> None:
+    answers = {}
+    for version in ("1.0.0", "2.0.0"):
+        entry = faces.get("faces", version)
+        backend = loaded(faces, "faces", version)
+        backend.warm_up()
+        assert check_calibration(backend, entry.manifest, entry.path).recall == 1.0
+        answers[version] = backend.predict(calibration_images(faces, "faces", "1.0.0"), InferenceParams())
+        backend.release()
+    assert all(len(p) for found in answers.values() for p in found), "a version found no face on an image"
+    assert [len(p) for p in answers["1.0.0"]] != [len(p) for p in answers["2.0.0"]]
+
+
+def test_params_and_two_threads(faces: ModelRepository) -> None:
+    backend = loaded(faces, "faces", "2.0.0")
+    image = calibration_images(faces, "faces", "2.0.0")[0]
+    (alone,) = backend.predict([image], InferenceParams())
+    (capped,) = backend.predict([image], InferenceParams(max_det=3))
+    (none,) = backend.predict([image], InferenceParams(conf=1.0))
+    assert len(capped) == 3 and len(none) == 0 and np.array_equal(capped.boxes, alone.boxes[:3])
+    results: list[Any] = []
+    threads = [threading.Thread(target=lambda: results.append(backend.predict([image] * 3, InferenceParams())))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(np.array_equal(p.boxes, alone.boxes) for found in results for p in found) and len(results) == 2
+    backend.release()
+
+
+def test_broken_version_is_refused_naming_the_shape_mismatch(faces: ModelRepository) -> None:
+    with pytest.raises(BackendError, match=r"size mismatch for classification_headers\.3\.weight"):
+        loaded(faces, "faces", "0.9.0-broken")
+
+
+@pytest.mark.parametrize("key, value", [("plugins", ["evil-package"]), ("allow_remote", True)])
+def test_configuration_that_imports_code_is_refused(faces: ModelRepository, key: str, value: object) -> None:
+    entry = faces.get("faces", "1.0.0")
+    assert entry.manifest.architecture is not None
+    manifest = entry.manifest.model_copy(update={"architecture": {**entry.manifest.architecture, key: value}})
+    with pytest.raises(BackendError, match=f"names {key}: that makes modelscope import code"):
+        create_backend("modelscope", "cpu", task="face-detection").load(faces.verified_artifact(entry), manifest)
+
+
+def test_unmet_requirement_is_refused(faces: ModelRepository) -> None:
+    manifest = faces.get("faces", "1.0.0").manifest
+    check_requirements(manifest)
+    with pytest.raises(ValidationFailed, match=r"modelscope<0\.1 \(installed: "):
+        check_requirements(manifest.model_copy(update={"requires": ["modelscope<0.1"]}))
+
+
+def test_worker_without_modelscope_gets_the_install_hint() -> None:
+    code = (
+        "import sys; sys.modules['modelscope'] = None\n"
+        "from worker.runtime.backend import BackendError, create_backend\n"
+        "try:\n"
+        "    create_backend('modelscope', 'cpu', task='face-detection')\n"
+        "except BackendError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("; install it with  pip install 'hotswap[modelscope]'"), done.stdout
+
+
+@pytest.mark.slow
+def test_mogface_equals_in_process_pipeline(large: ModelRepository, tmp_path: Path) -> None:
+    backend = loaded(large, "mogface", "1.0.0")
+    reference = in_process_pipeline(large.get("mogface", "1.0.0").path, tmp_path)
+    image = calibration_images(large, "mogface", "1.0.0")[0]
+    (ours,) = backend.predict([image], InferenceParams(conf=0.0, max_det=1000))
+    theirs = reference(image)
+    boxes, scores = by_box(np.asarray(theirs["boxes"], np.float32).reshape(-1, 4),
+                           np.asarray(theirs["scores"], np.float32))
+    mine, my_scores = by_box(ours.boxes, ours.scores)
+    assert len(ours) == len(boxes) > 0
+    assert np.allclose(mine, boxes, atol=1e-3) and np.allclose(my_scores, scores, atol=1e-3)
+    backend.release()
+
+
+@pytest.mark.slow
+def test_parsing_masks_equal_in_process_pipeline(large: ModelRepository, tmp_path: Path) -> None:
+    entry = large.get("parsing", "1.0.0")
+    backend = loaded(large, "parsing", "1.0.0")
+    reference = in_process_pipeline(entry.path, tmp_path)
+    image = calibration_images(large, "parsing", "1.0.0")[0]
+    (ours,) = backend.predict([image], InferenceParams())
+    theirs = reference(image)
+    assert ours.parts is not None and len(ours.parts.class_ids) > 0
+    names = [entry.manifest.classes[int(c)] for c in ours.parts.class_ids]
+    expected = {label: np.asarray(mask) > 0.5 for label, mask in zip(theirs["labels"], theirs["masks"], strict=True)
+                if label != "Background"}
+    assert sorted(names) == sorted(expected)
+    wire = decode_masks(encode_masks(ours.parts.masks), image.shape[:2])
+    for name, mask in zip(names, wire, strict=True):
+        assert np.array_equal(mask, expected[name]), name
+    backend.release()
