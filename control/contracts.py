@@ -15,7 +15,6 @@ from pydantic import BaseModel
 
 from schemas.jobs import Job, JobResult
 from schemas.manifest import Manifest
-from schemas.status import WorkerStatus
 from schemas.outputs import (
     ClassifyOutput,
     DetectOutput,
@@ -24,6 +23,7 @@ from schemas.outputs import (
     PoseOutput,
     SegmentOutput,
 )
+from schemas.status import WorkerStatus
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 SCHEMA_DIR = REPOSITORY / "schemas" / "json"

@@ -222,7 +222,7 @@ def _recipe(recipe: Recipe) -> dict[str, Any]:
 def _write_version(recipe: Recipe, final: Path, say: Progress) -> None:
     from safetensors.torch import save_file
 
-    from worker.images import ImageLimits, decode_image
+    from worker.runtime.images import ImageLimits, decode_image
     from worker.runtime.modelscope_backend import ModelscopeBackend
 
     tmp = _scratch(final.parent, f".tmp-{recipe.version}-")

@@ -12,13 +12,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-pytest.importorskip("modelscope", reason="pip install 'hotswap[modelscope]'")
-
 from control.zoo_faces import build_faces
 from schemas.jobs import InferenceParams
 from schemas.manifest import Manifest
-from worker.images import ImageLimits, decode_image
 from worker.runtime.backend import BackendError, create_backend
+from worker.runtime.images import ImageLimits, decode_image
 from worker.runtime.masks import decode_masks, encode_masks
 from worker.runtime.repository import ModelRepository
 from worker.runtime.validation import ValidationFailed, check_calibration, check_requirements
