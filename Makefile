@@ -15,8 +15,12 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# --large: MogFace and M2FP (random weights, 600 MB, under a minute): the demo shows M2FP and
+# the slow tests run both. `make zoo ZOO_FLAGS=` builds the small models only.
+ZOO_FLAGS ?= --large
+
 zoo: setup
-	$(VENV)/bin/hotswap zoo build --root $(ZOO)
+	$(VENV)/bin/hotswap zoo build --root $(ZOO) $(ZOO_FLAGS)
 
 demo: zoo
 	$(VENV)/bin/hotswap demo --root $(ZOO)
