@@ -104,7 +104,8 @@ async def _submit_everything(url: str, root: Path, models: list[str]) -> None:
 
 def heldout_score(labels: list[dict[str, Any]], results: list[JobResult]) -> Score:
     """Recall of the held-out shapes, by the detection evaluator validation uses."""
-    expected = [[ExpectedObject.model_validate(box) for box in item["boxes"]] for item in labels]
+    expected = [[ExpectedObject(class_name=box["class_name"], box=box["box"]) for box in item["boxes"]]
+                for item in labels]
     return score_results("detect", zip(expected, results, strict=True))
 
 
