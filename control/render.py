@@ -18,6 +18,10 @@ from schemas.outputs import (
 from worker.runtime.masks import mask_area
 
 
+#: Rows a table shows before it says how many more there are (`--json` has them all).
+MAX_ROWS = 12
+
+
 def print_result(image: str, result: JobResult, console: Console) -> None:
     where = f"{result.model}/{result.version or '?'} on {result.worker_id}"
     if result.error is not None:
@@ -39,10 +43,12 @@ def _detections(title: str, result: JobResult, output: TaskOutput | None) -> Tab
     table = Table(title=title, title_justify="left")
     for column in ("class", "score", "x1", "y1", "x2", "y2", *([extra] if extra else [])):
         table.add_column(column, justify="left" if column in ("class", extra) else "right")
-    for i, d in enumerate(result.detections):
+    for i, d in enumerate(result.detections[:MAX_ROWS]):
         b = d.box
         cells = [d.class_name, f"{d.score:.2f}", *(f"{v:.1f}" for v in (b.x1, b.y1, b.x2, b.y2))]
         table.add_row(*cells, *([_extra_cell(output, i)] if extra else []))
+    if len(result.detections) > MAX_ROWS:
+        table.add_row(f"… {len(result.detections) - MAX_ROWS} more", *[""] * (5 + bool(extra)))
     if not result.detections:
         table.add_row("(nothing)", *[""] * (5 + bool(extra)))
     return table

@@ -82,3 +82,13 @@ def test_side_by_side_puts_one_panel_per_model(tmp_path: Path) -> None:
     out = cv2.imread(str(side_by_side(image, [result_for("segment"), result_for("pose")], tmp_path)))
     single = annotated(image, result_for("segment"))
     assert out.shape[1] == 2 * single.shape[1] and out.shape[0] == single.shape[0]
+
+
+def test_long_answers_are_cut_with_a_count() -> None:
+    many = Prediction.of([(i, i, i + 5, i + 5) for i in range(30)], [0.5] * 30, [0] * 30)
+    detections, output = to_wire(many, manifest("detect", {0: "thing"}))
+    console = Console(record=True, width=200)
+    print_result("img.png", JobResult(job_id="j", status="ok", worker_id="w", detections=detections, output=output),
+                 console)
+    text = console.export_text()
+    assert "… 18 more" in text and text.count("thing") == 12
