@@ -17,7 +17,6 @@ from schemas.outputs import (
 )
 from worker.runtime.masks import mask_area
 
-
 #: Rows a table shows before it says how many more there are (`--json` has them all).
 MAX_ROWS = 12
 
