@@ -33,22 +33,20 @@ def test_batch_predictions_equal_in_process_ultralytics(backend, zoo: Path, held
     for path, detections in zip([*paths, bus_jpg], ours, strict=True):
         theirs = yolo.predict(str(path), imgsz=128, conf=0.1, verbose=False)[0].boxes
         assert len(detections) == len(theirs), path
-        for detection, box, score, cls in zip(
-            detections, theirs.xyxy.numpy(), theirs.conf.numpy(), theirs.cls.numpy(), strict=True
-        ):
-            b = detection.box
-            assert np.allclose([b.x1, b.y1, b.x2, b.y2], box, atol=1e-3), path
-            assert abs(detection.score - float(score)) < 1e-3
-            assert detection.class_id == int(cls)
+        assert np.allclose(detections.boxes, theirs.xyxy.numpy(), atol=1e-3), path
+        assert np.allclose(detections.scores, theirs.conf.numpy(), atol=1e-3), path
+        assert np.array_equal(detections.class_ids, theirs.cls.numpy().astype(np.int64)), path
 
 
 def test_boxes_are_in_original_image_pixels(backend, bus_jpg: Path) -> None:
     image = decode_image(bus_jpg.read_bytes(), LIMITS)
     (detections,) = backend.predict([image], InferenceParams(conf=0.01))
     height, width = image.shape[:2]
-    assert detections, "a 0.01 threshold finds something on a real photo"
-    assert all(0 <= d.box.x1 <= d.box.x2 <= width and 0 <= d.box.y1 <= d.box.y2 <= height for d in detections)
-    assert max(d.box.x2 for d in detections) > 128, "boxes were not scaled back from the 128 px input"
+    assert len(detections), "a 0.01 threshold finds something on a real photo"
+    x1, y1, x2, y2 = detections.boxes.T
+    assert (x1 >= 0).all() and (y1 >= 0).all() and (x2 <= width).all() and (y2 <= height).all()
+    assert (x1 <= x2).all() and (y1 <= y2).all()
+    assert x2.max() > 128, "boxes were not scaled back from the 128 px input"
 
 
 def test_params_are_honoured(backend, heldout) -> None:
@@ -88,7 +86,8 @@ def test_versions_of_one_architecture_share_one_trace(zoo: Path, heldout) -> Non
         (answers[name],) = model.predict([image], InferenceParams(conf=0.1))
         model.release()
     assert templates[0] >= 1 and templates[1:] == [templates[0]] * 2, f"traced again: {templates}"
-    boxes = {name: [(d.class_id, round(d.box.x1, 1)) for d in found] for name, found in answers.items()}
+    boxes = {name: [(int(c), round(float(b[0]), 1)) for c, b in zip(found.class_ids, found.boxes, strict=True)]
+             for name, found in answers.items()}
     assert boxes["1.0.0"] != boxes["2.0.0"], "two versions sharing a trace answered alike: weights not loaded"
 
 
