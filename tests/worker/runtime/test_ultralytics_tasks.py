@@ -178,3 +178,27 @@ def test_classify_answers_class_scores(tmp_path: Path) -> None:
     assert abs(float(found.probs.sum()) - 1) < 1e-4
     detections, output = to_wire(found, manifest)
     assert detections == [] and output.task == "classify" and len(output.top) == 3
+
+
+def test_detections_whose_mask_comes_out_empty_are_dropped_as_ultralytics_does() -> None:
+    """Rare on real images (none on the zoo's), so crafted: a box too thin to hold a mask pixel."""
+    from types import SimpleNamespace
+
+    import torch
+    from ultralytics.models.yolo.segment import SegmentationPredictor
+
+    from worker.runtime.ultralytics_backend import _segmented
+
+    generator = torch.Generator().manual_seed(0)
+    proto = torch.randn(32, 32, 32, generator=generator)
+    boxes = torch.tensor([[10.0, 10, 60, 70], [40.45, 40, 40.5, 90], [70, 20, 120, 50]])
+    found = torch.cat([boxes, torch.tensor([[0.9, 0], [0.8, 1], [0.7, 2]]),
+                       torch.randn(3, 32, generator=generator)], 1)
+    original = np.zeros((200, 300, 3), np.uint8)
+    predictor = SegmentationPredictor(overrides={"retina_masks": True})
+    predictor.model = SimpleNamespace(names={0: "circle", 1: "square", 2: "triangle"})
+    theirs = predictor.construct_result(found.clone(), torch.zeros(1, 3, 128, 128), original, "crafted", proto)
+    ours = _segmented(found.clone(), torch.Size([128, 128]), original.shape, proto)
+    assert len(ours) == len(theirs.boxes) == 2 and ours.masks is not None
+    assert np.allclose(ours.boxes, theirs.boxes.xyxy.numpy(), atol=1e-3)
+    assert np.array_equal(ours.masks, theirs.masks.data.numpy() > 0.5)
