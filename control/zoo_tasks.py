@@ -98,7 +98,8 @@ def shape_polygon(shape: Shape) -> np.ndarray:
 
 
 def mask_keypoints(mask: np.ndarray) -> list[tuple[float, float, float]]:
-    """"centre" and "top" of a mask in pixel-edge coordinates, both visible (1)."""
+    """The mask's "centre" (centroid) and "top" (middle of its top row), in pixel-edge coordinates,
+    both visible (1)."""
     ys, xs = np.nonzero(mask)
     top = ys.min()
     centre = (float(xs.mean()) + 0.5, float(ys.mean()) + 0.5, 1.0)
