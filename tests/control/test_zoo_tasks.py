@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from control import zoo, zoo_tasks
-from schemas.manifest import Manifest
+from schemas.manifest import Manifest, Task
 from worker.runtime.masks import decode_masks
 
 
@@ -58,12 +58,13 @@ def test_keypoints_are_the_centroid_and_the_top() -> None:
 
 
 @pytest.mark.parametrize("task", ["segment", "pose"])
-def test_task_datasets_are_in_ultralytics_label_format(tmp_path: Path, task: zoo_tasks.Task) -> None:
+def test_task_datasets_are_in_ultralytics_label_format(tmp_path: Path, task: Task) -> None:
     zoo_tasks.write_task_dataset(tmp_path, 4, seed=3, task=task)
     rng = np.random.default_rng(3)
     for i in range(4):
         image, shapes = zoo.make_shapes(rng)
-        assert np.array_equal(cv2.imread(str(tmp_path / f"images/{i:03d}.png")), image)
+        written = cv2.imread(str(tmp_path / f"images/{i:03d}.png"))
+        assert written is not None and np.array_equal(written, image)
         rows = [line.split() for line in (tmp_path / f"labels/{i:03d}.txt").read_text().splitlines()]
         assert [int(row[0]) for row in rows] == [s.class_id for s in shapes]
         for row in rows:
