@@ -29,7 +29,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from schemas.manifest import ArtifactFormat, Calibration, CalibrationImage, ExpectedBox, Manifest
+from schemas.manifest import ArtifactFormat, Calibration, CalibrationImage, ExpectedBox, Manifest, Task
 from worker.runtime.repository import sha256_of
 
 CLASSES: dict[int, str] = {0: "circle", 1: "square", 2: "triangle"}
@@ -85,37 +85,62 @@ RECIPES: tuple[Recipe, ...] = (
 # --- data set ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Shape:
+    """One shape as the generator drew it: enough to draw it again alone (its exact mask)."""
+
+    class_id: int
+    box: Box
+    centre: tuple[int, int]
+    half: int
+    corners: tuple[tuple[int, int], ...] = ()  # a triangle's vertices, as filled
+
+
 def make_shapes_image(rng: np.random.Generator, size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[Box]]:
     """One noisy BGR image with 1-4 non-overlapping filled shapes and their exact boxes."""
+    image, shapes = make_shapes(rng, size)
+    return image, [shape.box for shape in shapes]
+
+
+def make_shapes(rng: np.random.Generator, size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[Shape]]:
+    """`make_shapes_image` with what it drew; the same random draws, so the same images and boxes."""
     background = rng.integers(0, 256, 3)
     image = np.empty((size, size, 3), np.uint8)
     image[:] = background
-    boxes: list[Box] = []
+    shapes: list[Shape] = []
     for _ in range(int(rng.integers(1, 5))):
         for _attempt in range(30):
             class_id = int(rng.integers(0, 3))
             half = int(rng.integers(size // 8, size // 4))
             cx, cy = (int(v) for v in rng.integers(half + 1, size - half - 1, 2))
             box = (class_id, cx - half, cy - half, cx + half + 1, cy + half + 1)
-            if not any(_overlap(box, other) for other in boxes):
+            if not any(_overlap(box, other.box) for other in shapes):
                 break
         else:
             continue  # crowded image: fewer shapes rather than overlapping labels
         colour = _contrasting(rng, background)
-        if class_id == 0:
-            cv2.circle(image, (cx, cy), half, colour, -1, cv2.LINE_8)
-        elif class_id == 1:
-            cv2.rectangle(image, (cx - half, cy - half), (cx + half, cy + half), colour, -1)
-        else:
+        shape = Shape(class_id, box, (cx, cy), half)
+        if class_id == 2:
             angle = rng.uniform(0, 2 * np.pi) + np.array([0, 2 * np.pi / 3, 4 * np.pi / 3])
-            pts = np.stack([cx + half * np.cos(angle), cy + half * np.sin(angle)], 1).round()
-            pts = pts.astype(np.int32)
-            cv2.fillPoly(image, [pts], colour, cv2.LINE_8)
+            pts = np.stack([cx + half * np.cos(angle), cy + half * np.sin(angle)], 1).round().astype(np.int32)
             (x1, y1), (x2, y2) = pts.min(0), pts.max(0) + 1
-            box = (class_id, int(x1), int(y1), int(x2), int(y2))
-        boxes.append(box)
+            corners = tuple((int(x), int(y)) for x, y in pts)
+            shape = Shape(class_id, (class_id, int(x1), int(y1), int(x2), int(y2)), (cx, cy), half, corners)
+        draw_shape(image, shape, colour)
+        shapes.append(shape)
     noise = rng.normal(0, 12, image.shape)
-    return np.clip(image + noise, 0, 255).astype(np.uint8), boxes
+    return np.clip(image + noise, 0, 255).astype(np.uint8), shapes
+
+
+def draw_shape(canvas: np.ndarray, shape: Shape, colour: tuple[int, ...]) -> None:
+    """Fill `shape` into `canvas`; on a blank single-channel canvas that is its mask."""
+    (cx, cy), half = shape.centre, shape.half
+    if shape.class_id == 0:
+        cv2.circle(canvas, (cx, cy), half, colour, -1, cv2.LINE_8)
+    elif shape.class_id == 1:
+        cv2.rectangle(canvas, (cx - half, cy - half), (cx + half, cy + half), colour, -1)
+    else:
+        cv2.fillPoly(canvas, [np.array(shape.corners, np.int32)], colour, cv2.LINE_8)
 
 
 def _overlap(a: Box, b: Box) -> bool:
@@ -212,7 +237,7 @@ def _train(recipe: Recipe, data_yaml: str, project: str) -> Trained:
     return Trained(str(weights), float(metrics.box.map50), architecture)
 
 
-def _export(network: Any, weights: Path) -> dict[str, Any]:
+def _export(network: Any, weights: Path, task: Task = "detect") -> dict[str, Any]:
     """Write `network`'s state dict as safetensors; returns its architecture, checked to rebuild it."""
     import torch
     from safetensors.torch import save_file
@@ -223,17 +248,23 @@ def _export(network: Any, weights: Path) -> dict[str, Any]:
     save_file({name: t.contiguous() for name, t in network.state_dict().items()}, weights)
     architecture: dict[str, Any] = json.loads(json.dumps(network.yaml))  # as the manifest will hold it
     # What the worker will build from these two must compute what training produced.
-    rebuilt = build_network(architecture, "detect")
-    rebuilt.load_state_dict(ArtifactLoader().tensors(weights, _probe_manifest(architecture)), strict=True)
+    rebuilt = build_network(architecture, task)
+    rebuilt.load_state_dict(ArtifactLoader().tensors(weights, _probe_manifest(architecture, task)), strict=True)
     probe = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        if not torch.allclose(rebuilt.eval()(probe)[0], network.eval()(probe)[0], rtol=1e-5, atol=1e-5):
+        ours, theirs = _tensors(rebuilt.eval()(probe)[0]), _tensors(network.eval()(probe)[0])
+        if not all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(ours, theirs, strict=True)):
             raise RuntimeError("the exported weights and architecture do not rebuild the trained network")
     return architecture
 
 
-def _probe_manifest(architecture: dict[str, Any]) -> Manifest:
-    return Manifest(name=MODEL_NAME, version="0", backend="ultralytics", task="detect", artifact=ARTIFACT,
+def _tensors(output: Any) -> list[Any]:
+    # A segment head's predictions come with its mask prototypes: (predictions, prototypes).
+    return list(output) if isinstance(output, tuple | list) else [output]
+
+
+def _probe_manifest(architecture: dict[str, Any], task: Task = "detect") -> Manifest:
+    return Manifest(name=MODEL_NAME, version="0", backend="ultralytics", task=task, artifact=ARTIFACT,
                     format=ARTIFACT_FORMAT, architecture=architecture, sha256="0" * 64, classes=CLASSES,
                     input_size=IMAGE_SIZE, created_at=CREATED_AT)
 
@@ -347,14 +378,20 @@ def _write_training_data(work: Path) -> Path:
 
 
 def build_zoo(root: Path, *, force: bool = False, progress: Progress | None = None, large: bool = False) -> list[Path]:
-    """Build every missing version (all of them with `force`); returns the shapes version directories.
-    The modelscope families (`control/zoo_faces.py`) come first, `large` adding the big ones."""
+    """Build every missing version (all of them with `force`); returns all version directories. The
+    modelscope families (`control/zoo_faces.py`, `large` adding the big ones) and the YOLO segment
+    and pose families (`control/zoo_tasks.py`) build on this module."""
+    from control.zoo_faces import build_faces
+    from control.zoo_tasks import build_tasks
+
     say = progress or (lambda _message: None)
     root = root.resolve()
-    finals = [root / MODEL_NAME / r.version for r in RECIPES]
-    from control.zoo_faces import build_faces  # it imports this module
-
     build_faces(root, force=force, progress=say, large=large)
+    return [*_build_detect(root, force, say), *build_tasks(root, force=force, progress=progress)]
+
+
+def _build_detect(root: Path, force: bool, say: Progress) -> list[Path]:
+    finals = [root / MODEL_NAME / r.version for r in RECIPES]
     with _locked(root):
         _sweep(root)
         heldout = _build_heldout(root)

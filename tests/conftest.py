@@ -63,7 +63,23 @@ def amqp_url() -> str:
 @pytest.fixture(scope="session")
 def zoo() -> Path:
     """The demo zoo (`make test` builds it first; building here is the fallback)."""
-    return ensure_zoo(Path(os.environ.get("HOTSWAP_TEST_ZOO", REPO / "models")).resolve())
+    return ensure_zoo(_zoo_root())
+
+
+def _zoo_root() -> Path:
+    return Path(os.environ.get("HOTSWAP_TEST_ZOO", REPO / "models")).resolve()
+
+
+@pytest.fixture(scope="session")
+def task_zoo() -> Path:
+    """The zoo's segment and pose families (`shapes-seg`, `shapes-pose`) under the test zoo's root:
+    `make test` builds them with the rest; building here (cached there) is the fallback. Apart
+    from `zoo`, so that these tests need not train the detect family."""
+    from control.zoo_tasks import build_tasks
+
+    root = _zoo_root()
+    build_tasks(root)
+    return root
 
 
 @pytest.fixture(scope="session")
@@ -81,18 +97,25 @@ def bus_jpg() -> Path:
     return ULTRALYTICS_ASSETS / "bus.jpg"
 
 
+#: The ultralytics network class and a packaged config of each task, for `reference_yolo`.
+_REFERENCE_TASKS = {"detect": ("DetectionModel", "yolov8n.yaml"), "segment": ("SegmentationModel", "yolov8n-seg.yaml"),
+                    "pose": ("PoseModel", "yolov8n-pose.yaml")}
+
+
 def reference_yolo(version_dir: Path) -> Any:
     """In-process `YOLO.predict` on a zoo version's own weights, nothing unpickled: a YOLO from a
-    packaged config, its network rebuilt from the manifest's architecture, the safetensors loaded.
-    Built here with ultralytics alone, not with the worker's loading code it is compared with."""
+    packaged config of its task, its network rebuilt from the manifest's architecture, the
+    safetensors loaded. Built here with ultralytics alone, not with the worker's loading code it
+    is compared with."""
     from safetensors.torch import load_file
     from ultralytics import YOLO
-    from ultralytics.nn.tasks import DetectionModel
+    from ultralytics.nn import tasks
 
     manifest = Manifest.model_validate_json((version_dir / "manifest.json").read_bytes())
     assert manifest.format == "safetensors" and manifest.architecture is not None
-    yolo = YOLO("yolov8n.yaml", task="detect")
-    network = DetectionModel(copy.deepcopy(manifest.architecture), verbose=False)
+    model_class, config = _REFERENCE_TASKS[manifest.task]
+    yolo = YOLO(config, task=manifest.task)
+    network = getattr(tasks, model_class)(copy.deepcopy(manifest.architecture), verbose=False)
     network.load_state_dict(load_file(version_dir / manifest.artifact), strict=True)
     network.names, network.args = dict(manifest.classes), yolo.model.args
     yolo.model = network.eval()

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from control import zoo
+from control import zoo, zoo_tasks
 from schemas.manifest import Manifest
 from worker.runtime.repository import sha256_of
 
@@ -98,7 +98,24 @@ def trained(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(zoo, "ProcessPoolExecutor", _InlinePool)
     monkeypatch.setattr(zoo, "_train", fake_train)
+    monkeypatch.setattr(zoo_tasks, "build_tasks", lambda root, **_: [])  # its own tests train those
     return versions
+
+
+def test_build_zoo_builds_the_task_families_too(tmp_path: Path, trained: list[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[Path, dict[str, Any]]] = []
+    tasks_dir = tmp_path / "shapes-seg" / "1.0.0"
+
+    def fake_build_tasks(root: Path, **options: Any) -> list[Path]:
+        calls.append((root, options))
+        return [tasks_dir]
+
+    monkeypatch.setattr(zoo_tasks, "build_tasks", fake_build_tasks)
+    say: list[str] = []
+    dirs = zoo.build_zoo(tmp_path, force=True, progress=say.append)
+    assert calls == [(tmp_path.resolve(), {"force": True, "progress": say.append})]
+    assert dirs[-1] == tasks_dir and [d.name for d in dirs[:-1]] == trained
 
 
 def test_build_writes_valid_versions_and_caches(tmp_path: Path, trained: list[str]) -> None:

@@ -7,9 +7,9 @@ import pytest
 
 from schemas.jobs import InferenceParams
 from worker.batching import MicroBatcher
+from worker.images import ImageLimits, decode_image
 from worker.metrics import WorkerMetrics
 from worker.runtime.backend import create_backend
-from worker.runtime.images import ImageLimits, decode_image
 from worker.runtime.lifecycle import ModelVersion
 from worker.runtime.repository import ModelRepository
 
@@ -44,7 +44,7 @@ async def test_concurrent_jobs_share_batches_and_get_single_image_answers(versio
     batches, total = batch_sizes(metrics)
     assert total == 17 and batches <= 4, "16 same-sized images in batches of ≤ 8, the photo alone"
     for ours, theirs in zip(batched, single, strict=True):
-        assert ours.class_ids.tolist() == theirs.class_ids.tolist()
+        assert np.array_equal(ours.class_ids, theirs.class_ids)
         assert np.allclose(ours.boxes, theirs.boxes, atol=1e-3)
 
 

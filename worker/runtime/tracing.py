@@ -35,7 +35,7 @@ class TraceMismatch(RuntimeError):
 
 
 def traced(network: torch.nn.Module, example: torch.Tensor, architecture: object) -> torch.jit.ScriptModule:
-    """A traced module computing what `network` (in eval mode, one tensor out) computes.
+    """A traced module computing what `network` (in eval mode, a tensor or a tuple of them out) computes.
 
     `architecture` names what the trace bakes in besides the weights' shapes (a model's
     configuration, its strides): networks with equal ones share a template.
@@ -68,10 +68,16 @@ def _check(module: torch.jit.ScriptModule, network: torch.nn.Module, example: to
 
     probe = torch.rand(example.shape, generator=torch.Generator().manual_seed(0)).to(example.device)
     with torch.inference_mode():
-        ours, theirs = module(probe), network(probe)
-    if not torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4):
-        worst = float((ours - theirs).abs().max())
-        raise TraceMismatch(f"the traced network differs from the eager one by up to {worst:.3g}")
+        pairs = list(zip(_outputs(module(probe)), _outputs(network(probe)), strict=True))
+    for ours, theirs in pairs:
+        if not torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4):
+            worst = float((ours - theirs).abs().max())
+            raise TraceMismatch(f"the traced network differs from the eager one by up to {worst:.3g}")
+
+
+def _outputs(output: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    # A segment network answers with two tensors: its predictions and its mask prototypes.
+    return output if isinstance(output, tuple) else (output,)
 
 
 def _key(network: torch.nn.Module, example: torch.Tensor, architecture: object) -> str:

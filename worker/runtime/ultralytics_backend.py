@@ -1,13 +1,15 @@
 """YOLO models through `ultralytics`.
 
-Detection models are served through a TorchScript trace of the network (`worker.runtime.tracing`)
-rather than `YOLO.predict`: the traced forward does not hold the GIL, so the worker's event loop
-and its inference thread run side by side (on this project's 2-core machine, 128-px images:
-8.5 against 15.0 ms per image beside a busy Python thread, 7.9 against 10.6 ms alone).
-Pre- and post-processing are ultralytics' own (`LetterBox`, `non_max_suppression`,
-`scale_boxes`) with the arguments its predictor passes, so the answers are those of
-`YOLO.predict` (a test holds them to it). Other tasks go through `YOLO.predict`, on a `YOLO`
-built around the version's network (`ultralytics_networks.yolo_around`).
+Detect, segment and pose models are served through a TorchScript trace of the network
+(`worker.runtime.tracing`) rather than `YOLO.predict`: the traced forward does not hold the GIL,
+so the worker's event loop and its inference thread run side by side (on this project's 2-core
+machine, 128-px images: 8.5 against 15.0 ms per image beside a busy Python thread, 7.9 against
+10.6 ms alone). Pre- and post-processing are ultralytics' own (`LetterBox`, `non_max_suppression`,
+`scale_boxes`; for masks `process_mask_native`, as `retina_masks=True` does, so they come at the
+original image's size; for keypoints `scale_coords`) with the arguments its predictor of the task
+passes, so the answers are those of `YOLO.predict` (tests hold them to it). Classification goes
+through `YOLO.predict`, on a `YOLO` built around the version's network
+(`ultralytics_networks.yolo_around`).
 
 The network comes from the manifest's architecture and the artifact's weights (safetensors or a
 weights-only state dict), or, where the manifest says pickle and the worker allows it, from a
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from schemas.jobs import InferenceParams
@@ -47,17 +50,25 @@ def prepare_offline_environment() -> None:
     os.environ.setdefault("YOLO_CONFIG_DIR", str(Path.home() / ".cache" / "hotswap" / "ultralytics"))
 
 
+#: Tasks served through the traced network; the rest (classify) through `YOLO.predict`.
+TRACED_TASKS = frozenset({"detect", "segment", "pose"})
+
+
 @dataclass(frozen=True)
-class TracedDetector:
-    """A detection network traced by TorchScript; thread-safe, any batch size and input shape."""
+class TracedYolo:
+    """A detect, segment or pose network traced by TorchScript; thread-safe, any batch size and
+    input shape. Post-processing is what ultralytics' predictor of the task does, call for call."""
 
     module: torch.jit.ScriptModule
     stride: int
     end2end: bool
     device: str
+    task: str
+    classes: int
+    kpt_shape: tuple[int, int] | None
 
     @classmethod
-    def trace(cls, network: Network, device: str, size: int) -> TracedDetector:
+    def trace(cls, network: Network, device: str, size: int, task: str) -> TracedYolo:
         # As ultralytics' predictor runs it: Conv+BN fused, weights channels-last (about 15 % faster
         # on CPU than contiguous ones here).
         network = network.fuse(verbose=False).eval().to(device, memory_format=torch.channels_last)
@@ -70,13 +81,14 @@ class TracedDetector:
         architecture = {"yaml": getattr(network, "yaml", None), "strides": network.stride.tolist()}
         example = torch.zeros(1, 3, size, size, device=device)
         module = traced(FirstOutput(network).eval(), example, architecture)
-        return cls(module, stride, bool(getattr(network, "end2end", False)), device)
+        kpt_shape = getattr(network, "kpt_shape", None)
+        classes = int(network.model[-1].nc)  # the head's, whatever names the manifest gives
+        return cls(module, stride, bool(getattr(network, "end2end", False)), device, task, classes,
+                   (int(kpt_shape[0]), int(kpt_shape[1])) if task == "pose" and kpt_shape else None)
 
-    def __call__(self, images: Sequence[Image], params: InferenceParams, size: int) -> list[np.ndarray[Any, Any]]:
-        """One (n, 6) array per image: x1, y1, x2, y2 in that image's pixels, score, class id."""
+    def __call__(self, images: Sequence[Image], params: InferenceParams, size: int) -> list[Prediction]:
         from ultralytics.data.augment import LetterBox
         from ultralytics.utils.nms import non_max_suppression
-        from ultralytics.utils.ops import scale_boxes
 
         # As the predictor does: the size rounded up to the stride, and a batch of one shape
         # padded to the stride only (rect), not to a square.
@@ -86,23 +98,61 @@ class TracedDetector:
         boxed = np.stack([letterbox(image=image) for image in images])
         with torch.inference_mode():
             batch = torch.from_numpy(boxed).to(self.device).permute(0, 3, 1, 2).contiguous().flip(1).float().div_(255)
-            kept = non_max_suppression(self.module(batch), params.conf, params.iou, max_det=params.max_det,
-                                       end2end=self.end2end)
-            for found, image in zip(kept, images, strict=True):
-                found[:, :4] = scale_boxes(batch.shape[2:], found[:, :4], image.shape)
-            return [found[:, :6].cpu().numpy() for found in kept]
+            output = self.module(batch)
+            predictions, protos = output if self.task == "segment" else (output, None)
+            # nc tells NMS where class scores end and mask coefficients or keypoints begin.
+            kept = non_max_suppression(predictions, params.conf, params.iou, max_det=params.max_det,
+                                       nc=0 if self.task == "detect" else self.classes, end2end=self.end2end)
+            shape = batch.shape[2:]
+            if protos is not None:
+                return [_segmented(found, shape, image.shape, proto) for found, image, proto
+                        in zip(kept, images, protos, strict=True)]
+            return [self._posed(found, shape, image.shape) for found, image in zip(kept, images, strict=True)]
+
+    def _posed(self, found: torch.Tensor, shape: torch.Size, original: tuple[int, ...]) -> Prediction:
+        """Detect and pose, as `DetectionPredictor` and `PosePredictor.construct_result`."""
+        from ultralytics.utils.ops import scale_boxes, scale_coords
+
+        found[:, :4] = scale_boxes(shape, found[:, :4], original)
+        if self.kpt_shape is None:
+            return Prediction.from_rows(found[:, :6].cpu().numpy())
+        points = scale_coords(shape, found[:, 6:].view(len(found), *self.kpt_shape), original)
+        return Prediction.from_rows(found[:, :6].cpu().numpy(), keypoints=_with_visibility(points.cpu().numpy()))
+
+
+def _segmented(found: torch.Tensor, shape: torch.Size, original: tuple[int, ...], proto: torch.Tensor) -> Prediction:
+    """As `SegmentationPredictor.construct_result` with retina_masks: masks at the original size."""
+    from ultralytics.utils.ops import process_mask_native, scale_boxes
+
+    height, width = original[:2]
+    if len(found) == 0:
+        return Prediction.from_rows(found[:, :6].cpu().numpy(), masks=np.zeros((0, height, width), np.bool_))
+    found[:, :4] = scale_boxes(shape, found[:, :4], original)
+    masks = process_mask_native(proto, found[:, 6:], found[:, :4], (height, width))
+    keep = masks.amax((-2, -1)) > 0  # the predictor drops detections whose mask came out empty
+    if not keep.all():
+        found, masks = found[keep], masks[keep]
+    return Prediction.from_rows(found[:, :6].cpu().numpy(), masks=masks.cpu().numpy() > 0)
+
+
+def _with_visibility(points: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+    points = points.astype(np.float32)
+    if points.shape[-1] == 2:  # a model trained without visibility: every point counts as seen
+        points = np.concatenate([points, np.ones((*points.shape[:-1], 1), np.float32)], axis=-1)
+    return points
 
 
 class FirstOutput(torch.nn.Module):
-    """In eval mode a YOLO head returns (predictions, raw outputs): the predictions alone."""
+    """In eval mode a YOLO head returns (predictions, raw outputs): the predictions alone (for a
+    segment head, the predictions and its mask prototypes)."""
 
     def __init__(self, network: torch.nn.Module) -> None:
         super().__init__()
         self.network = network
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         y = self.network(x)
-        first: torch.Tensor = y[0] if isinstance(y, list | tuple) else y
+        first: torch.Tensor | tuple[torch.Tensor, torch.Tensor] = y[0] if isinstance(y, list | tuple) else y
         return first
 
 
@@ -111,7 +161,7 @@ class UltralyticsBackend:
         self.device = device
         self.loader = loader or ArtifactLoader()
         self._model: YOLO | None = None
-        self._detector: TracedDetector | None = None
+        self._traced: TracedYolo | None = None
         self._manifest: Manifest | None = None
         # A YOLO predictor keeps per-call state: on the `YOLO.predict` path, serving and
         # validation (measuring this version as a latency baseline) must take turns.
@@ -123,15 +173,15 @@ class UltralyticsBackend:
         prepare_offline_environment()
         try:
             network = load_network(artifact, manifest, self.loader).to(self.device)
-            if manifest.task != "detect":
+            if manifest.task not in TRACED_TASKS:
                 self._model = yolo_around(network, manifest)
         except PickleRefused:
             raise  # not a broken artifact but a refused one: its reason says why
         except Exception as exc:  # any failure here means the artifact is unusable
             raise BackendError(f"ultralytics could not load {artifact.name}: {exc}") from exc
-        if manifest.task == "detect":
+        if manifest.task in TRACED_TASKS:
             try:
-                self._detector = TracedDetector.trace(network, self.device, manifest.input_size)
+                self._traced = TracedYolo.trace(network, self.device, manifest.input_size, manifest.task)
             except Exception as exc:  # a network TorchScript cannot trace is unusable here
                 raise BackendError(f"could not trace {artifact.name} for serving: {exc}") from exc
         self._manifest = manifest
@@ -144,8 +194,8 @@ class UltralyticsBackend:
     def predict(self, images: Sequence[Image], params: InferenceParams) -> list[Prediction]:
         manifest = self._loaded_manifest()
         size = params.imgsz or manifest.input_size
-        if self._detector is not None:
-            return [Prediction.from_rows(rows) for rows in self._detector(images, params, size)]
+        if self._traced is not None:
+            return self._traced(images, params, size)
         model = self._loaded_model()
         with self._lock:
             # retina_masks: masks at the original image's size, as the wire contract has them.
@@ -155,7 +205,7 @@ class UltralyticsBackend:
 
     def release(self) -> None:
         self._model = None
-        self._detector = None
+        self._traced = None
         gc.collect()
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -172,15 +222,7 @@ class UltralyticsBackend:
 
 
 def _prediction(result: Any) -> Prediction:
-    """An ultralytics `Results` as arrays: boxes, and the masks, keypoints or class scores its task adds."""
+    """An ultralytics `Results` of a task not traced here (classify) as arrays."""
     if result.probs is not None:
         return Prediction.of(probs=result.probs.data.cpu().numpy().astype(np.float32))
-    extra: dict[str, Any] = {}
-    if result.masks is not None:
-        extra["masks"] = result.masks.data.cpu().numpy() > 0.5
-    if result.keypoints is not None:
-        points = result.keypoints.data.cpu().numpy().astype(np.float32)
-        if points.shape[-1] == 2:  # a model trained without visibility: every point counts as seen
-            points = np.concatenate([points, np.ones((*points.shape[:-1], 1), np.float32)], axis=-1)
-        extra["keypoints"] = points
-    return Prediction.from_rows(result.boxes.data.cpu().numpy()[:, :6], **extra)
+    return Prediction.from_rows(result.boxes.data.cpu().numpy()[:, :6])

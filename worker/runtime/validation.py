@@ -60,7 +60,7 @@ def check_calibration(backend: ModelBackend, manifest: Manifest, version_dir: Pa
     if total.recall < calibration.min_recall:
         raise ValidationFailed(
             f"calibration recall {total.recall:.2f} is below the manifest's minimum {calibration.min_recall:.2f} "
-            f"({total.found} of {total.expected} expected {_objects(manifest)} found)"
+            f"({total.found} of {total.expected} expected {_objects(manifest)} found, {_criterion(manifest)})"
         )
     return Calibrated(images, total.recall)
 
@@ -105,6 +105,18 @@ def evaluator_for(manifest: Manifest) -> Evaluator:
     calibration = manifest.calibration
     thresholds = Thresholds(calibration.match_iou, calibration.min_oks) if calibration else Thresholds()
     return Evaluator(manifest.task, manifest.classes, thresholds)
+
+
+def _criterion(manifest: Manifest) -> str:
+    """What counted as found, in words: which of masks, boxes or keypoints failed to match."""
+    limits = evaluator_for(manifest).thresholds
+    if manifest.task == "classify":
+        return "as the top class"
+    matched = {"segment": "mask", "human-parsing": "mask"}.get(manifest.task, "box")
+    words = f"by {matched} IoU ≥ {limits.match_iou:.2f}"
+    if manifest.task in ("pose", "face-detection"):
+        words += f" and keypoint OKS ≥ {limits.min_oks:.2f}"
+    return words
 
 
 def _objects(manifest: Manifest) -> str:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from schemas.jobs import InferenceParams
+from worker.images import ImageLimits, decode_image
 from worker.runtime.backend import BackendError, create_backend
-from worker.runtime.images import ImageLimits, decode_image
 from worker.runtime.repository import ModelRepository
 
 LIMITS = ImageLimits(max_bytes=10**7, max_pixels=10**7)
@@ -30,21 +30,22 @@ def test_batch_predictions_equal_in_process_ultralytics(backend, zoo: Path, held
     paths = [item.path for item in heldout[:6]]
     ours = backend.predict([decode_image(p.read_bytes(), LIMITS) for p in paths], InferenceParams(conf=0.1))
     ours += backend.predict([decode_image(bus_jpg.read_bytes(), LIMITS)], InferenceParams(conf=0.1))
-    for path, prediction in zip([*paths, bus_jpg], ours, strict=True):
+    for path, detections in zip([*paths, bus_jpg], ours, strict=True):
         theirs = yolo.predict(str(path), imgsz=128, conf=0.1, verbose=False)[0].boxes
-        assert len(prediction) == len(theirs), path
-        assert np.allclose(prediction.boxes, theirs.xyxy.numpy(), atol=1e-3), path
-        assert np.allclose(prediction.scores, theirs.conf.numpy(), atol=1e-3), path
-        assert (prediction.class_ids == theirs.cls.numpy().astype(int)).all(), path
+        assert len(detections) == len(theirs), path
+        assert np.allclose(detections.boxes, theirs.xyxy.numpy(), atol=1e-3), path
+        assert np.allclose(detections.scores, theirs.conf.numpy(), atol=1e-3), path
+        assert np.array_equal(detections.class_ids, theirs.cls.numpy().astype(np.int64)), path
 
 
 def test_boxes_are_in_original_image_pixels(backend, bus_jpg: Path) -> None:
     image = decode_image(bus_jpg.read_bytes(), LIMITS)
-    (found,) = backend.predict([image], InferenceParams(conf=0.01))
+    (detections,) = backend.predict([image], InferenceParams(conf=0.01))
     height, width = image.shape[:2]
-    assert len(found), "a 0.01 threshold finds something on a real photo"
-    x1, y1, x2, y2 = found.boxes.T
-    assert ((x1 >= 0) & (x1 <= x2) & (x2 <= width) & (y1 >= 0) & (y1 <= y2) & (y2 <= height)).all()
+    assert len(detections), "a 0.01 threshold finds something on a real photo"
+    x1, y1, x2, y2 = detections.boxes.T
+    assert (x1 >= 0).all() and (y1 >= 0).all() and (x2 <= width).all() and (y2 <= height).all()
+    assert (x1 <= x2).all() and (y1 <= y2).all()
     assert x2.max() > 128, "boxes were not scaled back from the 128 px input"
 
 
@@ -85,7 +86,7 @@ def test_versions_of_one_architecture_share_one_trace(zoo: Path, heldout) -> Non
         (answers[name],) = model.predict([image], InferenceParams(conf=0.1))
         model.release()
     assert templates[0] >= 1 and templates[1:] == [templates[0]] * 2, f"traced again: {templates}"
-    boxes = {name: [(int(c), round(float(x), 1)) for c, x in zip(found.class_ids, found.boxes[:, 0], strict=True)]
+    boxes = {name: [(int(c), round(float(b[0]), 1)) for c, b in zip(found.class_ids, found.boxes, strict=True)]
              for name, found in answers.items()}
     assert boxes["1.0.0"] != boxes["2.0.0"], "two versions sharing a trace answered alike: weights not loaded"
 

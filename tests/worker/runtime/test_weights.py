@@ -14,8 +14,8 @@ import pytest
 
 from schemas.jobs import InferenceParams
 from schemas.manifest import Manifest
+from worker.images import ImageLimits, decode_image
 from worker.runtime.backend import BackendError, create_backend
-from worker.runtime.images import ImageLimits, decode_image
 from worker.runtime.predictions import Prediction
 from worker.runtime.repository import ModelRepository, sha256_of
 from worker.runtime.trivial_backend import TrivialBackend, write_trivial_model
@@ -178,11 +178,11 @@ def test_weights_that_do_not_fit_the_architecture_or_the_task_are_refused(versio
         create_backend("ultralytics", "cpu").load(weights, with_(manifest, task="segment"))
 
 
-def test_other_tasks_serve_through_yolo_predict_on_their_own_weights(
+def test_other_tasks_serve_on_their_own_weights(
     tmp_path: Path, bus_jpg: Path, zoo: Path
 ) -> None:
-    """A segmentation network (seeded random weights) as safetensors: served through `YOLO.predict`
-    on a YOLO built around it, answering as ultralytics does on those weights."""
+    """A segmentation network (seeded random weights) as safetensors, answering as ultralytics
+    does on those weights."""
     import torch
     from safetensors.torch import save_file
     from ultralytics import YOLO
@@ -200,6 +200,10 @@ def test_other_tasks_serve_through_yolo_predict_on_their_own_weights(
     backend.load(tmp_path / "model.safetensors", manifest)
     image = decode_image(bus_jpg.read_bytes(), LIMITS)
     (ours,) = backend.predict([image], InferenceParams(conf=0.01))
+    # retina_masks: which detections keep a mask depends on it, and the contract has original-size masks.
     theirs = yolo.predict(image, imgsz=manifest.input_size, conf=0.01, verbose=False,
-                          retina_masks=True)[0].boxes.data.numpy()  # masks in original pixels, as served
-    assert len(ours) > 0 and np.allclose(boxes(ours), theirs, atol=1e-3)
+                          retina_masks=True)[0].boxes.data.numpy()
+    # Weights this large saturate every score to 1.0: NMS orders the ties as its sort happens to.
+    ours_rows, their_rows = (rows[np.lexsort(rows.T[::-1])] for rows in (boxes(ours), theirs))
+    assert len(ours) > 0 and ours_rows.shape == their_rows.shape
+    assert np.allclose(ours_rows, their_rows, atol=1e-3)
