@@ -7,9 +7,9 @@ import pytest
 
 from schemas.jobs import InferenceParams
 from worker.batching import MicroBatcher
-from worker.images import ImageLimits, decode_image
 from worker.metrics import WorkerMetrics
 from worker.runtime.backend import create_backend
+from worker.runtime.images import ImageLimits, decode_image
 from worker.runtime.lifecycle import ModelVersion
 from worker.runtime.repository import ModelRepository
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from schemas.jobs import InferenceParams
-from worker.images import ImageLimits, decode_image
 from worker.runtime.backend import BackendError, create_backend
+from worker.runtime.images import ImageLimits, decode_image
 from worker.runtime.repository import ModelRepository
 
 LIMITS = ImageLimits(max_bytes=10**7, max_pixels=10**7)

@@ -12,9 +12,9 @@ import pytest
 
 from schemas.jobs import InferenceParams
 from schemas.manifest import ExpectedObject, Manifest
-from worker.images import ImageLimits, decode_image
 from worker.outputs import to_wire
 from worker.runtime.backend import Image, ModelBackend, create_backend
+from worker.runtime.images import ImageLimits, decode_image
 from worker.runtime.masks import decode_masks, encode_masks
 from worker.runtime.predictions import Prediction
 from worker.runtime.repository import ModelRepository, sha256_of

@@ -14,8 +14,8 @@ import pytest
 
 from schemas.jobs import InferenceParams
 from schemas.manifest import Manifest
-from worker.images import ImageLimits, decode_image
 from worker.runtime.backend import BackendError, create_backend
+from worker.runtime.images import ImageLimits, decode_image
 from worker.runtime.predictions import Prediction
 from worker.runtime.repository import ModelRepository, sha256_of
 from worker.runtime.trivial_backend import TrivialBackend, write_trivial_model
