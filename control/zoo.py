@@ -348,13 +348,16 @@ def _write_training_data(work: Path) -> Path:
 
 def build_zoo(root: Path, *, force: bool = False, progress: Progress | None = None, large: bool = False) -> list[Path]:
     """Build every missing version (all of them with `force`); returns the shapes version directories.
-    The modelscope families (`control/zoo_faces.py`) come first, `large` adding the big ones."""
+    The modelscope families (`control/zoo_faces.py`) come first, `large` adding the big ones, then
+    MTCNN's published face weights (`control/zoo_mtcnn.py`, where facenet-pytorch is installed)."""
     say = progress or (lambda _message: None)
     root = root.resolve()
     finals = [root / MODEL_NAME / r.version for r in RECIPES]
-    from control.zoo_faces import build_faces  # it imports this module
+    from control.zoo_faces import build_faces  # they import this module
+    from control.zoo_mtcnn import build_mtcnn
 
     build_faces(root, force=force, progress=say, large=large)
+    build_mtcnn(root, force=force, progress=say)
     with _locked(root):
         _sweep(root)
         heldout = _build_heldout(root)
