@@ -11,6 +11,10 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev,modelscope]'
+# MTCNN's published weights (the zoo's faces-mtcnn). --no-deps: the wheel pins torch<2.3 and
+# numpy<2, older than this project's torch; only its MTCNN networks and weights are used, and
+# they run unchanged on ours. Not in pyproject: pip would resolve it by downgrading torch.
+	$(PY) -m pip install --quiet --no-deps facenet-pytorch==2.6.0
 	touch $@
 
 setup: $(VENV)/.installed

@@ -32,7 +32,9 @@ OUT = Path("out") / "demo"
 THROUGHPUT_JOBS = 400
 DETECTOR = "shapes"
 #: Shown beside the detector on the photos, where the zoo has them (`parsing`: `hotswap zoo build --large`).
-OTHER_MODELS = ("faces", "parsing")
+OTHER_MODELS = ("faces-mtcnn", "parsing")
+#: Shown instead of a missing model: ULFD's seeded random weights where MTCNN's real ones are not built.
+FALLBACKS = {"faces-mtcnn": "faces"}
 console = Console()
 
 
@@ -47,7 +49,8 @@ def run_demo(root: Path, amqp_url: str | None) -> int:
         return 1
     console.rule("model zoo")
     build_zoo(root, progress=lambda line: console.print(f"[dim]{line}[/dim]"))
-    models = [DETECTOR, *(m for m in OTHER_MODELS if (root / m).is_dir())]
+    shown = (m if (root / m).is_dir() else FALLBACKS.get(m, m) for m in OTHER_MODELS)
+    models = [DETECTOR, *(m for m in shown if (root / m).is_dir())]
     for model in models:
         versions = sorted(p.name for p in (root / model).iterdir() if not p.name.startswith("."))
         console.print(f"zoo ready in {root}/{model}: {', '.join(versions)}")

@@ -378,15 +378,18 @@ def _write_training_data(work: Path) -> Path:
 
 
 def build_zoo(root: Path, *, force: bool = False, progress: Progress | None = None, large: bool = False) -> list[Path]:
-    """Build every missing version (all of them with `force`); returns all version directories. The
-    modelscope families (`control/zoo_faces.py`, `large` adding the big ones) and the YOLO segment
-    and pose families (`control/zoo_tasks.py`) build on this module."""
+    """Build every missing version (all of them with `force`); returns the detect and task version
+    directories. The modelscope families (`control/zoo_faces.py`, `large` adding the big ones),
+    MTCNN's published face weights (`control/zoo_mtcnn.py`, where facenet-pytorch is installed)
+    and the YOLO segment and pose families (`control/zoo_tasks.py`) build on this module."""
     from control.zoo_faces import build_faces
+    from control.zoo_mtcnn import build_mtcnn
     from control.zoo_tasks import build_tasks
 
     say = progress or (lambda _message: None)
     root = root.resolve()
     build_faces(root, force=force, progress=say, large=large)
+    build_mtcnn(root, force=force, progress=say)
     return [*_build_detect(root, force, say), *build_tasks(root, force=force, progress=progress)]
 
 

@@ -19,6 +19,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 #: The five face landmarks, in the order RetinaFace, MTCNN and the modelscope face detectors give them.
+#: "left" is the image's left (the subject's right): on a frontal face left_eye.x < right_eye.x.
 FACE_LANDMARKS: tuple[str, ...] = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 
 

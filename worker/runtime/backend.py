@@ -112,3 +112,7 @@ register_backend(BackendEntry(
     "modelscope", frozenset({"face-detection", "human-parsing"}), "worker.runtime.modelscope_backend:ModelscopeBackend",
     install_hint="pip install 'hotswap[modelscope]'",
 ))
+register_backend(BackendEntry(
+    "mtcnn", frozenset({"face-detection"}), "worker.runtime.mtcnn_backend:MtcnnBackend",
+    install_hint="pip install --no-deps facenet-pytorch==2.6.0",
+))
