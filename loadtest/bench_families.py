@@ -33,7 +33,7 @@ class Family:
 
 FAMILIES = (
     Family("shapes", photos=False), Family("shapes-seg", photos=False), Family("shapes-pose", photos=False),
-    Family("faces", photos=True),
+    Family("faces", photos=True), Family("faces-mtcnn", photos=True),
     Family("mogface", photos=True, heavy=True), Family("parsing", photos=True, heavy=True),
 )
 

@@ -171,12 +171,15 @@ def model_root(zoo: Path, tmp_path: Path) -> Path:
     return root
 
 
+#: Every model the zoo builds: a test's namespace may hold a queue for each.
+ZOO_MODELS = ("shapes", "shapes-seg", "shapes-pose", "faces", "faces-mtcnn", "mogface", "parsing")
+
+
 @pytest.fixture
 async def namespace(amqp_url: str) -> AsyncIterator[str]:
     name = f"test-{uuid.uuid4().hex[:10]}"
     yield name
-    await delete_namespace(amqp_url, name, models=["shapes", "other", "trivial", "shapes-seg", "shapes-pose", "faces",
-                                                  "mogface", "parsing"])
+    await delete_namespace(amqp_url, name, models=[*ZOO_MODELS, "other", "trivial"])
 
 
 @pytest.fixture
