@@ -16,14 +16,15 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, Unpack
 from urllib.parse import urlparse
 
 import aio_pika
 import pytest
+import ultralytics
 from prometheus_client.parser import text_string_to_metric_families
 
-from control.client import Client
+from control.client import Client, JobOptions
 from control.operator import Operator
 from control.processes import WorkerProcess
 from control.zoo import ensure_zoo
@@ -37,7 +38,7 @@ from worker.runtime.trivial_backend import write_trivial_model
 
 REPO = Path(__file__).resolve().parent.parent
 AMQP_URL = os.environ.get("HOTSWAP_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-ULTRALYTICS_ASSETS = Path(__import__("ultralytics").__file__).parent / "assets"
+ULTRALYTICS_ASSETS = Path(ultralytics.__file__).parent / "assets"
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,12 @@ _REFERENCE_TASKS = {"detect": ("DetectionModel", "yolov8n.yaml"), "segment": ("S
                     "pose": ("PoseModel", "yolov8n-pose.yaml")}
 
 
+#: `reference`: an in-process ultralytics `YOLO` (untyped) on a zoo version's weights.
+Reference = Callable[[Path], Any]
+#: `trojan`: writes a trojaned checkpoint at a path, with the marker its payload creates.
+WriteTrojan = Callable[[Path, Path], Path]
+
+
 def reference_yolo(version_dir: Path) -> Any:
     """In-process `YOLO.predict` on a zoo version's own weights, nothing unpickled: a YOLO from a
     packaged config of its task, its network rebuilt from the manifest's architecture, the
@@ -141,12 +148,12 @@ def write_trojan(path: Path, marker: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def reference() -> Callable[[Path], Any]:
+def reference() -> Reference:
     return reference_yolo
 
 
 @pytest.fixture(scope="session")
-def trojan() -> Callable[[Path, Path], Path]:
+def trojan() -> WriteTrojan:
     return write_trojan
 
 
@@ -216,12 +223,22 @@ def metric_value(exposition: str, name: str, **labels: str) -> float:
     )
 
 
+class Metric(Protocol):
+    """`metric`: `metric_value`, the sum of an exposition's samples of a name and labels."""
+
+    def __call__(self, exposition: str, name: str, **labels: str) -> float: ...
+
+
 @pytest.fixture(scope="session")
-def metric() -> Callable[..., float]:
+def metric() -> Metric:
     return metric_value
 
 
-StartWorker = Callable[..., WorkerProcess]
+class StartWorker(Protocol):
+    """`start_worker`: starts a worker process serving `models` (default `shapes@1.0.0`)."""
+
+    def __call__(self, *models: str, env: dict[str, str] | None = None, args: list[str] | None = None,
+                 name: str | None = None) -> WorkerProcess: ...
 
 
 @pytest.fixture
@@ -258,7 +275,10 @@ def start_worker(
             process.stop(timeout_s=15)
 
 
-ServeInProcess = Callable[..., Awaitable[Worker]]
+class ServeInProcess(Protocol):
+    """`serve_in_process`: a `Worker` in the test's event loop, `WorkerSettings` fields as keywords."""
+
+    def __call__(self, *models: str, **settings: object) -> Awaitable[Worker]: ...
 
 
 @pytest.fixture
@@ -304,7 +324,7 @@ class BackgroundLoad:
     """Jobs submitted continuously (`concurrency` in flight) until stopped; nothing may be lost."""
 
     def __init__(self, client: Client, images: list[Path], concurrency: int = 8, model: str = "shapes",
-                 **options: object) -> None:
+                 **options: Unpack[JobOptions]) -> None:
         self.client = client
         self.images = images
         self.model = model
@@ -322,7 +342,7 @@ class BackgroundLoad:
             image = self.images[i % len(self.images)]
             i += len(self._tasks) or 1
             try:
-                result = await self.client.submit(image, model=self.model, timeout_s=60, **self.options)  # type: ignore[arg-type]
+                result = await self.client.submit(image, model=self.model, timeout_s=60, **self.options)
                 self.results.append((image, result))
                 self.by_lane.setdefault(lane, []).append(result)
             except Exception as exc:  # a timeout is a lost job: the test reports it
@@ -343,12 +363,20 @@ class BackgroundLoad:
         return [r for _, r in self.results]
 
 
+class StartLoad(Protocol):
+    """`load`: starts a `BackgroundLoad` (default: on the held-out images); stopped afterwards."""
+
+    def __call__(self, concurrency: int = 8, images: list[Path] | None = None, model: str = "shapes",
+                 **options: Unpack[JobOptions]) -> BackgroundLoad: ...
+
+
 @pytest.fixture
-async def load(client: Client, heldout: list[HeldOut]) -> AsyncIterator[Callable[..., BackgroundLoad]]:
+async def load(client: Client, heldout: list[HeldOut]) -> AsyncIterator[StartLoad]:
     started: list[BackgroundLoad] = []
 
-    def start(concurrency: int = 8, images: list[Path] | None = None, **options: object) -> BackgroundLoad:
-        started.append(BackgroundLoad(client, images or [h.path for h in heldout], concurrency, **options))
+    def start(concurrency: int = 8, images: list[Path] | None = None, model: str = "shapes",
+              **options: Unpack[JobOptions]) -> BackgroundLoad:
+        started.append(BackgroundLoad(client, images or [h.path for h in heldout], concurrency, model, **options))
         return started[-1]
 
     yield start

@@ -7,6 +7,8 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 ROOMS_DOC = ROOT / "docs" / "architecture.md"
 
@@ -65,7 +67,7 @@ def test_no_room_imports_one_it_may_not() -> None:
     assert violations() == []
 
 
-def test_the_check_sees_a_forbidden_import(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_the_check_sees_a_forbidden_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Against a copy of the table that forbids `worker.runtime` what it uses, the check complains."""
     strict = ROOMS_DOC.read_text().replace("| `schemas` |\n", "| — |\n", 1)
     doc = tmp_path / "architecture.md"

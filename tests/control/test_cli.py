@@ -7,10 +7,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from control.contracts import SCHEMA_DIR
+from schemas.signing import KeyFiles
+
+if TYPE_CHECKING:
+    from conftest import HeldOut, StartWorker
 
 
 def hotswap(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -22,7 +27,7 @@ def hotswap(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 @pytest.mark.slow
 def test_submit_prints_tables_json_and_annotated_images(
-    start_worker, namespace: str, amqp_url: str, heldout, tmp_path: Path
+    start_worker: StartWorker, namespace: str, amqp_url: str, heldout: list[HeldOut], tmp_path: Path
 ) -> None:
     start_worker("shapes@2.0.0")
     env = {"HOTSWAP_AMQP_URL": amqp_url, "HOTSWAP_NAMESPACE": namespace}
@@ -59,7 +64,7 @@ def test_worker_without_a_model_is_a_usage_error() -> None:
 
 @pytest.mark.slow
 def test_operator_commands_wait_report_and_fail_loudly(
-    start_worker, namespace: str, amqp_url: str, control_keys
+    start_worker: StartWorker, namespace: str, amqp_url: str, control_keys: KeyFiles
 ) -> None:
     start_worker("shapes@1.0.0", name="cli-a")
     env = {"HOTSWAP_AMQP_URL": amqp_url, "HOTSWAP_NAMESPACE": namespace,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import TYPE_CHECKING
 
 import aio_pika
 import pytest
@@ -11,11 +12,14 @@ import pytest
 from control.client import Client, JobTimeout, NoRoute
 from schemas.topology import Topology
 
+if TYPE_CHECKING:
+    from conftest import HeldOut, ServeInProcess, StartWorker
+
 pytestmark = pytest.mark.slow
 
 
 async def test_a_second_result_for_a_job_is_counted_and_dropped(
-    start_worker, client: Client, heldout, namespace: str, amqp_url: str
+    start_worker: StartWorker, client: Client, heldout: list[HeldOut], namespace: str, amqp_url: str
 ) -> None:
     start_worker("shapes@1.0.0")
     job = client.build_job(heldout[0].path, model="shapes", job_id="twice")
@@ -37,7 +41,9 @@ async def test_a_second_result_for_a_job_is_counted_and_dropped(
     assert client.duplicates == 1
 
 
-async def test_timeout_then_the_late_result_is_dropped(start_worker, client: Client, heldout) -> None:
+async def test_timeout_then_the_late_result_is_dropped(
+    start_worker: StartWorker, client: Client, heldout: list[HeldOut]
+) -> None:
     start_worker("shapes@1.0.0").stop()  # declares the queue, then nobody consumes it
     with pytest.raises(JobTimeout):
         await client.submit(heldout[0].path, model="shapes", timeout_s=1)
@@ -49,14 +55,14 @@ async def test_timeout_then_the_late_result_is_dropped(start_worker, client: Cli
     assert (await client.submit(heldout[0].path, model="shapes")).status == "ok"
 
 
-async def test_no_route_without_any_queue(amqp_url: str, namespace: str, heldout) -> None:
+async def test_no_route_without_any_queue(amqp_url: str, namespace: str, heldout: list[HeldOut]) -> None:
     async with Client(amqp_url, namespace=namespace) as client:
         with pytest.raises(NoRoute):
             await client.submit(heldout[0].path, model="shapes", timeout_s=5)
 
 
 async def test_answered_job_ids_are_remembered_within_bounds(
-    serve_in_process, amqp_url: str, namespace: str, heldout
+    serve_in_process: ServeInProcess, amqp_url: str, namespace: str, heldout: list[HeldOut]
 ) -> None:
     """The ids kept for duplicate detection are bounded by count and by age; a copy of a result
     whose id was forgotten counts as late, one still remembered as a duplicate."""

@@ -20,7 +20,7 @@ H, W = 60, 80
 
 
 def manifest(task: str, classes: dict[int, str], **fields: Any) -> Manifest:
-    return Manifest(name="m", version="1.0.0", backend="trivial", task=task, artifact="a.json", format="json",  # type: ignore[arg-type]
+    return Manifest(name="m", version="1.0.0", backend="trivial", task=task, artifact="a.json", format="json",
                     sha256="0" * 64, classes=classes, input_size=32, created_at=datetime(2026, 1, 1, tzinfo=UTC),
                     **fields)
 
@@ -52,7 +52,7 @@ def result_for(task: str) -> JobResult:
     prediction, meta, _ = CASES[task]
     detections, output = to_wire(prediction, meta)
     return JobResult(job_id="j", status="ok", model="m", version="1.0.0", worker_id="w", detections=detections,
-                     output=output, image={"width": W, "height": H})  # type: ignore[arg-type]
+                     output=output, image={"width": W, "height": H})
 
 
 @pytest.mark.parametrize("task", CASES)
@@ -67,8 +67,9 @@ def test_each_task_prints_what_it_adds(task: str) -> None:
 def test_each_task_is_drawn_on_a_scaled_up_image(task: str, tmp_path: Path) -> None:
     image = tmp_path / "img.png"
     cv2.imwrite(str(image), np.full((H, W, 3), 128, np.uint8))
-    blank = annotated(image, JobResult(job_id="j", status="ok", worker_id="w", image={"width": W, "height": H}))  # type: ignore[arg-type]
+    blank = annotated(image, JobResult(job_id="j", status="ok", worker_id="w", image={"width": W, "height": H}))
     drawn = cv2.imread(str(draw_result(image, result_for(task), tmp_path)))
+    assert drawn is not None
     assert drawn.shape[0] >= 480 and drawn.shape == blank.shape, "small images are drawn on at least 480 px"
     assert np.count_nonzero((drawn != blank).any(axis=2)) > 500, "nothing drawn"
     if task in ("segment", "human-parsing"):  # a tinted overlay, not only outlines
@@ -80,6 +81,7 @@ def test_side_by_side_puts_one_panel_per_model(tmp_path: Path) -> None:
     image = tmp_path / "img.png"
     cv2.imwrite(str(image), np.full((H, W, 3), 128, np.uint8))
     out = cv2.imread(str(side_by_side(image, [result_for("segment"), result_for("pose")], tmp_path)))
+    assert out is not None
     single = annotated(image, result_for("segment"))
     assert out.shape[1] == 2 * single.shape[1] and out.shape[0] == single.shape[0]
 

@@ -111,7 +111,7 @@ def test_visible_after_is_the_slowest_workers_swap() -> None:
     report = WaitReport(command, published_at=0.0)
 
     def progress(worker: str, phase: str, ms: float) -> Progress:
-        return Progress(worker_id=worker, command_id="c1", model="shapes", seq=3, phase=phase,  # type: ignore[arg-type]
+        return Progress(worker_id=worker, command_id="c1", model="shapes", seq=3, phase=phase,
                         at=issued + timedelta(milliseconds=ms))
 
     report.progress = {"w1": [progress("w1", "received", 5), progress("w1", "swap", 20)],

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aio_pika
 import pytest
@@ -23,7 +24,11 @@ from loadtest.report import build_report, percentile, write_files
 from loadtest.runner import LoadShape, Runner
 from schemas.errors import ErrorCode
 from schemas.jobs import InlineImage, Job, JobError, JobResult
+from schemas.signing import KeyFiles
 from schemas.topology import Topology
+
+if TYPE_CHECKING:
+    from conftest import HeldOut, StartWorker
 
 
 def result_body(job_id: str, *, code: str | None = None, attempt: int = 1, worker: str = "w1",
@@ -126,7 +131,7 @@ def test_cli_is_registered_and_refuses_impossible_runs() -> None:
 
 @pytest.mark.slow
 def test_steady_run_reports_nothing_lost_and_writes_json_and_png(
-    start_worker, namespace: str, amqp_url: str, heldout, tmp_path: Path
+    start_worker: StartWorker, namespace: str, amqp_url: str, heldout: list[HeldOut], tmp_path: Path
 ) -> None:
     start_worker("shapes@1.0.0")
     out = tmp_path / "report"
@@ -151,7 +156,7 @@ def test_steady_run_reports_nothing_lost_and_writes_json_and_png(
 
 @pytest.mark.slow
 async def test_a_dropped_job_is_lost_and_a_job_run_twice_is_duplicated(
-    start_worker, namespace: str, amqp_url: str, heldout
+    start_worker: StartWorker, namespace: str, amqp_url: str, heldout: list[HeldOut]
 ) -> None:
     start_worker("shapes@1.0.0")
     accountant = Accountant()
@@ -200,7 +205,8 @@ async def test_a_dropped_job_is_lost_and_a_job_run_twice_is_duplicated(
 
 @pytest.mark.slow
 async def test_hot_updates_under_load_lose_nothing(
-    start_worker, namespace: str, amqp_url: str, heldout, control_keys, model_root: Path, tmp_path: Path
+    start_worker: StartWorker, namespace: str, amqp_url: str, heldout: list[HeldOut], control_keys: KeyFiles,
+    model_root: Path, tmp_path: Path
 ) -> None:
     from rich.console import Console
 
@@ -224,7 +230,7 @@ async def test_hot_updates_under_load_lose_nothing(
 
 @pytest.mark.slow
 async def test_a_broker_restart_under_load_loses_nothing(
-    start_worker, namespace: str, amqp_url: str, heldout, tmp_path: Path
+    start_worker: StartWorker, namespace: str, amqp_url: str, heldout: list[HeldOut], tmp_path: Path
 ) -> None:
     """The real thing: RabbitMQ's application stops and starts (queues recover, transient state is
     gone) while jobs flow. Results of persistent jobs sit in durable reply queues, and a result whose

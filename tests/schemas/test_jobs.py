@@ -72,9 +72,9 @@ def test_malformed_job_keeps_its_job_id_for_the_answer() -> None:
 
 
 def test_python_callers_may_give_base64_text_or_bytes() -> None:
-    assert InlineImage(data="aGk=") == InlineImage(data=b"hi")  # type: ignore[arg-type]
+    assert InlineImage(data="aGk=") == InlineImage(data=b"hi")
     with pytest.raises(ValueError, match="base64"):
-        InlineImage(data="aGk")  # type: ignore[arg-type]
+        InlineImage(data="aGk")
 
 
 def test_inline_images_round_trip_as_standard_base64() -> None:

@@ -13,7 +13,7 @@ from schemas.signing import Refused, Signer, generate_keys
 
 
 def progress(at: datetime | None = None, phase: str = "done") -> Progress:
-    return Progress(worker_id="w1", command_id="c1", model="shapes", seq=1, phase=phase,  # type: ignore[arg-type]
+    return Progress(worker_id="w1", command_id="c1", model="shapes", seq=1, phase=phase,
                     at=at or datetime.now(UTC))
 
 

@@ -21,7 +21,8 @@ async def settle() -> None:
 
 
 async def test_images_within_the_budget_go_at_once_and_the_rest_wait_in_order() -> None:
-    budget, log, release = PixelBudget(100), [], asyncio.Event()
+    log: list[str] = []
+    budget, release = PixelBudget(100), asyncio.Event()
     tasks = [asyncio.create_task(holding(budget, pixels, log, name, release))
              for name, pixels in (("a", 40), ("b", 40), ("big", 60), ("small", 10))]
     await settle()
@@ -33,7 +34,8 @@ async def test_images_within_the_budget_go_at_once_and_the_rest_wait_in_order() 
 
 
 async def test_an_image_over_the_whole_budget_is_admitted_alone() -> None:
-    budget, log, release = PixelBudget(100), [], asyncio.Event()
+    log: list[str] = []
+    budget, release = PixelBudget(100), asyncio.Event()
     first = asyncio.create_task(holding(budget, 10, log, "first", release))
     await settle()
     huge = asyncio.create_task(holding(budget, 500, log, "huge", asyncio.Event()))
@@ -50,7 +52,8 @@ async def test_an_image_over_the_whole_budget_is_admitted_alone() -> None:
 
 
 async def test_a_cancelled_waiter_lets_the_next_one_in() -> None:
-    budget, log, release = PixelBudget(100), [], asyncio.Event()
+    log: list[str] = []
+    budget, release = PixelBudget(100), asyncio.Event()
     holder = asyncio.create_task(holding(budget, 50, log, "holder", release))
     await settle()
     blocked = asyncio.create_task(holding(budget, 80, log, "blocked", release))

@@ -1,6 +1,9 @@
+from __future__ import annotations
+
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -12,6 +15,9 @@ from worker.runtime.backend import create_backend
 from worker.runtime.images import ImageLimits, decode_image
 from worker.runtime.lifecycle import ModelVersion
 from worker.runtime.repository import ModelRepository
+
+if TYPE_CHECKING:
+    from conftest import HeldOut
 
 LIMITS = ImageLimits(max_bytes=10**7, max_pixels=10**7)
 
@@ -31,7 +37,9 @@ def batch_sizes(metrics: WorkerMetrics) -> tuple[float, float]:
     return samples["hotswap_batch_size_count"], samples["hotswap_batch_size_sum"]
 
 
-async def test_concurrent_jobs_share_batches_and_get_single_image_answers(version, heldout, bus_jpg) -> None:
+async def test_concurrent_jobs_share_batches_and_get_single_image_answers(
+    version: ModelVersion, heldout: list[HeldOut], bus_jpg: Path
+) -> None:
     metrics = WorkerMetrics()
     with ThreadPoolExecutor(1) as executor:
         batcher = MicroBatcher(executor, max_batch=8, max_wait_ms=20, metrics=metrics)
@@ -48,7 +56,7 @@ async def test_concurrent_jobs_share_batches_and_get_single_image_answers(versio
         assert np.allclose(ours.boxes, theirs.boxes, atol=1e-3)
 
 
-async def test_batch_of_one_when_batching_is_off(version, heldout) -> None:
+async def test_batch_of_one_when_batching_is_off(version: ModelVersion, heldout: list[HeldOut]) -> None:
     metrics = WorkerMetrics()
     with ThreadPoolExecutor(1) as executor:
         batcher = MicroBatcher(executor, max_batch=1, max_wait_ms=0, metrics=metrics)
@@ -57,7 +65,7 @@ async def test_batch_of_one_when_batching_is_off(version, heldout) -> None:
     assert batch_sizes(metrics) == (5, 5)
 
 
-async def test_a_failing_batch_fails_each_of_its_jobs(heldout) -> None:
+async def test_a_failing_batch_fails_each_of_its_jobs(heldout: list[HeldOut]) -> None:
     broken = ModelVersion("shapes", "x")  # no backend: predicting must fail, not hang
     with ThreadPoolExecutor(1) as executor:
         batcher = MicroBatcher(executor, max_batch=4, max_wait_ms=5, metrics=WorkerMetrics())

@@ -11,7 +11,7 @@ import asyncio
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aio_pika
 import pytest
@@ -26,8 +26,12 @@ from worker.admission import PixelBudget
 from worker.app import Worker
 from worker.consumer import JobConsumer
 from worker.jobs import JobProcessor
+from worker.runtime import validation
 from worker.runtime.desired import DesiredState
 from worker.runtime.trivial_backend import TrivialBackend
+
+if TYPE_CHECKING:
+    from conftest import HeldOut, ServeInProcess
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +103,7 @@ async def settled(worker: Worker) -> None:
 
 @pytest.mark.parametrize("name", list(STAGES))
 async def test_an_unexpected_exception_in_any_stage_settles_the_delivery(
-    name: str, serve_in_process, client: Client, heldout, amqp_url: str, namespace: str,
+    name: str, serve_in_process: ServeInProcess, client: Client, heldout: list[HeldOut], amqp_url: str, namespace: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     stage = STAGES[name]
@@ -108,7 +112,7 @@ async def test_an_unexpected_exception_in_any_stage_settles_the_delivery(
     image = UrlImage(url=f"file://{heldout[0].path}") if stage.by_url else heldout[0].path
     monkeypatch.setattr(stage.target, stage.attribute, failing(stage.times)(getattr(stage.target, stage.attribute)))
 
-    result = await client.submit(image, model="trivial", timeout_s=30)  # type: ignore[arg-type]
+    result = await client.submit(image, model="trivial", timeout_s=30)
     await settled(worker)
     if stage.code is None:  # requeued, then answered on the next delivery
         assert (result.status, result.attempt) == ("ok", 2), result
@@ -129,11 +133,11 @@ async def test_an_unexpected_exception_in_any_stage_settles_the_delivery(
 
 
 async def test_a_failing_shadow_leaves_its_primary_and_the_next_job_alone(
-    serve_in_process, client: Client, heldout, monkeypatch: pytest.MonkeyPatch
+    serve_in_process: ServeInProcess, client: Client, heldout: list[HeldOut], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     worker = await serve_in_process()
     await worker.models.reconcile(DesiredState("trivial", active="1.0.0", shadow=Shadow(version="2.0.0", percent=100)))
-    monkeypatch.setattr(jobs_module, "evaluator_for", failing()(jobs_module.evaluator_for))
+    monkeypatch.setattr(jobs_module, "evaluator_for", failing()(validation.evaluator_for))
     results = await asyncio.gather(*(client.submit(h.path, model="trivial") for h in heldout[:8]))
     assert all((r.status, r.version) == ("ok", "1.0.0") for r in results)
     await settled(worker)
@@ -145,7 +149,8 @@ async def test_a_failing_shadow_leaves_its_primary_and_the_next_job_alone(
 
 
 async def test_a_result_that_cannot_be_encoded_sends_its_job_back_until_the_delivery_limit(
-    serve_in_process, client: Client, heldout, amqp_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+    serve_in_process: ServeInProcess, client: Client, heldout: list[HeldOut], amqp_url: str, namespace: str,
+    monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The last line of defence: a result that fails on its way out (here: always) requeues the
     job; the quorum queue's delivery limit then dead-letters it, and nothing stays unacked."""

@@ -1,12 +1,18 @@
 """An update may not change what producers get back by surprise; a version states what it needs."""
 
+from __future__ import annotations
+
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from control.client import Client
 from control.operator import Operator
 from schemas.control import Update
 from schemas.signing import KeyFiles
 from worker.runtime.trivial_backend import write_trivial_model
+
+if TYPE_CHECKING:
+    from conftest import ServeInProcess
 
 
 def _models(root: Path) -> Path:
@@ -18,7 +24,8 @@ def _models(root: Path) -> Path:
 
 
 async def test_a_changed_contract_is_refused_unless_the_update_says_so(
-    serve_in_process, operator: Operator, client: Client, control_keys: KeyFiles, tmp_path: Path, bus_jpg: Path
+    serve_in_process: ServeInProcess, operator: Operator, client: Client, control_keys: KeyFiles, tmp_path: Path,
+    bus_jpg: Path
 ) -> None:
     await serve_in_process(model_root=_models(tmp_path / "m"), control_public_key=control_keys.control_public)
     refused = await operator.publish_and_wait("trivial", Update(version="2.0.0"), timeout_s=30)
@@ -34,7 +41,8 @@ async def test_a_changed_contract_is_refused_unless_the_update_says_so(
 
 
 async def test_a_version_whose_requirements_are_not_met_is_refused_naming_them(
-    serve_in_process, operator: Operator, client: Client, control_keys: KeyFiles, tmp_path: Path, bus_jpg: Path
+    serve_in_process: ServeInProcess, operator: Operator, client: Client, control_keys: KeyFiles, tmp_path: Path,
+    bus_jpg: Path
 ) -> None:
     await serve_in_process(model_root=_models(tmp_path / "m"), control_public_key=control_keys.control_public)
     misses = {"3.0.0": "hotswap-no-such-package>=1 (not installed)", "4.0.0": "pydantic<1 (installed: 2."}

@@ -7,24 +7,27 @@ import json
 import re
 import shutil
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import groupby
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from control.client import Client
 from control.operator import Operator, WaitReport
-from schemas.control import Rollback, Shadow, Traffic, Update
+from schemas.control import Heartbeat, Progress, Rollback, Shadow, Traffic, Update
 from schemas.jobs import JobResult
 from schemas.signing import Signer, generate_keys
 from worker.outputs import score_results
 
 if TYPE_CHECKING:
-    from conftest import BackgroundLoad
+    from conftest import BackgroundLoad, HeldOut, Metric, Reference, StartLoad, StartWorker, WriteTrojan
 
 pytestmark = pytest.mark.slow
+
+#: Edits a crafted version: its directory and its manifest's JSON (as a dict).
+EditManifest = Callable[[Path, dict[str, Any]], None]
 
 
 def assert_ok(report: WaitReport, workers: set[str]) -> None:
@@ -48,7 +51,7 @@ def assert_switched_once(running: BackgroundLoad, worker: str, order: list[str])
 
 
 async def test_update_under_load_switches_each_worker_once_and_improves(
-    start_worker, operator: Operator, load, heldout
+    start_worker: StartWorker, operator: Operator, load: StartLoad, heldout: list[HeldOut]
 ) -> None:
     start_worker("shapes@1.0.0", name="a"), start_worker("shapes@1.0.0", name="b")
     running = load(concurrency=8)
@@ -71,7 +74,9 @@ async def test_update_under_load_switches_each_worker_once_and_improves(
     assert rates["2.0.0"] > rates["1.0.0"]
 
 
-async def test_warm_rollback_is_a_swap_without_loading(start_worker, operator: Operator, load) -> None:
+async def test_warm_rollback_is_a_swap_without_loading(
+    start_worker: StartWorker, operator: Operator, load: StartLoad
+) -> None:
     start_worker("shapes@1.0.0", name="a"), start_worker("shapes@1.0.0", name="b")
     assert_ok(await operator.publish_and_wait("shapes", Update(version="2.0.0")), {"a", "b"})
     running = load(concurrency=8)
@@ -91,7 +96,7 @@ async def test_warm_rollback_is_a_swap_without_loading(start_worker, operator: O
 
 
 async def test_traffic_split_is_weighted_sticky_and_shadowed(
-    start_worker, operator: Operator, client: Client, heldout, metric
+    start_worker: StartWorker, operator: Operator, client: Client, heldout: list[HeldOut], metric: Metric
 ) -> None:
     a, _ = start_worker("shapes@1.0.0", name="a"), start_worker("shapes@1.0.0", name="b")
     assert_ok(await operator.publish_and_wait("shapes", Update(version="2.0.0", activate="standby")), {"a", "b"})
@@ -123,7 +128,7 @@ async def test_traffic_split_is_weighted_sticky_and_shadowed(
     assert metric(metrics, "hotswap_traffic_weight_percent", version="2.0.0") == 10
 
 
-def craft(model_root: Path, name: str, source: str, edit) -> None:  # type: ignore[no-untyped-def]
+def craft(model_root: Path, name: str, source: str, edit: EditManifest) -> None:
     """A new version directory copied from `source`, its manifest (and files) edited."""
     target = model_root / "shapes" / name
     shutil.copytree((model_root / "shapes" / source).resolve(), target)
@@ -134,7 +139,8 @@ def craft(model_root: Path, name: str, source: str, edit) -> None:  # type: igno
 
 
 async def test_bad_updates_are_refused_with_reasons_and_serving_goes_on(
-    start_worker, operator: Operator, load, model_root: Path, amqp_url: str, namespace: str, metric, trojan
+    start_worker: StartWorker, operator: Operator, load: StartLoad, model_root: Path, amqp_url: str, namespace: str,
+    metric: Metric, trojan: WriteTrojan
 ) -> None:
     import hashlib
 
@@ -143,34 +149,34 @@ async def test_bad_updates_are_refused_with_reasons_and_serving_goes_on(
     def sha(path: Path) -> str:
         return hashlib.sha256(path.read_bytes()).hexdigest()
 
-    def wrong_sha(_: Path, m: dict) -> None:  # type: ignore[type-arg]
+    def wrong_sha(_: Path, m: dict[str, Any]) -> None:
         m["sha256"] = "0" * 64
 
-    def corrupt(d: Path, m: dict) -> None:  # type: ignore[type-arg]
+    def corrupt(d: Path, m: dict[str, Any]) -> None:
         (d / m["artifact"]).write_bytes((d / m["artifact"]).read_bytes()[:5000])
         m["sha256"] = sha(d / m["artifact"])
 
-    def not_yolo(d: Path, m: dict) -> None:  # type: ignore[type-arg]
+    def not_yolo(d: Path, m: dict[str, Any]) -> None:
         import torch
 
         save_file({"weights": torch.zeros(3)}, d / m["artifact"])
         m["sha256"] = sha(d / m["artifact"])
 
-    def slow(_: Path, m: dict) -> None:  # type: ignore[type-arg]
+    def slow(_: Path, m: dict[str, Any]) -> None:
         m["input_size"] = 640  # the same network at 25× the pixels
         m["calibration"] = None
 
-    def missing(d: Path, m: dict) -> None:  # type: ignore[type-arg]
+    def missing(d: Path, m: dict[str, Any]) -> None:
         (d / m["artifact"]).unlink()
 
-    def unknown_backend(_: Path, m: dict) -> None:  # type: ignore[type-arg]
+    def unknown_backend(_: Path, m: dict[str, Any]) -> None:
         m["backend"] = "onnx"
 
     # A trojaned checkpoint, signed like any update: as a pickle, and under manifests that lie.
     marker = model_root.parent / "trojan-payload-ran"
 
-    def trojaned(fmt: str):  # type: ignore[no-untyped-def]
-        def edit(d: Path, m: dict) -> None:  # type: ignore[type-arg]
+    def trojaned(fmt: str) -> EditManifest:
+        def edit(d: Path, m: dict[str, Any]) -> None:
             (d / m["artifact"]).unlink()
             m.update(format=fmt, artifact="model.pt", sha256=sha(trojan(d / "model.pt", marker)))
 
@@ -225,18 +231,21 @@ async def test_bad_updates_are_refused_with_reasons_and_serving_goes_on(
     assert "0.9.0-bad" in a.get("/status")["control"]["unusable"]["shapes"]
 
 
-async def _collect(events, command_id: str, workers: set[str], phase: str = "refused", timeout_s: float = 15):  # type: ignore[no-untyped-def]
-    found = {}
+async def _collect(
+    events: asyncio.Queue[Progress | Heartbeat], command_id: str, workers: set[str], phase: str = "refused",
+    timeout_s: float = 15
+) -> dict[str, Progress]:
+    found: dict[str, Progress] = {}
     async with asyncio.timeout(timeout_s):
         while set(found) != workers:
             event = await events.get()
-            if getattr(event, "command_id", None) == command_id and event.phase == phase:
+            if isinstance(event, Progress) and event.command_id == command_id and event.phase == phase:
                 found[event.worker_id] = event
     return found
 
 
 async def test_a_late_or_restarted_worker_converges_without_loading_replaced_versions(
-    start_worker, operator: Operator, client: Client, heldout
+    start_worker: StartWorker, operator: Operator, client: Client, heldout: list[HeldOut]
 ) -> None:
     first = start_worker("shapes@1.0.0", name="first")
     for action in (Update(version="2.0.0"), Update(version="0.9.0-bad"), Rollback(),
@@ -246,7 +255,7 @@ async def test_a_late_or_restarted_worker_converges_without_loading_replaced_ver
     late = start_worker("shapes@1.0.0", name="late")
     beats = await operator.heartbeats(1.5)
 
-    def view(worker: str) -> object:
+    def view(worker: str) -> tuple[str | None, int, dict[str, tuple[str, float]]]:
         state = beats[worker].models["shapes"]
         return state.active, state.last_seq, {v: (s.state, s.weight) for v, s in state.versions.items()}
 
@@ -264,7 +273,7 @@ async def test_a_late_or_restarted_worker_converges_without_loading_replaced_ver
     assert result.status == "ok" and result.version in {"1.0.0", "2.0.0"}
 
 
-async def test_update_cleanup_cycles_return_memory(start_worker, operator: Operator) -> None:
+async def test_update_cleanup_cycles_return_memory(start_worker: StartWorker, operator: Operator) -> None:
     worker = start_worker("shapes@1.0.0", env={"HOTSWAP_KEEP_STANDBY": "0"})
 
     def rss() -> int:
@@ -286,7 +295,8 @@ async def test_update_cleanup_cycles_return_memory(start_worker, operator: Opera
 
 
 async def test_artifacts_by_uri_from_allowed_sources_only(
-    start_worker, operator: Operator, client: Client, heldout, model_root: Path, tmp_path: Path
+    start_worker: StartWorker, operator: Operator, client: Client, heldout: list[HeldOut], model_root: Path,
+    tmp_path: Path
 ) -> None:
     from aiohttp import web
 
@@ -339,9 +349,10 @@ async def test_artifacts_by_uri_from_allowed_sources_only(
 
 
 async def test_a_pickled_checkpoint_loads_only_on_a_worker_that_allows_pickles(
-    start_worker, operator: Operator, client: Client, heldout, model_root: Path, zoo: Path, reference
+    start_worker: StartWorker, operator: Operator, client: Client, heldout: list[HeldOut], model_root: Path, zoo: Path,
+    reference: Reference
 ) -> None:
-    def pickled(d: Path, m: dict) -> None:  # type: ignore[type-arg]
+    def pickled(d: Path, m: dict[str, Any]) -> None:
         import hashlib
 
         (d / m["artifact"]).unlink()
@@ -367,18 +378,20 @@ async def test_a_pickled_checkpoint_loads_only_on_a_worker_that_allows_pickles(
     assert any(r.worker_id == "opted-in" for r in served)
 
 
-async def test_concurrency_rules(start_worker, operator: Operator, client: Client, heldout) -> None:
+async def test_concurrency_rules(
+    start_worker: StartWorker, operator: Operator, client: Client, heldout: list[HeldOut]
+) -> None:
     start_worker("shapes@1.0.0", name="a"), start_worker("shapes@1.0.0", name="b")
     # An update arriving while another is applied waits, and only the newest is loaded.
     async with operator.events() as events:
         first = await operator.publish("shapes", Update(version="2.0.0"))
         second = await operator.publish("shapes", Update(version="0.9.0-bad", activate="standby"))
         third = await operator.publish("shapes", Rollback())
-        outcomes = {}
+        outcomes: dict[tuple[str, int], str] = {}
         async with asyncio.timeout(60):
             while len(outcomes) < 6:
                 event = await events.get()
-                if getattr(event, "phase", None) in {"done", "failed", "refused"}:
+                if isinstance(event, Progress) and event.phase in {"done", "failed", "refused"}:
                     outcomes[(event.worker_id, event.seq)] = event.phase
     assert (first.seq, second.seq, third.seq) == (1, 2, 3)
     beats = await operator.heartbeats(1.2)
@@ -415,7 +428,7 @@ def intruder_url(amqp_url: str) -> Iterator[str]:
 
 
 async def test_forged_status_events_do_not_change_what_wait_reports(
-    start_worker, operator: Operator, intruder_url: str, namespace: str, tmp_path: Path
+    start_worker: StartWorker, operator: Operator, intruder_url: str, namespace: str, tmp_path: Path
 ) -> None:
     """Another broker user copies each progress event as `done` (unsigned, and signed with a key of
     its own) and invents a worker; `--wait` still reports the real worker's failure, and only it."""

@@ -7,13 +7,17 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from control.client import Client
-from control.operator import Operator
+from control.operator import Operator, WaitReport
 from schemas.control import Rollback, Shadow, Traffic, Update
 from schemas.outputs import FaceOutput
+
+if TYPE_CHECKING:
+    from conftest import Metric, StartLoad, StartWorker
 
 pytestmark = pytest.mark.slow
 
@@ -25,12 +29,12 @@ def photos(bus_jpg: Path) -> list[Path]:
     return [bus_jpg.parent / name for name in PHOTOS]
 
 
-def _assert_ok(report, workers: set[str]) -> None:  # type: ignore[no-untyped-def]
+def _assert_ok(report: WaitReport, workers: set[str]) -> None:
     assert set(report.workers) == workers and report.ok, (report.missing, report.failures)
 
 
 async def test_faces_update_rollback_and_refusal_under_load(
-    start_worker, operator: Operator, load, photos: list[Path]
+    start_worker: StartWorker, operator: Operator, load: StartLoad, photos: list[Path]
 ) -> None:
     start_worker("faces@1.0.0", name="a"), start_worker("faces@1.0.0", name="b")
     running = load(concurrency=4, images=photos, model="faces")
@@ -54,7 +58,7 @@ async def test_faces_update_rollback_and_refusal_under_load(
 
 
 async def test_faces_split_by_user_and_shadow_agreement(
-    start_worker, operator: Operator, client: Client, photos: list[Path], metric
+    start_worker: StartWorker, operator: Operator, client: Client, photos: list[Path], metric: Metric
 ) -> None:
     worker = start_worker("faces@1.0.0", name="a")
     _assert_ok(await operator.publish_and_wait("faces", Update(version="2.0.0", activate="standby"),

@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aio_pika
 import pytest
@@ -23,6 +24,9 @@ from schemas.errors import MALFORMED, ErrorCode
 from schemas.jobs import JobResult
 from schemas.topology import Topology
 from worker.runtime.trivial_backend import write_trivial_model
+
+if TYPE_CHECKING:
+    from conftest import HeldOut, StartWorker
 
 pytestmark = pytest.mark.slow
 
@@ -112,7 +116,7 @@ async def settled_queue(queue: str, timeout_s: float = 30.0) -> tuple[int, int]:
 
 
 async def test_thousands_of_hostile_messages_leave_the_worker_ready_and_nothing_unacked(
-    start_worker, client: Client, heldout, model_root: Path, namespace: str, amqp_url: str
+    start_worker: StartWorker, client: Client, heldout: list[HeldOut], model_root: Path, namespace: str, amqp_url: str
 ) -> None:
     write_trivial_model(model_root, "1.0.0", whole_image=True)
     worker = start_worker("trivial@1.0.0", env={"HOTSWAP_MAX_IMAGE_PIXELS": "4000000"})
@@ -154,8 +158,8 @@ async def test_thousands_of_hostile_messages_leave_the_worker_ready_and_nothing_
                    ).declaration_result.message_count != dead_expected:
                 await asyncio.sleep(0.1)
     wrong = Counter(
-        (kind, str(results[key].error.code if results[key].error else "ok"))
-        for key, (kind, codes) in expected.items() if results[key].error is None or results[key].error.code not in codes
+        (kind, str(error.code if error else "ok"))
+        for key, (kind, codes) in expected.items() if (error := results[key].error) is None or error.code not in codes
     )
     assert not wrong, wrong
     assert duplicates == 0

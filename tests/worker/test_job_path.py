@@ -8,6 +8,7 @@ import io
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aio_pika
 import numpy as np
@@ -20,6 +21,9 @@ from schemas.errors import ErrorCode
 from schemas.jobs import InferenceParams, JobResult
 from schemas.topology import Topology
 from worker.outputs import score_results
+
+if TYPE_CHECKING:
+    from conftest import HeldOut, Metric, Reference, StartWorker
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +40,7 @@ def png(size: tuple[int, int], noise: bool = False) -> bytes:
 
 
 async def test_held_out_images_come_back_right_and_equal_in_process_predict(
-    start_worker, client: Client, heldout, zoo: Path, reference
+    start_worker: StartWorker, client: Client, heldout: list[HeldOut], zoo: Path, reference: Reference
 ) -> None:
     start_worker("shapes@2.0.0")
     results = await asyncio.gather(*(client.submit(item.path, model="shapes") for item in heldout))
@@ -52,7 +56,9 @@ async def test_held_out_images_come_back_right_and_equal_in_process_predict(
     assert score.recall >= 0.6, f"recall {score} on held-out shapes"  # 0.69 when built here
 
 
-async def test_timings_and_identity_are_reported(start_worker, client: Client, heldout) -> None:
+async def test_timings_and_identity_are_reported(
+    start_worker: StartWorker, client: Client, heldout: list[HeldOut]
+) -> None:
     start_worker("shapes@1.0.0", name="timed")
     result = await client.submit(heldout[0].path, model="shapes", version="1.0.0")
     t = result.timings
@@ -62,7 +68,7 @@ async def test_timings_and_identity_are_reported(start_worker, client: Client, h
 
 
 async def test_every_bad_input_gets_its_own_code_and_the_worker_keeps_serving(
-    start_worker, client: Client, heldout, namespace: str, amqp_url: str
+    start_worker: StartWorker, client: Client, heldout: list[HeldOut], namespace: str, amqp_url: str
 ) -> None:
     start_worker("shapes@1.0.0", env={"HOTSWAP_MAX_IMAGE_BYTES": "200000", "HOTSWAP_MAX_IMAGE_PIXELS": "1000000"})
     good = base64.b64encode(heldout[0].path.read_bytes()).decode()
@@ -124,7 +130,7 @@ async def test_every_bad_input_gets_its_own_code_and_the_worker_keeps_serving(
 
 
 async def _drain(queue: aio_pika.abc.AbstractQueue) -> list[aio_pika.abc.AbstractIncomingMessage]:
-    messages = []
+    messages: list[aio_pika.abc.AbstractIncomingMessage] = []
     for _ in range(100):
         message = await queue.get(no_ack=True, fail=False)
         if message is None:
@@ -136,20 +142,22 @@ async def _drain(queue: aio_pika.abc.AbstractQueue) -> list[aio_pika.abc.Abstrac
     return messages
 
 
-async def test_a_model_nobody_serves_is_refused_at_the_client(start_worker, client: Client, heldout) -> None:
+async def test_a_model_nobody_serves_is_refused_at_the_client(
+    start_worker: StartWorker, client: Client, heldout: list[HeldOut]
+) -> None:
     start_worker("shapes@1.0.0")
     with pytest.raises(NoRoute, match="nobody"):
         await client.submit(heldout[0].path, model="nobody")
 
 
-async def test_a_pinned_version_is_honoured(start_worker, client: Client, heldout) -> None:
+async def test_a_pinned_version_is_honoured(start_worker: StartWorker, client: Client, heldout: list[HeldOut]) -> None:
     start_worker("shapes@1.0.0")
     result = await client.submit(heldout[0].path, model="shapes", version="1.0.0", params=InferenceParams(conf=0.5))
     assert (result.status, result.version) == ("ok", "1.0.0")
     assert all(d.score >= 0.5 for d in result.detections)
 
 
-async def test_images_by_url(start_worker, client: Client, heldout, tmp_path: Path) -> None:
+async def test_images_by_url(start_worker: StartWorker, client: Client, heldout: list[HeldOut], tmp_path: Path) -> None:
     async def serve(_: web.Request) -> web.Response:
         return web.Response(body=heldout[0].path.read_bytes(), content_type="image/png")
 
@@ -188,7 +196,7 @@ async def test_images_by_url(start_worker, client: Client, heldout, tmp_path: Pa
         assert result.error is not None and result.error.code is ErrorCode.IMAGE_URL_REFUSED, result.error
 
 
-async def test_image_urls_are_refused_by_default(start_worker, client: Client, metric) -> None:
+async def test_image_urls_are_refused_by_default(start_worker: StartWorker, client: Client, metric: Metric) -> None:
     # A worker fetching whatever a producer names would fetch its own metrics, and worse.
     worker = start_worker("shapes@1.0.0")
     result = await client.submit(worker.url + "/metrics", model="shapes")
@@ -197,7 +205,9 @@ async def test_image_urls_are_refused_by_default(start_worker, client: Client, m
     assert metric(worker.text("/metrics"), "hotswap_jobs_total", code="image_url_refused") == 1
 
 
-async def test_the_pixel_budget_bounds_the_images_held_at_once(start_worker, client: Client, heldout, metric) -> None:
+async def test_the_pixel_budget_bounds_the_images_held_at_once(
+    start_worker: StartWorker, client: Client, heldout: list[HeldOut], metric: Metric
+) -> None:
     # Room for one 128×128 image: however many jobs are in flight, each batch holds one image.
     worker = start_worker("shapes@1.0.0", env={"HOTSWAP_MAX_PIXELS_IN_FLIGHT": str(128 * 128)})
     results = await asyncio.gather(*(client.submit(h.path, model="shapes") for h in heldout[:24]))

@@ -17,7 +17,7 @@ H, W = 40, 60
 
 
 def manifest(task: str, **fields: Any) -> Manifest:
-    return Manifest(name="m", version="1.0.0", backend="trivial", task=task, artifact="a.json", format="json",  # type: ignore[arg-type]
+    return Manifest(name="m", version="1.0.0", backend="trivial", task=task, artifact="a.json", format="json",
                     sha256="0" * 64, classes=fields.pop("classes", {0: "circle", 1: "square"}), input_size=32,
                     created_at=datetime(2026, 1, 1, tzinfo=UTC), **fields)
 
@@ -33,7 +33,7 @@ def masks(*boxes: tuple[int, int, int, int]) -> np.ndarray[Any, Any]:
 def result(prediction: Prediction, meta: Manifest) -> JobResult:
     detections, output = to_wire(prediction, meta)
     wire = JobResult(job_id="j", status="ok", worker_id="w", detections=detections, output=output,
-                     image={"width": W, "height": H})  # type: ignore[arg-type]
+                     image={"width": W, "height": H})
     return JobResult.model_validate_json(wire.model_dump_json())  # as a producer reads it
 
 
@@ -44,7 +44,8 @@ def test_a_segment_result_carries_one_rle_per_detection_that_any_decoder_reads()
     assert isinstance(back.output, SegmentOutput) and len(back.output.masks) == 2
     raw = coco_mask.decode([{"size": list(r.size), "counts": r.counts} for r in back.output.masks])
     assert (raw.transpose(2, 0, 1).astype(bool) == instance).all()
-    assert (prediction_of(back).masks == instance).all()
+    decoded = prediction_of(back).masks
+    assert decoded is not None and (decoded == instance).all()
 
 
 def test_pose_and_face_results_name_their_points() -> None:

@@ -7,27 +7,32 @@ import signal
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Unpack
 
 import aio_pika
 import pytest
 from aiohttp import web
 
-from control.client import Client
+from control.client import Client, JobOptions
 from control.operator import Operator
 from control.processes import WorkerProcess
 from schemas.control import Update
 from schemas.jobs import InlineImage, Job, JobResult
-from schemas.signing import Signer, Verifier
+from schemas.signing import KeyFiles, Signer, Verifier
 from schemas.topology import Topology
 from worker.runtime.trivial_backend import write_trivial_model
+
+if TYPE_CHECKING:
+    from conftest import HeldOut, Metric, StartWorker
 
 pytestmark = pytest.mark.slow
 
 
-async def submit_all(client: Client, images: list[Path], count: int, **kwargs: object) -> list[JobResult]:
+async def submit_all(client: Client, images: list[Path], count: int, **kwargs: Unpack[JobOptions]) -> list[JobResult]:
     return list(await asyncio.gather(
-        *(client.submit(images[i % len(images)], model="shapes", **kwargs) for i in range(count))  # type: ignore[arg-type]
+        *(client.submit(images[i % len(images)], model="shapes", **kwargs) for i in range(count))
     ))
 
 
@@ -44,7 +49,7 @@ def submit_in_background(
     return [asyncio.create_task(one(i)) for i in range(count)]
 
 
-async def wait_until(predicate, timeout_s: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+async def wait_until(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
@@ -52,7 +57,9 @@ async def wait_until(predicate, timeout_s: float = 30.0) -> None:  # type: ignor
         await asyncio.sleep(0.05)
 
 
-async def test_500_concurrent_jobs_two_workers_each_answered_once(start_worker, client: Client, heldout) -> None:
+async def test_500_concurrent_jobs_two_workers_each_answered_once(
+    start_worker: StartWorker, client: Client, heldout: list[HeldOut]
+) -> None:
     first, second = start_worker("shapes@1.0.0"), start_worker("shapes@1.0.0")
     results = await submit_all(client, [h.path for h in heldout], 500)
     assert len({r.job_id for r in results}) == 500
@@ -65,7 +72,9 @@ async def test_500_concurrent_jobs_two_workers_each_answered_once(start_worker, 
     assert done == 500
 
 
-async def test_a_worker_killed_mid_stream_loses_nothing(start_worker, client: Client, heldout) -> None:
+async def test_a_worker_killed_mid_stream_loses_nothing(
+    start_worker: StartWorker, client: Client, heldout: list[HeldOut]
+) -> None:
     victim = start_worker("shapes@1.0.0", name="victim", args=["--prefetch", "32"])
     start_worker("shapes@1.0.0", name="survivor")
     answered: list[JobResult] = []
@@ -77,7 +86,9 @@ async def test_a_worker_killed_mid_stream_loses_nothing(start_worker, client: Cl
     assert any(r.worker_id == "survivor" and r.attempt > 1 for r in results), "the victim held no unacked jobs"
 
 
-async def test_sigterm_finishes_in_flight_jobs_and_exits_in_time(start_worker, client: Client, heldout) -> None:
+async def test_sigterm_finishes_in_flight_jobs_and_exits_in_time(
+    start_worker: StartWorker, client: Client, heldout: list[HeldOut]
+) -> None:
     leaving = start_worker("shapes@1.0.0", name="leaving", args=["--prefetch", "32", "--grace-period", "20"])
     answered: list[JobResult] = []
     jobs = submit_in_background(client, [h.path for h in heldout], 300, answered)
@@ -98,7 +109,8 @@ async def test_sigterm_finishes_in_flight_jobs_and_exits_in_time(start_worker, c
 
 
 async def test_a_broker_connection_cut_is_survived(
-    start_worker, client: Client, heldout, amqp_url: str, namespace: str, control_keys
+    start_worker: StartWorker, client: Client, heldout: list[HeldOut], amqp_url: str, namespace: str,
+    control_keys: KeyFiles
 ) -> None:
     worker = start_worker("shapes@1.0.0")
     before = await client.submit(heldout[0].path, model="shapes")
@@ -120,7 +132,7 @@ async def test_a_broker_connection_cut_is_survived(
 
 
 async def test_a_message_that_kills_workers_ends_in_the_dead_letter_queue(
-    start_worker, client: Client, heldout, namespace: str, amqp_url: str
+    start_worker: StartWorker, client: Client, heldout: list[HeldOut], namespace: str, amqp_url: str
 ) -> None:
     """A job whose image URL hangs: each worker that takes it is killed (as a supervisor would
     kill a stuck worker); after the quorum delivery limit it is dead-lettered, not retried forever."""
@@ -178,7 +190,7 @@ async def test_a_message_that_kills_workers_ends_in_the_dead_letter_queue(
 
 
 async def test_a_result_the_broker_refuses_sends_its_job_back_until_it_is_dead_lettered(
-    start_worker, client: Client, heldout, namespace: str, amqp_url: str, metric
+    start_worker: StartWorker, client: Client, heldout: list[HeldOut], namespace: str, amqp_url: str, metric: Metric
 ) -> None:
     """The broker nacks the result (its reply queue is full): the job must not sit unacked on a
     channel that stays open; it goes back to the queue, and the delivery limit ends its retries."""
@@ -209,7 +221,7 @@ async def test_a_result_the_broker_refuses_sends_its_job_back_until_it_is_dead_l
 
 
 async def test_a_result_waits_for_its_reply_queue_and_is_as_durable_as_its_job(
-    start_worker, heldout, namespace: str, amqp_url: str
+    start_worker: StartWorker, heldout: list[HeldOut], namespace: str, amqp_url: str
 ) -> None:
     """A client reconnecting after a broker restart declares its reply queue again: a result
     published before that would be confirmed and lost (unroutable). The worker tries again for a
@@ -255,7 +267,7 @@ def test_worker_refuses_to_start_with_a_model_it_cannot_load(tmp_path: Path, zoo
 
 
 async def test_a_hung_inference_gives_its_jobs_back_says_why_and_exits(
-    start_worker, client: Client, heldout, model_root: Path
+    start_worker: StartWorker, client: Client, heldout: list[HeldOut], model_root: Path
 ) -> None:
     """A batch that never returns (a stuck GPU call): past HOTSWAP_INFERENCE_TIMEOUT_S the worker
     stops taking jobs, says why on /readyz and /status, and exits (70) so the broker redelivers
@@ -279,7 +291,7 @@ async def test_a_hung_inference_gives_its_jobs_back_says_why_and_exits(
 
 
 async def test_a_stopped_worker_gives_its_jobs_back_within_the_heartbeat(
-    start_worker, client: Client, heldout, model_root: Path
+    start_worker: StartWorker, client: Client, heldout: list[HeldOut], model_root: Path
 ) -> None:
     """SIGSTOP (a frozen VM, a swapped-out process): the AMQP heartbeat (HOTSWAP_AMQP_HEARTBEAT_S,
     10 s) makes the broker drop its connection and redeliver its jobs in tens of seconds, not

@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 import pytest
 
 from control.client import Client
 from schemas.errors import ErrorCode
 
+if TYPE_CHECKING:
+    from conftest import HeldOut, Metric, StartWorker
+
 pytestmark = pytest.mark.slow
 
 
-async def test_status_endpoints_move_with_jobs(start_worker, client: Client, heldout, metric) -> None:
+async def test_status_endpoints_move_with_jobs(
+    start_worker: StartWorker, client: Client, heldout: list[HeldOut], metric: Metric
+) -> None:
     worker = start_worker("shapes@1.0.0", name="observed")
     assert worker.get("/healthz") == {"status": "ok"}
     assert worker.get("/readyz") == {"ready": True}
     before = worker.get("/status")
+    assert worker.process is not None
     assert before["worker_id"] == "observed" and before["pid"] == worker.process.pid
     assert before["models"]["shapes"]["active"] == "1.0.0"
     assert before["models"]["shapes"]["versions"]["1.0.0"]["state"] == "active"
@@ -47,7 +54,9 @@ async def test_status_endpoints_move_with_jobs(start_worker, client: Client, hel
     assert "# TYPE hotswap_job_phase_seconds histogram" in metrics
 
 
-async def test_readyz_says_why_not_while_stopping(start_worker, client: Client, heldout) -> None:
+async def test_readyz_says_why_not_while_stopping(
+    start_worker: StartWorker, client: Client, heldout: list[HeldOut]
+) -> None:
     worker = start_worker("shapes@1.0.0", args=["--grace-period", "5"])
     jobs = [asyncio.create_task(client.submit(heldout[i % 40].path, model="shapes")) for i in range(100)]
     await asyncio.sleep(0.3)

@@ -9,12 +9,16 @@ import struct
 import uuid
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from control.client import Client
 from schemas.errors import ErrorCode
 from schemas.outputs import DetectOutput, FaceOutput, PoseOutput, SegmentOutput
+
+if TYPE_CHECKING:
+    from conftest import HeldOut, StartWorker
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +55,7 @@ def _bad_jobs(model: str, good: bytes) -> dict[str, tuple[bytes, ErrorCode]]:
 
 
 async def test_every_family_answers_its_task_and_refuses_bad_inputs_alike(
-    start_worker, client: Client, heldout, bus_jpg: Path
+    start_worker: StartWorker, client: Client, heldout: list[HeldOut], bus_jpg: Path
 ) -> None:
     start_worker(*MODELS, name="all")
     codes: dict[str, dict[str, ErrorCode | None]] = {}

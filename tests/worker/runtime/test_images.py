@@ -41,6 +41,7 @@ def test_pixels_equal_what_ultralytics_reads_from_disk(bus_jpg: Path) -> None:
     # ultralytics' own loader is cv2.imdecode; detections can only match if the pixels do.
     ours = decode_image(bus_jpg.read_bytes(), ImageLimits(max_bytes=10**7, max_pixels=10**7))
     theirs = cv2.imdecode(np.fromfile(bus_jpg, np.uint8), cv2.IMREAD_COLOR)
+    assert theirs is not None
     assert np.array_equal(ours, theirs)
 
 

@@ -1,18 +1,25 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 
 from schemas.jobs import InferenceParams
-from worker.runtime.backend import BackendError, create_backend
+from worker.runtime.backend import BackendError, ModelBackend, create_backend
 from worker.runtime.images import ImageLimits, decode_image
 from worker.runtime.repository import ModelRepository
+
+if TYPE_CHECKING:
+    from conftest import HeldOut, Reference
 
 LIMITS = ImageLimits(max_bytes=10**7, max_pixels=10**7)
 
 
 @pytest.fixture(scope="module")
-def backend(zoo: Path):
+def backend(zoo: Path) -> Iterator[ModelBackend]:
     repository = ModelRepository(zoo)
     entry = repository.get("shapes", "2.0.0")
     model = create_backend("ultralytics", "cpu")
@@ -22,8 +29,9 @@ def backend(zoo: Path):
     model.release()
 
 
-def test_batch_predictions_equal_in_process_ultralytics(backend, zoo: Path, heldout, bus_jpg: Path,
-                                                       reference) -> None:
+def test_batch_predictions_equal_in_process_ultralytics(
+    backend: ModelBackend, zoo: Path, heldout: list[HeldOut], bus_jpg: Path, reference: Reference
+) -> None:
     yolo = reference(zoo / "shapes" / "2.0.0")
     # ultralytics letterboxes a batch of mixed sizes differently from single images, so the
     # same-sized held-out images go as one batch and the photo alone.
@@ -38,7 +46,7 @@ def test_batch_predictions_equal_in_process_ultralytics(backend, zoo: Path, held
         assert np.array_equal(detections.class_ids, theirs.cls.numpy().astype(np.int64)), path
 
 
-def test_boxes_are_in_original_image_pixels(backend, bus_jpg: Path) -> None:
+def test_boxes_are_in_original_image_pixels(backend: ModelBackend, bus_jpg: Path) -> None:
     image = decode_image(bus_jpg.read_bytes(), LIMITS)
     (detections,) = backend.predict([image], InferenceParams(conf=0.01))
     height, width = image.shape[:2]
@@ -49,7 +57,7 @@ def test_boxes_are_in_original_image_pixels(backend, bus_jpg: Path) -> None:
     assert x2.max() > 128, "boxes were not scaled back from the 128 px input"
 
 
-def test_params_are_honoured(backend, heldout) -> None:
+def test_params_are_honoured(backend: ModelBackend, heldout: list[HeldOut]) -> None:
     image = decode_image(heldout[0].path.read_bytes(), LIMITS)
     (loose,) = backend.predict([image], InferenceParams(conf=0.01))
     (capped,) = backend.predict([image], InferenceParams(conf=0.01, max_det=1))
@@ -70,7 +78,7 @@ def test_unknown_backend_is_named() -> None:
         create_backend("onnx", "cpu")
 
 
-def test_versions_of_one_architecture_share_one_trace(zoo: Path, heldout) -> None:
+def test_versions_of_one_architecture_share_one_trace(zoo: Path, heldout: list[HeldOut]) -> None:
     """TorchScript never frees what a trace registers: a worker loading version after version must
     trace each architecture once, and every version still computes with its own weights."""
     from worker.runtime import tracing

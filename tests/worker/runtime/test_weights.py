@@ -7,7 +7,7 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -20,6 +20,9 @@ from worker.runtime.predictions import Prediction
 from worker.runtime.repository import ModelRepository, sha256_of
 from worker.runtime.trivial_backend import TrivialBackend, write_trivial_model
 from worker.runtime.weights import ArtifactLoader, PickleRefused
+
+if TYPE_CHECKING:
+    from conftest import HeldOut, Reference
 
 LIMITS = ImageLimits(max_bytes=10**7, max_pixels=10**7)
 PICKLES = ArtifactLoader(allow_pickle=True)
@@ -91,7 +94,7 @@ def test_the_trivial_backend_reads_json_only(tmp_path: Path, trojaned: Path, mar
 
 
 def test_with_pickles_allowed_a_genuine_ultralytics_checkpoint_loads_and_answers_as_its_weights(
-    version: tuple[Manifest, Path], zoo: Path, tmp_path: Path, heldout, reference
+    version: tuple[Manifest, Path], zoo: Path, tmp_path: Path, heldout: list[HeldOut], reference: Reference
 ) -> None:
     manifest, weights = version
     checkpoint = tmp_path / "model.pt"
@@ -113,7 +116,7 @@ def test_with_pickles_allowed_a_genuine_ultralytics_checkpoint_loads_and_answers
 
 
 def test_a_weights_only_state_dict_loads_like_safetensors(
-    version: tuple[Manifest, Path], tmp_path: Path, heldout
+    version: tuple[Manifest, Path], tmp_path: Path, heldout: list[HeldOut]
 ) -> None:
     import torch
 
@@ -127,7 +130,7 @@ def test_a_weights_only_state_dict_loads_like_safetensors(
         backend = create_backend("ultralytics", "cpu")
         backend.load(artifact, meta)
         answers.append(boxes(backend.predict(image, InferenceParams(conf=0.1))[0]))
-    assert len(answers[0]) and np.allclose(*answers, atol=1e-4)
+    assert len(answers[0]) and np.allclose(answers[0], answers[1], atol=1e-4)
 
 
 def test_a_state_dict_must_be_names_and_tensors(version: tuple[Manifest, Path], tmp_path: Path) -> None:
