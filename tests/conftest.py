@@ -164,6 +164,14 @@ def control_keys(tmp_path_factory: pytest.TempPathFactory) -> KeyFiles:
     return generate_keys(tmp_path_factory.mktemp("keys"))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> None:
+    """One torch thread, as a worker runs (worker/app.py): two threads contend on two cores."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture
 def model_root(zoo: Path, tmp_path: Path) -> Path:
     """A repository of this test's own: the zoo's versions (linked), room for crafted ones."""

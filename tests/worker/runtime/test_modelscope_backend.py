@@ -24,12 +24,7 @@ from worker.runtime.validation import ValidationFailed, check_calibration, check
 REPO = Path(__file__).resolve().parents[3]
 LIMITS = ImageLimits(max_bytes=10**8, max_pixels=10**8)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)  # as a worker runs (worker/app.py): two threads contend on two cores
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

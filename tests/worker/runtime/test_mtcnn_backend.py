@@ -28,12 +28,7 @@ PHOTOS = ("bus.jpg", "zidane.jpg")
 PLAUSIBLE = {"bus.jpg": range(2, 5), "zidane.jpg": range(2, 5)}
 SURE = 0.99  # the faces facing the camera score ≥ 0.997; the crowd's, below 0.8
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)  # as a worker runs (worker/app.py): two threads contend on two cores
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
