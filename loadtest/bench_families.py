@@ -87,7 +87,9 @@ async def _pool(env: BenchEnv, family: Family, version: str, images_dir: Path, m
     namespace = env.namespace(f"family-{family.model}")
     series = Series(f"{family.model}/{version} worker, max_batch 1")
     images = find_images(images_dir)
-    seconds = max(20 * ms_per_image / 1000, 6.0 if env.quick else 10.0)
+    # Long enough for a few heavy jobs (MogFace with random weights: 37 s each here), a few
+    # seconds of light ones.
+    seconds = max((4 if family.heavy else 20) * ms_per_image / 1000, 6.0 if env.quick else 10.0)
     worker = env.worker(namespace, family.model, [f"{family.model}@{version}"], env={"HOTSWAP_MAX_BATCH": "1"})
     await env.start(worker, timeout_s=600)
     try:

@@ -15,14 +15,15 @@ import pytest
 
 from control.client import Client
 from schemas.errors import ErrorCode
-from schemas.outputs import DetectOutput, FaceOutput, PoseOutput, SegmentOutput
+from schemas.outputs import DetectOutput, FaceOutput, ParsingOutput, PoseOutput, SegmentOutput
 
 if TYPE_CHECKING:
     from conftest import HeldOut, StartWorker
 
 pytestmark = pytest.mark.slow
 
-MODELS = {"shapes": DetectOutput, "shapes-seg": SegmentOutput, "shapes-pose": PoseOutput, "faces": FaceOutput}
+MODELS = {"shapes": DetectOutput, "shapes-seg": SegmentOutput, "shapes-pose": PoseOutput, "faces": FaceOutput,
+          "faces-mtcnn": FaceOutput, "parsing": ParsingOutput}
 
 
 def _png_claiming(width: int, height: int) -> bytes:
