@@ -225,22 +225,8 @@ class Worker:
 
     def refresh_metrics(self) -> None:
         if self.processor is not None:
-            self.metrics.pixels_held.set(self.processor.pixels.held)
-            self.metrics.jobs_waiting_for_pixels.set(self.processor.pixels.waiting)
-        info = self.metrics.model_info
-        info.clear()
-        self.metrics.traffic_weight.clear()
-        for deployment in self.models.table.all():
-            weights = deployment.weights or {deployment.active.version: 100.0}
-            for name, weight in weights.items():
-                self.metrics.traffic_weight.labels(deployment.model, name).set(weight)
-            for version in deployment.loaded.values():
-                manifest = version.manifest
-                info.labels(
-                    version.model, version.version,
-                    manifest.backend if manifest else "", manifest.task if manifest else "",
-                    version.state.value,
-                ).set(1)
+            self.metrics.observe_pixels(self.processor.pixels.held, self.processor.pixels.waiting)
+        self.metrics.observe_deployments({d.model: d.status() for d in self.models.table.all()})
 
 
 class WorkerKeyMissing(Exception):

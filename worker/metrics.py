@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from schemas.status import DeploymentStatus
+
 # Latencies from sub-millisecond decodes to multi-second CPU inference of big models.
 _SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -100,3 +102,17 @@ class WorkerMetrics:
         self.broker_connected = Gauge(
             "hotswap_broker_connected", "1 while the AMQP connection is open.", registry=r
         )
+
+    def observe_deployments(self, deployments: dict[str, DeploymentStatus]) -> None:
+        """Version info and traffic weights, from the deployments' own status: what is gone goes."""
+        self.model_info.clear()
+        self.traffic_weight.clear()
+        for model, deployment in deployments.items():
+            for name, weight in (deployment.weights or {deployment.active: 100.0}).items():
+                self.traffic_weight.labels(model, name).set(weight)
+            for name, version in deployment.versions.items():
+                self.model_info.labels(model, name, version.backend or "", version.task or "", version.state).set(1)
+
+    def observe_pixels(self, held: int, waiting: int) -> None:
+        self.pixels_held.set(held)
+        self.jobs_waiting_for_pixels.set(waiting)
