@@ -19,6 +19,7 @@ import aiohttp
 
 from schemas.errors import MALFORMED, ErrorCode, JobFailure
 from schemas.jobs import (
+    Detection,
     ImageInfo,
     InlineImage,
     Job,
@@ -27,6 +28,7 @@ from schemas.jobs import (
     Timings,
     parse_job,
 )
+from schemas.outputs import TaskOutput
 from schemas.status import LastError
 from worker.admission import PixelBudget
 from worker.batching import MicroBatcher
@@ -185,7 +187,7 @@ class JobProcessor:
         shadow = deployment.shadow_for(_routing_key(job), version)
         if shadow is not None:
             self._start_shadow(shadow, version, image, header.pixels, job, prediction)
-        detections, output = to_wire(prediction, version.loaded_manifest)
+        detections, output = await self._encode(prediction, version)
         return JobResult(
             job_id=job.job_id,
             status="ok",
@@ -198,6 +200,14 @@ class JobProcessor:
             detections=detections,
             output=output,
         )
+
+    async def _encode(self, prediction: Prediction, version: ModelVersion) -> tuple[list[Detection], TaskOutput]:
+        """The result's detections and output. Masks are run-length encoded in a decode thread:
+        a parsing answer on a photo is millions of pixels, too many for the event loop."""
+        if prediction.masks is None and prediction.parts is None:
+            return to_wire(prediction, version.loaded_manifest)
+        return await asyncio.get_running_loop().run_in_executor(
+            self.decode_executor, to_wire, prediction, version.loaded_manifest)
 
     async def _header(self, job: Job) -> ImageHeader:
         if isinstance(job.image, InlineImage):
@@ -239,7 +249,10 @@ class JobProcessor:
         async def run() -> None:
             try:
                 theirs = await self.batcher.predict(shadow, image, job.params)
-                ratio = evaluator_for(primary.loaded_manifest).agreement(prediction, theirs)
+                # Mask IoU over whole images is milliseconds of numpy: off the event loop.
+                evaluator = evaluator_for(primary.loaded_manifest)
+                ratio = await asyncio.get_running_loop().run_in_executor(
+                    self.decode_executor, evaluator.agreement, prediction, theirs)
                 self.metrics.shadow_agreement.labels(job.model, primary.version, shadow.version).observe(ratio)
             except Exception as exc:  # a shadow failure is recorded, never the producer's problem
                 log.warning("shadow run on %s/%s failed: %s", shadow.model, shadow.version, exc)

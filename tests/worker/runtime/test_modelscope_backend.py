@@ -2,7 +2,6 @@
 to modelscope's own pipeline run in-process on the same model directory."""
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -35,11 +34,10 @@ def faces(tmp_path_factory: pytest.TempPathFactory) -> ModelRepository:
 
 
 @pytest.fixture(scope="module")
-def large() -> ModelRepository:
+def large(zoo: Path) -> ModelRepository:
     """MogFace and M2FP (~600 MB): built once into the test zoo and kept there."""
-    root = Path(os.environ.get("HOTSWAP_TEST_ZOO", REPO / "models")).resolve()
-    build_faces(root, large=True)
-    return ModelRepository(root)
+    build_faces(zoo, large=True)
+    return ModelRepository(zoo)
 
 
 def loaded(repository: ModelRepository, model: str, version: str) -> Any:
