@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 #: Pauses between tries of a result whose reply queue does not exist (3.85 s in all).
 _NO_ROUTE_PAUSES_S = (0.1, 0.25, 0.5, 1.0, 2.0)
+#: How long idle must last, once reached, for a drain to be over (several turns of the loop).
+_SETTLE_S = 0.05
 
 
 class JobConsumer:
@@ -78,8 +80,16 @@ class JobConsumer:
             return False
 
     async def _drained(self) -> None:
-        await self._idle.wait()
-        await self.acks.sent()
+        # A delivery read just before the cancel's CancelOk reaches `_on_message` two task hops
+        # later (aiormq's task, then aio-pika's): idle now may only mean those have not started
+        # yet, and exiting then would hand them back to the broker as redeliveries. Idle must
+        # still hold once every ready task has run.
+        while True:
+            await self._idle.wait()
+            await self.acks.sent()
+            await asyncio.sleep(_SETTLE_S)
+            if self._idle.is_set():
+                return
 
     async def _on_message(self, model: str, message: AbstractIncomingMessage) -> None:
         async with self._handling(model, message):
