@@ -20,6 +20,7 @@ from typing import Any, Protocol, Unpack
 from urllib.parse import urlparse
 
 import aio_pika
+import aiohttp
 import pytest
 import ultralytics
 from prometheus_client.parser import text_string_to_metric_families
@@ -283,28 +284,54 @@ def start_worker(
             process.stop(timeout_s=15)
 
 
-class ServeInProcess(Protocol):
-    """`serve_in_process`: a `Worker` in the test's event loop, `WorkerSettings` fields as keywords."""
+class InProcessWorker(Worker):
+    """A `Worker` in the test's own event loop, with the status-page readers `WorkerProcess` has;
+    awaited here, since a blocking read would stall the loop the status server runs on."""
 
-    def __call__(self, *models: str, **settings: object) -> Awaitable[Worker]: ...
+    @property
+    def url(self) -> str:
+        return self.status_url
+
+    async def get(self, path: str, *, ok_only: bool = True) -> dict[str, Any]:
+        async with aiohttp.ClientSession() as http, http.get(self.status_url + path) as response:
+            if ok_only:
+                response.raise_for_status()
+            return dict(await response.json())
+
+    async def text(self, path: str) -> str:
+        async with aiohttp.ClientSession() as http, http.get(self.status_url + path) as response:
+            response.raise_for_status()
+            return await response.text()
+
+
+class ServeInProcess(Protocol):
+    """`serve_in_process`: a worker in the test's event loop, `WorkerSettings` fields as keywords."""
+
+    def __call__(self, *models: str, name: str | None = None, **settings: object) -> Awaitable[InProcessWorker]: ...
 
 
 @pytest.fixture
-async def serve_in_process(namespace: str, amqp_url: str, tmp_path: Path) -> AsyncIterator[ServeInProcess]:
-    """A whole `Worker` running in the test's own event loop, on trivial models (`trivial/1.0.0`,
-    `trivial/2.0.0`, both answering one whole-image box; or those under `model_root=`), against the
-    real broker: its parts can be inspected and patched. Settings as keyword arguments
-    (`prefetch=4`); stopped afterwards."""
-    root = tmp_path / "trivial-models"
+async def serve_in_process(
+    namespace: str, amqp_url: str, model_root: Path, control_keys: KeyFiles
+) -> AsyncIterator[ServeInProcess]:
+    """A whole worker running in the test's own event loop against the real broker, as
+    `start_worker` runs one in a process, without a process's start-up: its parts can be
+    inspected and patched. It serves `model_root` (the zoo, and `trivial/1.0.0` and
+    `trivial/2.0.0`, both answering one whole-image box; the default is `trivial@1.0.0`), or the
+    repository given as `model_root=`, control plane on. Settings as keyword arguments
+    (`prefetch=4`); stopped afterwards. What needs a process of its own (signals, kill -9, exit
+    codes, memory returned to the system, code a pickle runs) uses `start_worker`."""
+    root = model_root
     for version in ("1.0.0", "2.0.0"):
         write_trivial_model(root, version, whole_image=True)
     running: list[tuple[Worker, asyncio.Task[None]]] = []
 
-    async def serve(*models: str, **settings: object) -> Worker:
-        settings = {"model_root": root, **settings}
-        worker = Worker(WorkerSettings(
+    async def serve(*models: str, name: str | None = None, **settings: object) -> InProcessWorker:
+        settings = {"model_root": root, "control_public_key": control_keys.control_public,
+                    "heartbeat_interval_s": 0.5, **settings}
+        worker = InProcessWorker(WorkerSettings(
             amqp_url=amqp_url, namespace=namespace, models=list(models) or ["trivial@1.0.0"],
-            worker_id=f"inproc{len(running) + 1}", status_port=0, **settings,  # type: ignore[arg-type]
+            worker_id=name or f"inproc{len(running) + 1}", status_port=0, **settings,  # type: ignore[arg-type]
         ))
         task = asyncio.create_task(worker.run(handle_signals=False))
         running.append((worker, task))

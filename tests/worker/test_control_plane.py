@@ -1,4 +1,6 @@
-"""Update, rollback, A/B and refusals across two worker processes under continuous load."""
+"""Update, rollback, A/B and refusals across two workers under continuous load: in processes of
+their own where the test needs one (an update under load, a restart, memory, pickles), else in
+the test's event loop."""
 
 from __future__ import annotations
 
@@ -22,7 +24,16 @@ from schemas.signing import Signer, generate_keys
 from worker.outputs import score_results
 
 if TYPE_CHECKING:
-    from conftest import BackgroundLoad, HeldOut, Metric, Reference, StartLoad, StartWorker, WriteTrojan
+    from conftest import (
+        BackgroundLoad,
+        HeldOut,
+        Metric,
+        Reference,
+        ServeInProcess,
+        StartLoad,
+        StartWorker,
+        WriteTrojan,
+    )
 
 pytestmark = pytest.mark.slow
 
@@ -75,9 +86,9 @@ async def test_update_under_load_switches_each_worker_once_and_improves(
 
 
 async def test_warm_rollback_is_a_swap_without_loading(
-    start_worker: StartWorker, operator: Operator, load: StartLoad
+    serve_in_process: ServeInProcess, operator: Operator, load: StartLoad
 ) -> None:
-    start_worker("shapes@1.0.0", name="a"), start_worker("shapes@1.0.0", name="b")
+    await serve_in_process("shapes@1.0.0", name="a"), await serve_in_process("shapes@1.0.0", name="b")
     assert_ok(await operator.publish_and_wait("shapes", Update(version="2.0.0")), {"a", "b"})
     running = load(concurrency=8)
     await running.wait_for(50)
@@ -96,9 +107,9 @@ async def test_warm_rollback_is_a_swap_without_loading(
 
 
 async def test_traffic_split_is_weighted_sticky_and_shadowed(
-    start_worker: StartWorker, operator: Operator, client: Client, heldout: list[HeldOut], metric: Metric
+    serve_in_process: ServeInProcess, operator: Operator, client: Client, heldout: list[HeldOut], metric: Metric
 ) -> None:
-    a, _ = start_worker("shapes@1.0.0", name="a"), start_worker("shapes@1.0.0", name="b")
+    a, _ = await serve_in_process("shapes@1.0.0", name="a"), await serve_in_process("shapes@1.0.0", name="b")
     assert_ok(await operator.publish_and_wait("shapes", Update(version="2.0.0", activate="standby")), {"a", "b"})
     split = Traffic(weights={"1.0.0": 90, "2.0.0": 10}, shadow=Shadow(version="2.0.0", percent=20))
     assert_ok(await operator.publish_and_wait("shapes", split), {"a", "b"})
@@ -120,7 +131,7 @@ async def test_traffic_split_is_weighted_sticky_and_shadowed(
     pinned = await client.submit(heldout[0].path, model="shapes", version="canary")
     assert pinned.version == "2.0.0"
     await asyncio.sleep(0.5)  # shadow runs finish after their results
-    metrics = a.text("/metrics")
+    metrics = await a.text("/metrics")
     samples = metric(metrics, "hotswap_shadow_agreement_ratio_count", primary="1.0.0", shadow="2.0.0")
     agreement = metric(metrics, "hotswap_shadow_agreement_ratio_sum", primary="1.0.0", shadow="2.0.0") / max(samples, 1)
     print(f"shadow agreement 1.0.0 vs 2.0.0 over {samples:.0f} runs: {agreement:.2f}")
@@ -295,7 +306,7 @@ async def test_update_cleanup_cycles_return_memory(start_worker: StartWorker, op
 
 
 async def test_artifacts_by_uri_from_allowed_sources_only(
-    start_worker: StartWorker, operator: Operator, client: Client, heldout: list[HeldOut], model_root: Path,
+    serve_in_process: ServeInProcess, operator: Operator, client: Client, heldout: list[HeldOut], model_root: Path,
     tmp_path: Path
 ) -> None:
     from aiohttp import web
@@ -314,10 +325,8 @@ async def test_artifacts_by_uri_from_allowed_sources_only(
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     http = f"http://127.0.0.1:{runner.addresses[0][1]}/models"
-    start_worker("shapes@1.0.0", name="a", env={
-        "HOTSWAP_ARTIFACT_SOURCES": f"file://{published}/,{http}/",
-        "HOTSWAP_ARTIFACT_CACHE": str(tmp_path / "cache"),
-    })
+    await serve_in_process("shapes@1.0.0", name="a", artifact_sources=[f"file://{published}/", f"{http}/"],
+                           artifact_cache=tmp_path / "cache")
 
     async def update(version: str, uri: str, pinned: str = sha) -> WaitReport:
         from schemas.control import ArtifactRef
@@ -379,9 +388,9 @@ async def test_a_pickled_checkpoint_loads_only_on_a_worker_that_allows_pickles(
 
 
 async def test_concurrency_rules(
-    start_worker: StartWorker, operator: Operator, client: Client, heldout: list[HeldOut]
+    serve_in_process: ServeInProcess, operator: Operator, client: Client, heldout: list[HeldOut]
 ) -> None:
-    start_worker("shapes@1.0.0", name="a"), start_worker("shapes@1.0.0", name="b")
+    await serve_in_process("shapes@1.0.0", name="a"), await serve_in_process("shapes@1.0.0", name="b")
     # An update arriving while another is applied waits, and only the newest is loaded.
     async with operator.events() as events:
         first = await operator.publish("shapes", Update(version="2.0.0"))
@@ -428,7 +437,7 @@ def intruder_url(amqp_url: str) -> Iterator[str]:
 
 
 async def test_forged_status_events_do_not_change_what_wait_reports(
-    start_worker: StartWorker, operator: Operator, intruder_url: str, namespace: str, tmp_path: Path
+    serve_in_process: ServeInProcess, operator: Operator, intruder_url: str, namespace: str, tmp_path: Path
 ) -> None:
     """Another broker user copies each progress event as `done` (unsigned, and signed with a key of
     its own) and invents a worker; `--wait` still reports the real worker's failure, and only it."""
@@ -436,7 +445,7 @@ async def test_forged_status_events_do_not_change_what_wait_reports(
 
     from schemas.control import Heartbeat, Progress, SignedEnvelope
 
-    start_worker("shapes@2.0.0", name="a")
+    await serve_in_process("shapes@2.0.0", name="a")
     intruder_key = Signer.from_file(generate_keys(tmp_path / "intruder").worker_key)
     connection = await aio_pika.connect(intruder_url)
     async with connection:

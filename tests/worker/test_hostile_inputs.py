@@ -13,7 +13,6 @@ import zlib
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aio_pika
@@ -23,10 +22,9 @@ from control.client import Client
 from schemas.errors import MALFORMED, ErrorCode
 from schemas.jobs import JobResult
 from schemas.topology import Topology
-from worker.runtime.trivial_backend import write_trivial_model
 
 if TYPE_CHECKING:
-    from conftest import HeldOut, StartWorker
+    from conftest import HeldOut, ServeInProcess
 
 pytestmark = pytest.mark.slow
 
@@ -116,10 +114,9 @@ async def settled_queue(queue: str, timeout_s: float = 30.0) -> tuple[int, int]:
 
 
 async def test_thousands_of_hostile_messages_leave_the_worker_ready_and_nothing_unacked(
-    start_worker: StartWorker, client: Client, heldout: list[HeldOut], model_root: Path, namespace: str, amqp_url: str
+    serve_in_process: ServeInProcess, client: Client, heldout: list[HeldOut], namespace: str, amqp_url: str
 ) -> None:
-    write_trivial_model(model_root, "1.0.0", whole_image=True)
-    worker = start_worker("trivial@1.0.0", env={"HOTSWAP_MAX_IMAGE_PIXELS": "4000000"})
+    worker = await serve_in_process("trivial@1.0.0", max_image_pixels=4_000_000)
     good_png = heldout[0].path.read_bytes()
     kinds = list(hostile_bodies(good_png, worker.url))
     topology = Topology(namespace)
@@ -164,6 +161,6 @@ async def test_thousands_of_hostile_messages_leave_the_worker_ready_and_nothing_
     assert not wrong, wrong
     assert duplicates == 0
     assert all("Traceback" not in (r.error.message if r.error else "") for r in results.values())
-    assert worker.get("/readyz")["ready"]
-    assert worker.get("/status")["in_flight"] == 0
+    assert (await worker.get("/readyz"))["ready"]
+    assert (await worker.get("/status"))["in_flight"] == 0
     assert await settled_queue(topology.job_queue("trivial")) == (0, 0), "jobs left ready or unacked"

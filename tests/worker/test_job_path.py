@@ -1,4 +1,5 @@
-"""End to end through the real broker and a real worker process."""
+"""End to end through the real broker and a real worker (in the test's event loop: nothing here
+needs a process of its own)."""
 
 from __future__ import annotations
 
@@ -23,9 +24,7 @@ from schemas.topology import Topology
 from worker.outputs import score_results
 
 if TYPE_CHECKING:
-    from conftest import HeldOut, Metric, Reference, StartWorker
-
-pytestmark = pytest.mark.slow
+    from conftest import HeldOut, Metric, Reference, ServeInProcess
 
 
 def png(size: tuple[int, int], noise: bool = False) -> bytes:
@@ -40,9 +39,9 @@ def png(size: tuple[int, int], noise: bool = False) -> bytes:
 
 
 async def test_held_out_images_come_back_right_and_equal_in_process_predict(
-    start_worker: StartWorker, client: Client, heldout: list[HeldOut], zoo: Path, reference: Reference
+    serve_in_process: ServeInProcess, client: Client, heldout: list[HeldOut], zoo: Path, reference: Reference
 ) -> None:
-    start_worker("shapes@2.0.0")
+    await serve_in_process("shapes@2.0.0")
     results = await asyncio.gather(*(client.submit(item.path, model="shapes") for item in heldout))
     yolo = reference(zoo / "shapes" / "2.0.0")
     for item, result in zip(heldout, results, strict=True):
@@ -57,9 +56,9 @@ async def test_held_out_images_come_back_right_and_equal_in_process_predict(
 
 
 async def test_timings_and_identity_are_reported(
-    start_worker: StartWorker, client: Client, heldout: list[HeldOut]
+    serve_in_process: ServeInProcess, client: Client, heldout: list[HeldOut]
 ) -> None:
-    start_worker("shapes@1.0.0", name="timed")
+    await serve_in_process("shapes@1.0.0", name="timed")
     result = await client.submit(heldout[0].path, model="shapes", version="1.0.0")
     t = result.timings
     assert result.worker_id == "timed" and result.attempt == 1
@@ -68,9 +67,9 @@ async def test_timings_and_identity_are_reported(
 
 
 async def test_every_bad_input_gets_its_own_code_and_the_worker_keeps_serving(
-    start_worker: StartWorker, client: Client, heldout: list[HeldOut], namespace: str, amqp_url: str
+    serve_in_process: ServeInProcess, client: Client, heldout: list[HeldOut], namespace: str, amqp_url: str
 ) -> None:
-    start_worker("shapes@1.0.0", env={"HOTSWAP_MAX_IMAGE_BYTES": "200000", "HOTSWAP_MAX_IMAGE_PIXELS": "1000000"})
+    await serve_in_process("shapes@1.0.0", max_image_bytes=200_000, max_image_pixels=1_000_000)
     good = base64.b64encode(heldout[0].path.read_bytes()).decode()
     jpeg = io.BytesIO()
     Image.new("RGB", (200, 200), (1, 2, 3)).save(jpeg, format="JPEG")
@@ -143,21 +142,25 @@ async def _drain(queue: aio_pika.abc.AbstractQueue) -> list[aio_pika.abc.Abstrac
 
 
 async def test_a_model_nobody_serves_is_refused_at_the_client(
-    start_worker: StartWorker, client: Client, heldout: list[HeldOut]
+    serve_in_process: ServeInProcess, client: Client, heldout: list[HeldOut]
 ) -> None:
-    start_worker("shapes@1.0.0")
+    await serve_in_process("shapes@1.0.0")
     with pytest.raises(NoRoute, match="nobody"):
         await client.submit(heldout[0].path, model="nobody")
 
 
-async def test_a_pinned_version_is_honoured(start_worker: StartWorker, client: Client, heldout: list[HeldOut]) -> None:
-    start_worker("shapes@1.0.0")
+async def test_a_pinned_version_is_honoured(
+    serve_in_process: ServeInProcess, client: Client, heldout: list[HeldOut]
+) -> None:
+    await serve_in_process("shapes@1.0.0")
     result = await client.submit(heldout[0].path, model="shapes", version="1.0.0", params=InferenceParams(conf=0.5))
     assert (result.status, result.version) == ("ok", "1.0.0")
     assert all(d.score >= 0.5 for d in result.detections)
 
 
-async def test_images_by_url(start_worker: StartWorker, client: Client, heldout: list[HeldOut], tmp_path: Path) -> None:
+async def test_images_by_url(
+    serve_in_process: ServeInProcess, client: Client, heldout: list[HeldOut], tmp_path: Path
+) -> None:
     async def serve(_: web.Request) -> web.Response:
         return web.Response(body=heldout[0].path.read_bytes(), content_type="image/png")
 
@@ -169,11 +172,10 @@ async def test_images_by_url(start_worker: StartWorker, client: Client, heldout:
     port = runner.addresses[0][1]
     image_dir = heldout[0].path.parent
     # This server's host and port only; its address is loopback, so that network must be allowed too.
-    worker = start_worker("shapes@1.0.0", env={
-        "HOTSWAP_IMAGE_FILE_ROOTS": str(image_dir),
-        "HOTSWAP_IMAGE_URL_HOSTS": f"127.0.0.1:{port}",
-        "HOTSWAP_IMAGE_URL_NETWORKS": "127.0.0.0/8",
-    })
+    worker = await serve_in_process(
+        "shapes@1.0.0", image_file_roots=[image_dir], image_url_hosts=[f"127.0.0.1:{port}"],
+        image_url_networks=["127.0.0.0/8"],
+    )
     outside = tmp_path / "outside.png"
     outside.write_bytes(heldout[0].path.read_bytes())
     try:
@@ -196,23 +198,25 @@ async def test_images_by_url(start_worker: StartWorker, client: Client, heldout:
         assert result.error is not None and result.error.code is ErrorCode.IMAGE_URL_REFUSED, result.error
 
 
-async def test_image_urls_are_refused_by_default(start_worker: StartWorker, client: Client, metric: Metric) -> None:
+async def test_image_urls_are_refused_by_default(
+    serve_in_process: ServeInProcess, client: Client, metric: Metric
+) -> None:
     # A worker fetching whatever a producer names would fetch its own metrics, and worse.
-    worker = start_worker("shapes@1.0.0")
+    worker = await serve_in_process("shapes@1.0.0")
     result = await client.submit(worker.url + "/metrics", model="shapes")
     assert result.error is not None and result.error.code is ErrorCode.IMAGE_URL_REFUSED, result.error
     assert "HOTSWAP_IMAGE_URL_HOSTS" in result.error.message
-    assert metric(worker.text("/metrics"), "hotswap_jobs_total", code="image_url_refused") == 1
+    assert metric(await worker.text("/metrics"), "hotswap_jobs_total", code="image_url_refused") == 1
 
 
 async def test_the_pixel_budget_bounds_the_images_held_at_once(
-    start_worker: StartWorker, client: Client, heldout: list[HeldOut], metric: Metric
+    serve_in_process: ServeInProcess, client: Client, heldout: list[HeldOut], metric: Metric
 ) -> None:
     # Room for one 128×128 image: however many jobs are in flight, each batch holds one image.
-    worker = start_worker("shapes@1.0.0", env={"HOTSWAP_MAX_PIXELS_IN_FLIGHT": str(128 * 128)})
+    worker = await serve_in_process("shapes@1.0.0", max_pixels_in_flight=128 * 128)
     results = await asyncio.gather(*(client.submit(h.path, model="shapes") for h in heldout[:24]))
     assert all(r.status == "ok" for r in results)
-    exposition = worker.text("/metrics")
+    exposition = await worker.text("/metrics")
     assert metric(exposition, "hotswap_batch_size_sum", model="shapes") == 24
     assert metric(exposition, "hotswap_batch_size_count", model="shapes") == 24
     assert metric(exposition, "hotswap_decoded_pixels_held") == 0

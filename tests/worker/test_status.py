@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import TYPE_CHECKING
 
 import pytest
@@ -11,24 +12,21 @@ from control.client import Client
 from schemas.errors import ErrorCode
 
 if TYPE_CHECKING:
-    from conftest import HeldOut, Metric, StartWorker
-
-pytestmark = pytest.mark.slow
+    from conftest import HeldOut, Metric, ServeInProcess, StartWorker
 
 
 async def test_status_endpoints_move_with_jobs(
-    start_worker: StartWorker, client: Client, heldout: list[HeldOut], metric: Metric
+    serve_in_process: ServeInProcess, client: Client, heldout: list[HeldOut], metric: Metric
 ) -> None:
-    worker = start_worker("shapes@1.0.0", name="observed")
-    assert worker.get("/healthz") == {"status": "ok"}
-    assert worker.get("/readyz") == {"ready": True}
-    before = worker.get("/status")
-    assert worker.process is not None
-    assert before["worker_id"] == "observed" and before["pid"] == worker.process.pid
+    worker = await serve_in_process("shapes@1.0.0", name="observed")
+    assert await worker.get("/healthz") == {"status": "ok"}
+    assert await worker.get("/readyz") == {"ready": True}
+    before = await worker.get("/status")
+    assert before["worker_id"] == "observed" and before["pid"] == os.getpid()
     assert before["models"]["shapes"]["active"] == "1.0.0"
     assert before["models"]["shapes"]["versions"]["1.0.0"]["state"] == "active"
     assert (before["jobs_done"], before["jobs_failed"], before["last_error"]) == (0, 0, None)
-    metrics_before = worker.text("/metrics")
+    metrics_before = await worker.text("/metrics")
     assert metric(metrics_before, "hotswap_broker_connected") == 1
     assert metric(metrics_before, "hotswap_model_version_info", model="shapes", version="1.0.0",
                   state="active", backend="ultralytics") == 1
@@ -37,11 +35,11 @@ async def test_status_endpoints_move_with_jobs(
     failed = await client.submit(b"not an image", model="shapes")
     assert failed.error is not None and failed.error.code is ErrorCode.NOT_AN_IMAGE
 
-    after = worker.get("/status")
+    after = await worker.get("/status")
     assert (after["jobs_done"], after["jobs_failed"]) == (10, 1)
     assert after["last_error"]["code"] == "not_an_image"
     assert after["uptime_s"] > before["uptime_s"]
-    metrics = worker.text("/metrics")
+    metrics = await worker.text("/metrics")
     ok = {"model": "shapes", "version": "1.0.0", "status": "ok", "code": ""}
     assert metric(metrics, "hotswap_jobs_total", **ok) == 10
     assert metric(metrics, "hotswap_jobs_total", model="shapes", status="error", code="not_an_image") == 1
@@ -54,6 +52,7 @@ async def test_status_endpoints_move_with_jobs(
     assert "# TYPE hotswap_job_phase_seconds histogram" in metrics
 
 
+@pytest.mark.slow  # a signal: a process of its own
 async def test_readyz_says_why_not_while_stopping(
     start_worker: StartWorker, client: Client, heldout: list[HeldOut]
 ) -> None:

@@ -18,7 +18,7 @@ from schemas.errors import ErrorCode
 from schemas.outputs import DetectOutput, FaceOutput, ParsingOutput, PoseOutput, SegmentOutput
 
 if TYPE_CHECKING:
-    from conftest import HeldOut, StartWorker
+    from conftest import HeldOut, ServeInProcess
 
 pytestmark = pytest.mark.slow
 
@@ -56,9 +56,9 @@ def _bad_jobs(model: str, good: bytes) -> dict[str, tuple[bytes, ErrorCode]]:
 
 
 async def test_every_family_answers_its_task_and_refuses_bad_inputs_alike(
-    start_worker: StartWorker, client: Client, heldout: list[HeldOut], bus_jpg: Path
+    serve_in_process: ServeInProcess, client: Client, heldout: list[HeldOut], bus_jpg: Path
 ) -> None:
-    start_worker(*MODELS, name="all")
+    await serve_in_process(*MODELS, name="all")
     codes: dict[str, dict[str, ErrorCode | None]] = {}
     for model, output in MODELS.items():
         for image in (heldout[0].path, bus_jpg):
