@@ -76,16 +76,25 @@ def rabbitmqctl(*args: str) -> str:
     return done.stdout
 
 
+def _permissions_held() -> set[tuple[str, ...]]:
+    listed = rabbitmqctl("list_permissions", "--vhost", VHOST, "--no-table-headers", "--quiet")
+    return {tuple(line.split("\t")) for line in listed.strip().splitlines()}
+
+
 @pytest.fixture(scope="module")
 async def imported(amqp_url: str) -> str:
-    """The definitions imported (an absolute path: rabbitmqctl runs from the broker's own directory);
-    the import is asynchronous, so wait until its last user can log in."""
+    """The definitions imported (an absolute path: rabbitmqctl runs from the broker's own directory).
+    The import is asynchronous: wait until the broker holds the file's permissions, not an earlier
+    import's, and its users can log in."""
     rabbitmqctl("import_definitions", str(DEFINITIONS))
+    wanted = {(p["user"], p["configure"], p["write"], p["read"]) for p in _definitions()["permissions"]}
     async with asyncio.timeout(60):
+        while not wanted <= _permissions_held():  # another user's rows may be there too
+            await asyncio.sleep(0.5)
         while True:
             try:
                 connection = await aio_pika.connect(url_of(amqp_url, "hotswap-operator"))
-            except aio_pika.exceptions.AMQPConnectionError:  # not imported yet
+            except aio_pika.exceptions.AMQPConnectionError:  # its password not imported yet
                 await asyncio.sleep(0.5)
                 continue
             await connection.close()
@@ -296,3 +305,8 @@ async def test_a_producers_job_is_served_and_an_operators_update_reaches_the_wor
         assert report.ok and report.workers == ["least-privilege"], (report.failures, report.missing)
         second = await client.submit(bus_jpg, model=model)
         assert (second.status, second.version) == ("ok", "2.0.0"), second.error
+        # A reconnect restores what each declared, passive checks included, under the same permissions.
+        # Served only once the worker's consumer is back, and the result reaches the client's restored queue.
+        rabbitmqctl("close_all_connections", "--vhost", VHOST, "least-privilege test: reconnect")
+        third = await client.submit(bus_jpg, model=model, timeout_s=30)
+        assert (third.status, third.version) == ("ok", "2.0.0"), third.error
