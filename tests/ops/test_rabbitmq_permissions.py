@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -29,7 +31,9 @@ from aiormq.exceptions import ChannelAccessRefused
 
 from control.client import Client
 from control.operator import Operator
+from control.processes import WorkerProcess
 from schemas.control import Update
+from schemas.jobs import JobResult
 from schemas.signing import KeyFiles, Signer, Verifier
 from schemas.topology import Topology
 from worker.app import Worker
@@ -310,3 +314,33 @@ async def test_a_producers_job_is_served_and_an_operators_update_reaches_the_wor
         rabbitmqctl("close_all_connections", "--vhost", VHOST, "least-privilege test: reconnect")
         third = await client.submit(bus_jpg, model=model, timeout_s=30)
         assert (third.status, third.version) == ("ok", "2.0.0"), third.error
+
+
+@pytest.mark.slow
+async def test_hotswap_worker_and_submit_take_their_users_and_password_files_from_the_environment(
+    imported: str, model: str, job_queue: str, tmp_path: Path, control_keys: KeyFiles, bus_jpg: Path,
+) -> None:
+    """`python -m worker` and `hotswap submit` as processes: the user and vhost from HOTSWAP_AMQP_URL,
+    the password only in HOTSWAP_AMQP_PASSWORD_FILE, as a deployment hands them over."""
+    write_trivial_model(tmp_path / "models", "1.0.0", name=model, whole_image=True)
+    secrets = {user: tmp_path / f"{user}.password" for user in ("hotswap-worker", "hotswap-producer-b")}
+    for user, path in secrets.items():
+        path.write_text(PASSWORDS[user] + "\n")
+    process = WorkerProcess(models=[f"{model}@1.0.0"], log_path=tmp_path / "worker.log", env={
+        "HOTSWAP_AMQP_URL": url_of(imported, "hotswap-worker", password=""),
+        "HOTSWAP_AMQP_PASSWORD_FILE": str(secrets["hotswap-worker"]), "HOTSWAP_NAMESPACE": "hotswap",
+        "HOTSWAP_MODEL_ROOT": str(tmp_path / "models"), "HOTSWAP_WORKER_ID": "least-privilege-process",
+        "HOTSWAP_CONTROL_PUBLIC_KEY": str(control_keys.control_public)})
+    process.start()
+    try:
+        env = {**os.environ, "HOTSWAP_AMQP_URL": url_of(imported, "hotswap-producer-b", password=""),
+               "HOTSWAP_AMQP_PASSWORD_FILE": str(secrets["hotswap-producer-b"])}
+        command = [sys.executable, "-m", "control", "submit", str(bus_jpg), "--model", model, "--json",
+                   "--timeout", "30"]
+        done = await asyncio.to_thread(subprocess.run, command, env=env, capture_output=True, text=True,
+                                       timeout=120, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        result = JobResult.model_validate_json(done.stdout.strip().splitlines()[-1])
+        assert (result.status, result.version, result.worker_id) == ("ok", "1.0.0", "least-privilege-process")
+    finally:
+        process.stop(timeout_s=15)
