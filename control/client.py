@@ -32,9 +32,11 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from pydantic import ValidationError
+from yarl import URL
 
 from schemas.jobs import InferenceParams, InlineImage, Job, JobResult, UrlImage
 from schemas.topology import Topology
+from worker.connections import resolve_url
 from worker.declarer import Declarer
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -104,7 +106,9 @@ class Client:
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
         self._replies: tuple[AbstractQueue, str] | None = None  # the reply queue and our consumer tag
-        self._reply_queue = f"{namespace}.reply.{uuid.uuid4().hex}"
+        # The user is in the name so that a broker can let each producer read its own results only
+        # (ops/rabbitmq/definitions.json: `^<ns>\.reply\.<user>\..+$`).
+        self._reply_queue = f"{namespace}.reply.{URL(self.url).user or 'guest'}.{uuid.uuid4().hex}"
 
     @property
     def reply_queue(self) -> str:
@@ -122,7 +126,7 @@ class Client:
 
     async def connect(self) -> None:
         self._connection = await aio_pika.connect_robust(
-            self.url, client_properties={"connection_name": self.connection_name}, reconnect_interval=0.5
+            resolve_url(self.url), client_properties={"connection_name": self.connection_name}, reconnect_interval=0.5
         )
         self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         await self._channel.set_qos(prefetch_count=1000)

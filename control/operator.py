@@ -29,6 +29,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMess
 from schemas.control import Action, Command, Heartbeat, Progress
 from schemas.signing import Refused, Signer, Verifier
 from schemas.topology import SYNC_TYPE, Topology
+from worker.connections import resolve_url
 from worker.declarer import FROM_THE_START, Declarer
 
 FINAL_PHASES = frozenset({"done", "failed", "refused"})
@@ -91,7 +92,7 @@ class Operator:
 
     async def __aenter__(self) -> Operator:
         self._connection = await aio_pika.connect_robust(
-            self.url, client_properties={"connection_name": "hotswap-operator"}
+            resolve_url(self.url), client_properties={"connection_name": "hotswap-operator"}
         )
         self._channel = await self._connection.channel(publisher_confirms=True)
         declarer = Declarer(self._channel, self.topology)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+from pathlib import Path
 
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
@@ -24,7 +26,7 @@ async def connect(
     unacked jobs for minutes before the broker gives up on it.
     """
     tried = 0
-    target = URL(url)
+    target = resolve_url(url)
     if heartbeat_s is not None and "heartbeat" not in target.query:
         target = target.update_query(heartbeat=heartbeat_s)
     while True:
@@ -39,6 +41,18 @@ async def connect(
             log.warning("broker at %s not reachable (%s); retrying in %.0f s", _safe(url), exc, delay_s)
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, 15.0)
+
+
+def resolve_url(url: str, password_file: Path | None = None) -> URL:
+    """The broker URL, its password read from `password_file` (default: `HOTSWAP_AMQP_PASSWORD_FILE`)
+    where one is given: a mounted secret stays out of the environment, `ps` and logs, and needs no
+    URL-encoding. TLS settings (`amqps://`, `?cafile=&certfile=&keyfile=`) stay in the URL."""
+    target = URL(url)
+    named = password_file or os.environ.get("HOTSWAP_AMQP_PASSWORD_FILE")
+    if not named:
+        return target
+    password = Path(named).read_text().rstrip("\r\n")  # as written by echo, or a k8s secret
+    return target.with_password(password)
 
 
 def _safe(url: str) -> str:

@@ -88,11 +88,14 @@ class ControlLoop:
         await channel.set_qos(prefetch_count=256)  # a stream consumer needs credit
         # Consume on the queue object the robust channel declared: only that one (and its
         # consumer) is restored after a reconnect.
-        control, queue = await Declarer(channel, self.topology).control()
+        _, queue = await Declarer(channel, self.topology).control()
         status_channel = await connection.channel(publisher_confirms=False)
         self._status = await Declarer(status_channel, self.topology).status_exchange()
         await queue.consume(self._on_message, arguments=FROM_THE_START)
-        await control.publish(aio_pika.Message(b"", type=SYNC_TYPE, message_id=self._marker), routing_key="")
+        # Straight into the stream through the default exchange, which the worker writes its results
+        # to anyway: under least privilege a worker may not publish on the control exchange.
+        marker = aio_pika.Message(b"", type=SYNC_TYPE, message_id=self._marker)
+        await channel.default_exchange.publish(marker, routing_key=self.topology.control_log)
         await asyncio.wait_for(self._caught_up.wait(), catch_up_timeout_s)
         for model in self.initial:
             await self._converge(model, no_progress)

@@ -5,16 +5,24 @@ Declarations are idempotent, as AMQP makes them, as long as the arguments agree:
 exists with others (declared by an older release, or by hand) makes the broker close the channel
 with PRECONDITION_FAILED, which comes back here as `TopologyMismatch` naming the entity, what
 this release declares and what to do about it.
+
+Under least privilege (ops/rabbitmq/definitions.json) a role may not configure the shared
+entities (the exchanges, the control stream): the broker has them from its definitions. Each
+entity is therefore first declared on a probe channel of its own; where the broker answers
+ACCESS_REFUSED the entity is only checked to exist (a passive declare needs no permission), and
+its bindings are left to whoever owns it. With guest, everything is declared as before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
-from aiormq.exceptions import ChannelPreconditionFailed
+from aiormq.exceptions import ChannelAccessRefused, ChannelNotFoundEntity, ChannelPreconditionFailed
 from pamqp.common import FieldTable
 
 from schemas.topology import Topology
@@ -27,6 +35,14 @@ FROM_THE_START: FieldTable = {"x-stream-offset": "first"}
 
 class TopologyMismatch(RuntimeError):
     """An exchange or queue exists with other properties than this release declares."""
+
+
+class TopologyMissing(RuntimeError):
+    """A shared entity this user may not declare does not exist: the broker lacks its definitions."""
+
+
+#: Declares one entity on a raw channel (the probe), as the real declaration would.
+Probe = Callable[[aiormq.abc.AbstractChannel], Awaitable[object]]
 
 
 class Declarer:
@@ -49,17 +65,21 @@ class Declarer:
         """The model's quorum queue, bound to the jobs exchange, and its dead-letter queue."""
         jobs = await self.jobs_exchange()
         dlx = await self._exchange(self.topology.dead_letter_exchange, aio_pika.ExchangeType.DIRECT)
-        dead = await self._queue(self.topology.dead_letter_queue(model), {"x-queue-type": "quorum"})
-        await dead.bind(dlx, routing_key=model)
-        queue = await self._queue(self.topology.job_queue(model), self.job_queue_arguments(model, delivery_limit))
-        await queue.bind(jobs, routing_key=model)
+        dead, owned = await self._queue(self.topology.dead_letter_queue(model), {"x-queue-type": "quorum"})
+        if owned:
+            await dead.bind(dlx, routing_key=model)
+        arguments = self.job_queue_arguments(model, delivery_limit)
+        queue, owned = await self._queue(self.topology.job_queue(model), arguments)
+        if owned:
+            await queue.bind(jobs, routing_key=model)
         return queue
 
     async def control(self) -> tuple[AbstractExchange, AbstractQueue]:
         """The control exchange and the stream it feeds (the replayable command history)."""
         exchange = await self._exchange(self.topology.control_exchange, aio_pika.ExchangeType.FANOUT)
-        log = await self._queue(self.topology.control_log, {"x-queue-type": "stream"})
-        await log.bind(exchange, routing_key="")
+        log, owned = await self._queue(self.topology.control_log, {"x-queue-type": "stream"})
+        if owned:  # otherwise the definitions that made the stream bound it too
+            await log.bind(exchange, routing_key="")
         return exchange, log
 
     async def status_exchange(self) -> AbstractExchange:
@@ -67,22 +87,59 @@ class Declarer:
 
     async def reply_queue(self, name: str, expires_s: float) -> AbstractQueue:
         """A producer's durable result queue, removed by the broker once unused for `expires_s`."""
-        return await self._queue(name, {"x-expires": int(expires_s * 1000)})
+        queue, _ = await self._queue(name, {"x-expires": int(expires_s * 1000)})
+        return queue
 
     async def event_queue(self) -> AbstractQueue:
         """A private queue of every status event from now on, gone with its consumer."""
-        queue = await self._guarded("a private event queue", self.channel.declare_queue(exclusive=True,
+        # Named here rather than by the library (aio-pika makes `amq_<hex>` names itself), so that
+        # the broker's permissions can name it: `^<ns>\.events\..+$`.
+        name = f"{self.topology.namespace}.events.{uuid.uuid4().hex}"
+        queue = await self._guarded("a private event queue", self.channel.declare_queue(name, exclusive=True,
                                                                                         auto_delete=True))
         await queue.bind(await self.status_exchange(), routing_key="#")
         return queue
 
     async def _exchange(self, name: str, kind: aio_pika.ExchangeType) -> AbstractExchange:
-        return await self._guarded(f"exchange {name!r} ({kind.value}, durable)",
-                                   self.channel.declare_exchange(name, kind, durable=True))
+        what = f"exchange {name!r} ({kind.value}, durable)"
+        def probe(channel: aiormq.abc.AbstractChannel) -> Awaitable[object]:
+            return channel.exchange_declare(name, exchange_type=kind.value, durable=True)
 
-    async def _queue(self, name: str, arguments: dict[str, Any]) -> AbstractQueue:
-        return await self._guarded(f"queue {name!r} (durable, {arguments})",
-                                   self.channel.declare_queue(name, durable=True, arguments=arguments))
+        if await self._may_configure(what, probe):
+            return await self._guarded(what, self.channel.declare_exchange(name, kind, durable=True))
+        return await self._existing(what, self.channel.declare_exchange(name, passive=True))
+
+    async def _queue(self, name: str, arguments: dict[str, Any]) -> tuple[AbstractQueue, bool]:
+        """The queue, and whether this user configures it (declared it, rather than found it)."""
+        what = f"queue {name!r} (durable, {arguments})"
+        if await self._may_configure(what, lambda ch: ch.queue_declare(name, durable=True, arguments=arguments)):
+            declared = await self._guarded(what, self.channel.declare_queue(name, durable=True, arguments=arguments))
+            return declared, True
+        return await self._existing(what, self.channel.declare_queue(name, passive=True)), False
+
+    async def _may_configure(self, what: str, declare: Probe) -> bool:
+        """Declare on a channel of its own first: ACCESS_REFUSED (or any error) closes the channel
+        it happens on, and the caller's channel must survive to check the entity instead."""
+        connection = (await self.channel.get_underlay_channel()).connection
+        probe = await connection.channel()
+        try:
+            await self._guarded(what, declare(probe))
+        except ChannelAccessRefused:
+            return False
+        finally:
+            if not probe.is_closed:
+                await probe.close()
+        return True
+
+    async def _existing(self, what: str, checking: Awaitable[T]) -> T:
+        try:
+            return await checking
+        except ChannelNotFoundEntity as exc:
+            raise TopologyMissing(
+                f"{what.split(' (')[0]} does not exist and this user may not declare it (ACCESS_REFUSED): "
+                "import ops/rabbitmq/definitions.json into the broker, or connect as a user that may "
+                f"configure it. The broker says: {exc}"
+            ) from exc
 
     async def _guarded(self, what: str, declaring: Awaitable[T]) -> T:
         try:
