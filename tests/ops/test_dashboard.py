@@ -71,7 +71,9 @@ def test_every_query_uses_the_provisioned_datasource() -> None:
     board, uid = dashboard(), provisioned_uid()
     users = [*panels(board), *(t for p in panels(board) for t in p["targets"]), *annotation_queries(board),
              *board["templating"]["list"]]
-    assert users and all(u["datasource"] == {"type": "prometheus", "uid": uid} for u in users)
+    wrong = [u.get("title") or u.get("name") or u.get("refId") for u in users
+             if u["datasource"] != {"type": "prometheus", "uid": uid}]
+    assert users and not wrong, f"not on the provisioned datasource {uid!r}: {wrong}"
     provider = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "hotswap.yml").read_text())
     assert [p["type"] for p in provider["providers"]] == ["file"]
 
