@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 ZOO    ?= models
 
-.PHONY: setup demo test test-fast zoo lint typecheck schema bench clean
+.PHONY: setup demo test test-fast zoo tools lint typecheck schema bench clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python >= 3.11 is needed (set PYTHON=...)")'
@@ -29,11 +29,16 @@ zoo: setup
 demo: zoo
 	$(VENV)/bin/hotswap demo --root $(ZOO)
 
-test: zoo
+# tests/ops run promtool and a real Prometheus: installed from Debian's packages when missing, where
+# we are root and have apt-get. Elsewhere it says so here, and those tests fail saying so too.
+tools:
+	@command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus; } || echo "prometheus is not installed (apt-get install prometheus): tests/ops will fail"
+
+test: zoo tools
 	HOTSWAP_TEST_ZOO=$(ZOO) $(PY) -m pytest
 
 # Unit tests only: no worker processes.
-test-fast: zoo
+test-fast: zoo tools
 	HOTSWAP_TEST_ZOO=$(ZOO) $(PY) -m pytest -m 'not slow'
 
 # The performance benchmarks (ratios against the targets in docs/architecture.md); `hotswap loadtest bench --quick`

@@ -52,6 +52,7 @@ class Worker:
         self.settings = settings
         self.specs = [ModelSpec.parse(text) for text in settings.models]
         self.metrics = WorkerMetrics()
+        self.metrics.expect_models(spec.model for spec in self.specs)
         self.started_at = time.time()
         # One inference thread: torch parallelises inside it (settings.torch_threads).
         self.inference_executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
@@ -224,6 +225,7 @@ class Worker:
         )
 
     def refresh_metrics(self) -> None:
+        self.metrics.observe_ready(self.not_ready_reasons())
         if self.processor is not None:
             self.metrics.observe_pixels(self.processor.pixels.held, self.processor.pixels.waiting)
         self.metrics.observe_deployments({d.model: d.status() for d in self.models.table.all()})

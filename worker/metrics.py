@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from schemas.errors import MALFORMED, ErrorCode
 from schemas.status import DeploymentStatus
+
+#: Label values known before anything happens, so their series exist at 0 from the first scrape:
+#: Prometheus's increase() and rate() see nothing of a counter's first appearance (a series born at
+#: 1 has no earlier sample), so a first failed update or first dead letter would raise no alert.
+_ACTIONS = ("update", "rollback", "traffic", "unload")
+_OUTCOMES = ("done", "failed", "refused", "superseded")
+_UPDATE_PHASES = ("preload", "validate", "swap", "cleanup")
+#: What the consumer dead-letters: malformed messages, and internal errors before a job could run.
+_DEAD_LETTER_CODES = sorted({*MALFORMED, ErrorCode.INTERNAL})
 
 # Latencies from sub-millisecond decodes to multi-second CPU inference of big models.
 _SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -102,6 +114,21 @@ class WorkerMetrics:
         self.broker_connected = Gauge(
             "hotswap_broker_connected", "1 while the AMQP connection is open.", registry=r
         )
+        self.ready = Gauge(
+            "hotswap_worker_ready", "1 while /readyz answers ready (connected, models loaded, consuming).", registry=r
+        )
+
+    def expect_models(self, models: Iterable[str]) -> None:
+        """Create the zero series of the counters alerts and annotations take increase() of."""
+        for model in models:
+            self.swaps.labels(model)
+            for action in _ACTIONS:
+                for outcome in _OUTCOMES:
+                    self.control_commands.labels(model, action, outcome)
+            for phase in _UPDATE_PHASES:
+                self.update_phase_seconds.labels(model, phase)
+            for code in _DEAD_LETTER_CODES:
+                self.dead_lettered.labels(model, code)
 
     def observe_deployments(self, deployments: dict[str, DeploymentStatus]) -> None:
         """Version info and traffic weights, from the deployments' own status: what is gone goes."""
@@ -112,6 +139,9 @@ class WorkerMetrics:
                 self.traffic_weight.labels(model, name).set(weight)
             for name, version in deployment.versions.items():
                 self.model_info.labels(model, name, version.backend or "", version.task or "", version.state).set(1)
+
+    def observe_ready(self, not_ready_reasons: list[str]) -> None:
+        self.ready.set(int(not not_ready_reasons))
 
     def observe_pixels(self, held: int, waiting: int) -> None:
         self.pixels_held.set(held)
