@@ -124,6 +124,7 @@ def adapted_config(workers: list[str], broker: str | None) -> dict[str, Any]:
     config["rule_files"] = [str(OPS / name) for name in config["rule_files"]]
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert set(jobs) == {WORKERS_JOB, BROKER_JOB}, "the alerts and dashboard name these jobs"
+    jobs[WORKERS_JOB].pop("dns_sd_configs", None)  # the compose stack's discovery
     jobs[WORKERS_JOB]["static_configs"] = [{"targets": workers}]
     if broker is None:
         config["scrape_configs"].remove(jobs[BROKER_JOB])

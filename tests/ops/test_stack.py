@@ -257,13 +257,11 @@ def _password_matches(user: dict[str, Any], password: str) -> bool:
     return digest(raw[:4] + password.encode()).digest() == raw[4:]
 
 
-@pytest.mark.parametrize("which", ["compose", "development"])
-def test_broker_users_are_defined(compose: dict[str, Any], which: str) -> None:
-    """Depends on ops/rabbitmq/definitions.json (another branch). Importing definitions at boot
-    creates no guest user, so the workers' URL and the development default (`docker compose up -d
-    rabbitmq`, then guest@127.0.0.1 as README and the tests expect) must both be defined there."""
-    url = (compose["services"]["worker"]["environment"]["HOTSWAP_AMQP_URL"] if which == "compose"
-           else WorkerSettings.model_fields["amqp_url"].default)
+@pytest.mark.parametrize("service", ["worker", "operator"])
+def test_broker_users_are_defined(compose: dict[str, Any], service: str) -> None:
+    """Importing definitions at boot creates no guest user: the URL each role connects with must
+    name a user, password and vhost of ops/rabbitmq/definitions.json."""
+    url = compose["services"][service]["environment"]["HOTSWAP_AMQP_URL"]
     parts = urlsplit(url)
     vhost = unquote(parts.path[1:]) or "/"
     definitions = json.loads((ROOT / "ops/rabbitmq/definitions.json").read_text())
