@@ -30,6 +30,7 @@ demo: zoo
 	$(VENV)/bin/hotswap demo --root $(ZOO)
 
 test: zoo
+	command -v amqp-publish >/dev/null || (apt-get update -qq && apt-get install -y -qq amqp-tools)  # a non-Python producer
 	HOTSWAP_TEST_ZOO=$(ZOO) $(PY) -m pytest
 
 # Unit tests only: no worker processes.

@@ -34,7 +34,7 @@ from aio_pika.abc import (
 from pydantic import ValidationError
 
 from schemas.jobs import InferenceParams, InlineImage, Job, JobResult, UrlImage
-from schemas.topology import Topology
+from schemas.topology import JOB_TYPE, Topology
 from worker.declarer import Declarer
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -203,7 +203,7 @@ class Client:
             message_id=job_id,
             reply_to=self._reply_queue,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            type="hotswap.job",
+            type=JOB_TYPE,
         )
         while True:
             try:
