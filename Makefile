@@ -29,10 +29,14 @@ zoo: setup
 demo: zoo
 	$(VENV)/bin/hotswap demo --root $(ZOO)
 
-# tests/ops run promtool and a real Prometheus: installed from Debian's packages when missing, where
-# we are root and have apt-get. Elsewhere it says so here, and those tests fail saying so too.
+# tests/ops run promtool and a real Prometheus, and a producer that is not Python (amqp-tools):
+# installed from Debian's packages when missing, where we are root and have apt-get. Elsewhere it
+# says so here, and those tests fail saying so too.
+APT_TOOLS := promtool:prometheus amqp-publish:amqp-tools
 tools:
-	@command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus; } || echo "prometheus is not installed (apt-get install prometheus): tests/ops will fail"
+	@missing=""; for pair in $(APT_TOOLS); do command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; } || echo "not installed:$$missing (apt-get install$$missing): tests/ops will fail"
 
 test: zoo tools
 	HOTSWAP_TEST_ZOO=$(ZOO) $(PY) -m pytest

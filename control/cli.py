@@ -96,10 +96,10 @@ def zoo_build(
 
 @app.command()
 def schema(
-    write: Annotated[bool, typer.Option(help="write schemas/json/*.schema.json and the README's outputs "
-                                              "section instead of printing the schemas")] = False,
+    write: Annotated[bool, typer.Option(help="write schemas/json/*.schema.json, schemas/asyncapi.json and the "
+                                              "README's outputs section instead of printing the schemas")] = False,
 ) -> None:
-    """JSON Schemas of the job, the result and the manifest, for other languages."""
+    """JSON Schemas of every wire message (job, result, commands, status events) and the manifest."""
     from control.contracts import json_schemas, write_contracts
 
     if not write:

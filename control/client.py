@@ -35,7 +35,7 @@ from pydantic import ValidationError
 from yarl import URL
 
 from schemas.jobs import InferenceParams, InlineImage, Job, JobResult, UrlImage
-from schemas.topology import Topology
+from schemas.topology import JOB_TYPE, Topology
 from worker.connections import resolve_url
 from worker.declarer import Declarer
 
@@ -207,7 +207,7 @@ class Client:
             message_id=job_id,
             reply_to=self._reply_queue,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            type="hotswap.job",
+            type=JOB_TYPE,
         )
         while True:
             try:

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-_LISTENING = re.compile(r"status server listening on (http://\S+)")
+#: In a text line or a JSON one (HOTSWAP_LOG_FORMAT=json), where the URL ends at the closing quote.
+_LISTENING = re.compile(r'status server listening on (http://[^\s"]+)')
 
 
 class WorkerStartFailed(RuntimeError):

@@ -12,6 +12,11 @@ from dataclasses import dataclass
 #: The AMQP `type` of an empty marker a reader publishes on the control exchange: when it comes back
 #: through the stream, the reader has read the whole log up to the moment it asked.
 SYNC_TYPE = "hotswap.sync"
+#: The AMQP `type` of each other message: a consumer tells them apart without parsing the body.
+JOB_TYPE = "hotswap.job"
+RESULT_TYPE = "hotswap.result"
+PROGRESS_TYPE = "hotswap.progress"
+HEARTBEAT_TYPE = "hotswap.heartbeat"
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,13 @@ class Topology:
     def status_exchange(self) -> str:
         """Topic exchange of progress (`progress.<model>.<worker>`) and heartbeats (`heartbeat.<worker>`)."""
         return f"{self.namespace}.status"
+
+    def progress_key(self, model: str, worker_id: str) -> str:
+        """Routing key of a worker's progress through a command on the status exchange."""
+        return f"progress.{model}.{worker_id}"
+
+    def heartbeat_key(self, worker_id: str) -> str:
+        return f"heartbeat.{worker_id}"
 
     def job_queue(self, model: str) -> str:
         return f"{self.namespace}.jobs.{model}"

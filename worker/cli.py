@@ -5,25 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
+from worker.logs import LogFormat, configure_logging  # the stdlib only: `hotswap --help` stays light
+
 console = Console()
 AmqpUrl = Annotated[str | None, typer.Option(envvar="HOTSWAP_AMQP_URL", help="AMQP URL of the broker")]
 
 
-def _configure_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("aiormq").setLevel(logging.WARNING)
-    logging.getLogger("aio_pika").setLevel(logging.WARNING)
+def _configure_logging(verbose: bool, log_format: LogFormat, worker_id: str) -> None:
+    configure_logging(log_format, level=logging.DEBUG if verbose else logging.INFO, static={"worker_id": worker_id})
 
 
 def worker(
@@ -45,7 +40,6 @@ def worker(
     from worker.config import WorkerSettings
     from worker.runtime.manager import LoadFailed
 
-    _configure_logging(verbose)
     flags: dict[str, Any] = {
         "models": model, "model_root": model_root, "amqp_url": amqp_url, "namespace": namespace,
         "status_port": status_port, "status_host": status_host, "prefetch": prefetch,
@@ -53,6 +47,7 @@ def worker(
         "worker_id": worker_id,
     }
     settings = WorkerSettings(**{k: v for k, v in flags.items() if v is not None})
+    _configure_logging(verbose, settings.log_format, settings.worker_id)
     serving = Worker(settings)
     try:
         asyncio.run(serving.run())

@@ -11,6 +11,7 @@ from pydantic import Field, IPvAnyNetwork, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas.topology import Topology
+from worker.logs import LogFormat
 from worker.runtime.sources import SourcePolicy
 
 
@@ -80,6 +81,10 @@ class WorkerSettings(BaseSettings):
     latency_budget_factor: float = Field(1.5, gt=0, description="new p50 ≤ factor × active p50")
     control_nice: int = Field(
         19, ge=0, le=19, description="niceness of the thread that loads, validates and frees versions"
+    )
+
+    log_format: LogFormat = Field(
+        "text", description="json: one JSON object per line, with job and command ids as fields (worker.logs)"
     )
 
     status_host: str = "127.0.0.1"

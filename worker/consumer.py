@@ -17,6 +17,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from schemas.jobs import JobResult
+from schemas.topology import RESULT_TYPE
 from worker.acks import AckRuns
 from worker.config import WorkerSettings
 from worker.declarer import Declarer
@@ -153,7 +154,7 @@ class JobConsumer:
             raise RuntimeError("the job channel is not open")
         reply = aio_pika.Message(
             body=result.model_dump_json(exclude_none=True).encode(), content_type="application/json",
-            correlation_id=job.correlation_id or result.job_id, type="hotswap.result",
+            correlation_id=job.correlation_id or result.job_id, type=RESULT_TYPE,
             delivery_mode=job.delivery_mode,
         )
         for pause_s in (*_NO_ROUTE_PAUSES_S, None):

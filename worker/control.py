@@ -30,17 +30,17 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from schemas.control import Command, Heartbeat, ModelStatus, Phase, Progress, Update, VersionStatus
+from schemas.control import Command, Heartbeat, ModelStatus, Phase, Progress, Rollback, Update, VersionStatus
 from schemas.signing import Refused, Signer, Verifier, peek
 from schemas.status import CleanupRecord, ControlStatus
-from schemas.topology import SYNC_TYPE, Topology
+from schemas.topology import HEARTBEAT_TYPE, PROGRESS_TYPE, SYNC_TYPE, Topology
 from worker.declarer import FROM_THE_START, Declarer
+from worker.logs import log_context
 from worker.metrics import WorkerMetrics
 from worker.runtime.desired import DesiredState, reduce
 from worker.runtime.manager import LoadFailed, ModelManager, ProgressCallback, no_progress
 
 log = logging.getLogger(__name__)
-
 
 
 class ControlLoop:
@@ -153,7 +153,6 @@ class ControlLoop:
         model = claimed.model if claimed else "?"
         command_id = claimed.command_id if claimed else message.message_id or "?"
         seq, action = (claimed.seq, claimed.action.kind) if claimed else (0, "?")
-        log.warning("refused control command %s: %s", command_id, reason)
         self.last_error = f"refused {command_id}: {reason}"
         self.metrics.control_commands.labels(model, action, "refused").inc()
         await self._progress(model, command_id, seq, "refused", reason)
@@ -174,13 +173,20 @@ class ControlLoop:
     async def _apply(self, commands: list[Command]) -> None:
         """Apply the newest of `commands` (one model); the older ones it supersedes are done too."""
         newest = commands[-1]
+        # Every line logged while it applies (the runtime's too) names the command and its version.
+        with log_context(command_id=newest.command_id, model=newest.model, seq=newest.seq,
+                         version=_target_version(newest)):
+            await self._apply_newest(commands, newest)
+
+    async def _apply_newest(self, commands: list[Command], newest: Command) -> None:
         for command in commands:
-            await self._progress(command.model, command.command_id, command.seq, "received")
+            await self._progress(command.model, command.command_id, command.seq, "received",
+                                 version=_target_version(command))
             if isinstance(command.action, Update):  # asked again: worth another try (it may have been transient)
                 self.manager.retry(command.model, command.action.version)
 
         async def progress(model: str, version: str, phase: Phase) -> None:
-            await self._progress(model, newest.command_id, newest.seq, phase)
+            await self._progress(model, newest.command_id, newest.seq, phase, version=version)
 
         started = time.perf_counter()
         failure = await self._converge(newest.model, progress)
@@ -190,7 +196,7 @@ class ControlLoop:
             label = outcome if command is newest else "superseded"
             self.metrics.control_commands.labels(command.model, command.action.kind, label).inc()
             await self._progress(command.model, command.command_id, command.seq, outcome, failure,
-                                 time.perf_counter() - started)
+                                 time.perf_counter() - started, version=_target_version(command))
 
     async def _converge(self, model: str, progress: ProgressCallback) -> str | None:
         """Reconcile to the desired state; when a version fails, it becomes unusable and the
@@ -214,15 +220,22 @@ class ControlLoop:
 
     async def _progress(
         self, model: str, command_id: str, seq: int, phase: Phase,
-        reason: str | None = None, seconds: float | None = None,
+        reason: str | None = None, seconds: float | None = None, *, version: str | None = None,
     ) -> None:
+        # The phase is logged as it is reported: a fleet's log collector follows one update by its
+        # command id, phase by phase, on every worker.
+        fields = {"command_id": command_id, "model": model, "seq": seq, "phase": phase, "version": version,
+                  "seconds": round(seconds, 3) if seconds is not None else None}
+        log.log(logging.WARNING if phase in ("failed", "refused") else logging.INFO, "command %s (%s #%d): %s%s",
+                command_id, model, seq, phase, f": {reason}" if reason else "",
+                extra={k: v for k, v in fields.items() if v is not None})
         event = Progress(worker_id=self.worker_id, command_id=command_id, model=model, seq=seq, phase=phase,
                          reason=reason, seconds=seconds, at=datetime.now(UTC))
-        await self._publish(f"progress.{model}.{self.worker_id}", event)
+        await self._publish(self.topology.progress_key(model, self.worker_id), event)
 
     async def _heartbeats(self) -> None:
         while True:
-            await self._publish(f"heartbeat.{self.worker_id}", self.heartbeat())
+            await self._publish(self.topology.heartbeat_key(self.worker_id), self.heartbeat())
             await asyncio.sleep(self.heartbeat_interval_s)
 
     def status(self) -> ControlStatus:
@@ -258,7 +271,17 @@ class ControlLoop:
             return
         try:
             message = aio_pika.Message(self.signer.sign_event(event), content_type="application/json",
-                                       type=f"hotswap.{event.kind}")
+                                       type=PROGRESS_TYPE if isinstance(event, Progress) else HEARTBEAT_TYPE)
             await self._status.publish(message, routing_key, mandatory=False)  # nobody listening is fine
         except Exception as exc:  # status is best effort; the control log is the truth
             log.debug("status event not sent: %s", exc)
+
+
+def _target_version(command: Command) -> str | None:
+    """The version a command asks for, where it names one (a rollback to the previous one does not)."""
+    match command.action:
+        case Update(version=version):
+            return version
+        case Rollback(to=to):
+            return to
+    return None

@@ -33,6 +33,7 @@ from schemas.status import LastError
 from worker.admission import PixelBudget
 from worker.batching import MicroBatcher
 from worker.fetch import fetch_image
+from worker.logs import log_context
 from worker.metrics import WorkerMetrics
 from worker.outputs import to_wire
 from worker.runtime.backend import Image
@@ -130,14 +131,17 @@ class JobProcessor:
     async def process(self, delivery: Delivery) -> Outcome:
         """The outcome of one delivery; never raises an Exception."""
         clock = _Clock()
-        try:
-            return await self._process(delivery, clock)
-        except Exception as exc:
-            log.exception("unexpected failure handling a job from %s", delivery.queue_model)
-            message = f"the worker failed unexpectedly on this job ({type(exc).__name__}); it has been logged"
-            result = self._error(delivery.correlation_id or "unknown", delivery, clock, None, None,
-                                 ErrorCode.INTERNAL, message)
-            return self._finish(result, delivery, dead_letter=True)
+        # The correlation id names the job until its body is parsed: lines about a job too
+        # malformed to parse still say which one it was.
+        with log_context(job_id=delivery.correlation_id, model=delivery.queue_model, attempt=delivery.attempt):
+            try:
+                return await self._process(delivery, clock)
+            except Exception as exc:
+                log.exception("unexpected failure handling a job from %s", delivery.queue_model)
+                message = f"the worker failed unexpectedly on this job ({type(exc).__name__}); it has been logged"
+                result = self._error(delivery.correlation_id or "unknown", delivery, clock, None, None,
+                                     ErrorCode.INTERNAL, message)
+                return self._finish(result, delivery, dead_letter=True)
 
     @property
     def shadows_in_flight(self) -> int:
@@ -154,6 +158,10 @@ class JobProcessor:
             message = "the message has no reply_to property, so its result has nowhere to go"
             result = self._error(job.job_id, delivery, clock, job, None, ErrorCode.MISSING_REPLY_TO, message)
             return self._finish(result, delivery)
+        with log_context(job_id=job.job_id):
+            return await self._serve(job, delivery, clock)
+
+    async def _serve(self, job: Job, delivery: Delivery, clock: _Clock) -> Outcome:
         version: ModelVersion | None = None
         try:
             deployment, version = self._route(job)
@@ -297,6 +305,7 @@ class JobProcessor:
 
     def _finish(self, result: JobResult, delivery: Delivery, *, dead_letter: bool = False) -> Outcome:
         self.stats.record(result)
+        _log_answer(result)
         code = result.error.code if result.error else None
         model = result.model or delivery.queue_model
         self.metrics.jobs.labels(model, result.version or "", result.status, code or "").inc()
@@ -313,6 +322,19 @@ class JobProcessor:
             reply_to=delivery.reply_to or None,
             dead_letter=dead_letter or code in MALFORMED,
         )
+
+
+def _log_answer(result: JobResult) -> None:
+    """A line per answer, with the job's fields: an error at INFO, a success at DEBUG (`-v`), since
+    a line per job would cost the busiest path more than it tells."""
+    level = logging.DEBUG if result.error is None else logging.INFO
+    if not log.isEnabledFor(level):
+        return
+    fields = {"job_id": result.job_id, "version": result.version, "status": result.status,
+              "code": result.error.code.value if result.error else None, "total_ms": round(result.timings.total_ms, 2)}
+    log.log(level, "job %s answered %s%s", result.job_id, result.status,
+            f" ({result.error.code.value}: {result.error.message})" if result.error else "",
+            extra={k: v for k, v in fields.items() if v is not None})
 
 
 def _routing_key(job: Job) -> str:

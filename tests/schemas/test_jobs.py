@@ -4,7 +4,6 @@ from datetime import UTC, datetime
 
 import pytest
 
-from control.contracts import README, SCHEMA_DIR, json_schemas, readme_with_outputs
 from schemas.errors import ErrorCode, JobFailure
 from schemas.jobs import InlineImage, Job, JobError, JobResult, UrlImage, parse_job
 
@@ -90,14 +89,6 @@ def test_a_result_has_an_error_exactly_when_it_failed() -> None:
         JobResult(job_id="x", status="error", worker_id="w")
     with pytest.raises(ValueError):
         JobResult(job_id="x", status="ok", worker_id="w", error=JobError(code=ErrorCode.EXPIRED, message="m"))
-
-
-def test_published_json_schemas_match_the_models() -> None:
-    for name, document in json_schemas().items():
-        published = json.loads((SCHEMA_DIR / f"{name}.schema.json").read_text())
-        assert published == document, f"run `hotswap schema --write`: {name} changed"
-    readme = README.read_text()
-    assert readme_with_outputs(readme) == readme, "run `hotswap schema --write`: the README's outputs table changed"
 
 
 @pytest.mark.parametrize(

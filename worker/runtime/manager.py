@@ -179,13 +179,14 @@ class ModelManager:
                     await self._run(check_latency, backend, other, images, self.budget)
             version.advance(VersionState.READY)
         except Exception as exc:  # every failure is the version's reason; serving is untouched
-            log.warning("%s/%s refused: %s", model, name, exc)
+            log.warning("%s/%s refused: %s", model, name, exc, extra={"model": model, "version": name})
             version.fail(str(exc))
             self._unusable.setdefault(model, {})[name] = str(exc)
             if version.backend is not None:
                 await self._run(_release, version)
             raise LoadFailed(version) from exc
-        log.info("%s/%s ready (loaded and validated in %.2f s)", model, name, time.perf_counter() - started)
+        log.info("%s/%s ready (loaded and validated in %.2f s)", model, name, time.perf_counter() - started,
+                 extra={"model": model, "version": name})
         return version
 
     def _swap(self, desired: DesiredState, loaded: dict[str, ModelVersion]) -> None:
@@ -215,7 +216,10 @@ class ModelManager:
         self.cleanups.append(Cleanup(version.version, before, after))
         if self.metrics is not None:
             self.metrics.memory_released.labels(version.model).set(before - after)
-        log.info("%s/%s freed: memory %d → %d bytes", version.model, version.version, before, after)
+        # `extra`: the version freed, where the command's context names the one it asked for.
+        log.info("%s/%s freed: memory %d → %d bytes", version.model, version.version, before, after,
+                 extra={"model": version.model, "version": version.version, "memory_before": before,
+                        "memory_after": after})
 
     @contextmanager
     def _timed(self, model: str, phase: str) -> Iterator[None]:
