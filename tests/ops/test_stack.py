@@ -41,7 +41,6 @@ from stack_support import (
 )
 
 from schemas.status import WorkerStatus
-from worker.config import WorkerSettings
 from worker.metrics import WorkerMetrics
 from worker.status import StatusServer
 
