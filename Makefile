@@ -37,6 +37,9 @@ tools:
 	@missing=""; for pair in $(APT_TOOLS); do command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
 	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -q && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; } || echo "not installed:$$missing (apt-get install$$missing): tests/ops will fail"
+# The broker's own exporter (queue depth, dead-letter queues), which the dashboard and alerts read.
+	@! command -v rabbitmq-plugins >/dev/null || rabbitmq-plugins -q is_enabled rabbitmq_prometheus >/dev/null 2>&1 || \
+	  rabbitmq-plugins -q enable rabbitmq_prometheus || echo "rabbitmq_prometheus not enabled: the queue-depth queries are checked for syntax only"
 
 test: zoo tools
 	HOTSWAP_TEST_ZOO=$(ZOO) $(PY) -m pytest
