@@ -349,6 +349,27 @@ async def serve_in_process(
             await asyncio.wait_for(task, 30)
 
 
+class RoundTrip(Protocol):
+    """`round_trip`: publishes `body` to a private queue over `connection`, returns what it reads back."""
+
+    def __call__(self, connection: aio_pika.abc.AbstractConnection, body: bytes) -> Awaitable[bytes]: ...
+
+
+@pytest.fixture(scope="session")
+def round_trip() -> RoundTrip:
+    return _round_trip
+
+
+async def _round_trip(connection: aio_pika.abc.AbstractConnection, body: bytes) -> bytes:
+    channel = await connection.channel()
+    queue = await channel.declare_queue(exclusive=True)
+    await channel.default_exchange.publish(aio_pika.Message(body), routing_key=queue.name)
+    async with asyncio.timeout(10):
+        while (message := await queue.get(fail=False)) is None:
+            await asyncio.sleep(0.05)
+    return message.body
+
+
 @pytest.fixture
 async def client(namespace: str, amqp_url: str) -> AsyncIterator[Client]:
     async with Client(amqp_url, namespace=namespace, timeout_s=60) as c:

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import aio_pika
@@ -40,6 +40,9 @@ from worker.app import Worker
 from worker.config import WorkerSettings
 from worker.declarer import Declarer
 from worker.runtime.trivial_backend import write_trivial_model
+
+if TYPE_CHECKING:
+    from conftest import RoundTrip
 
 REPO = Path(__file__).resolve().parents[2]
 DEFINITIONS = REPO / "ops" / "rabbitmq" / "definitions.json"
@@ -249,16 +252,10 @@ async def test_nobody_may_delete_the_shared_exchanges(imported: str) -> None:
         assert "exchange 'hotswap.jobs' in vhost 'hotswap'" in said
 
 
-async def test_importing_left_guest_and_the_default_vhost_alone(imported: str) -> None:
+async def test_importing_left_guest_and_the_default_vhost_alone(imported: str, round_trip: RoundTrip) -> None:
     connection = await aio_pika.connect(imported)  # guest on `/`, as every other test connects
     async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(exclusive=True)
-        await channel.default_exchange.publish(aio_pika.Message(b"still here"), routing_key=queue.name)
-        async with asyncio.timeout(10):
-            while (message := await queue.get(fail=False)) is None:
-                await asyncio.sleep(0.05)
-        assert message.body == b"still here"
+        assert await round_trip(connection, b"still here") == b"still here"
 
 
 # --- the legitimate paths ------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ round-trips a message; one without a certificate, or trusting another CA, does n
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import ipaddress
 import os
@@ -22,6 +21,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aio_pika
 import pytest
@@ -32,6 +32,9 @@ from cryptography.x509.oid import NameOID
 
 from control.client import Client
 from worker.connections import connect
+
+if TYPE_CHECKING:
+    from conftest import RoundTrip
 
 pytestmark = pytest.mark.slow  # starts a broker node: ~10-30 s on a busy machine
 
@@ -175,29 +178,28 @@ def _run_node(base: Path) -> Iterator[TlsBroker]:
             server.wait()
 
 
-async def test_client_and_worker_connect_over_tls_with_a_client_certificate(tls_broker: TlsBroker) -> None:
+async def test_client_and_worker_connect_over_tls_with_a_client_certificate(
+    tls_broker: TlsBroker, round_trip: RoundTrip
+) -> None:
     async with Client(tls_broker.url(), namespace=f"tls-{uuid.uuid4().hex[:6]}") as client:
         assert client.reply_queue  # declared over TLS
     connection = await connect(tls_broker.url(), "tls-test", attempts=1)
     async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(exclusive=True)
-        await channel.default_exchange.publish(aio_pika.Message(b"over tls"), routing_key=queue.name)
-        async with asyncio.timeout(10):
-            while (message := await queue.get(fail=False)) is None:
-                await asyncio.sleep(0.05)
-        assert message.body == b"over tls"
+        assert await round_trip(connection, b"over tls") == b"over tls"
 
 
-@pytest.mark.parametrize(("wrong", "refusal"), [
-    ("no client certificate", "CERTIFICATE_REQUIRED"),  # the broker's verify_peer + fail_if_no_peer_cert
-    ("another CA", "CERTIFICATE_VERIFY_FAILED"),  # the client does not trust the broker's certificate
+@pytest.mark.parametrize(("wrong", "refusals"), [
+    # The broker's verify_peer + fail_if_no_peer_cert. Under TLS 1.3 the client has finished its
+    # side of the handshake when the broker refuses: it reads the alert, or, if it wrote first,
+    # the reset of the connection the broker closed. Either way no AMQP connection opens.
+    ("no client certificate", ("CERTIFICATE_REQUIRED", "Connection reset by peer")),
+    ("another CA", ("CERTIFICATE_VERIFY_FAILED",)),  # the client does not trust the broker's certificate
 ])
 async def test_without_the_certificate_or_the_ca_the_connection_fails(
-    tls_broker: TlsBroker, wrong: str, refusal: str
+    tls_broker: TlsBroker, wrong: str, refusals: tuple[str, ...]
 ) -> None:
     url = tls_broker.url(client_cert=False) if wrong == "no client certificate" else tls_broker.url(
         ca=tls_broker.pki.other_ca)
     with pytest.raises(aio_pika.exceptions.AMQPConnectionError) as caught:
         await connect(url, "tls-test", attempts=1)
-    assert refusal in repr(caught.value)
+    assert any(refusal in repr(caught.value) for refusal in refusals), caught.value
