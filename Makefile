@@ -44,7 +44,7 @@ tools:
 test: zoo tools
 	HOTSWAP_TEST_ZOO=$(ZOO) $(PY) -m pytest
 
-# Unit tests only: no worker processes.
+# Everything but the slow tests (worker processes, long end-to-end runs).
 test-fast: zoo tools
 	HOTSWAP_TEST_ZOO=$(ZOO) $(PY) -m pytest -m 'not slow'
 
