@@ -223,8 +223,10 @@ class PeerClient:
         except HTTPError as exc:
             # Busy (503) is worth asking again; anything else this peer answers (403, 404) is final.
             return self._failed(peer, sha256, target, _said(exc), "later" if exc.code == 503 else "skip")
-        except (OSError, URLError, ValueError) as exc:  # unreachable for now, or too big
-            return self._failed(peer, sha256, target, str(exc), "skip" if isinstance(exc, ValueError) else "later")
+        except (OSError, URLError, ValueError) as exc:
+            # Unreachable (a URL the others cannot connect to), cut off, or too big: not asked again for
+            # this artifact, nor taken for a sign that it is coming, else a waiter would wait for nothing.
+            return self._failed(peer, sha256, target, str(exc), "skip")
         if actual != sha256:
             why = f"sent bytes with sha256 {actual[:12]}…, not {sha256[:12]}…"
             return self._failed(peer, sha256, target, why, "skip")
