@@ -118,12 +118,33 @@ class ModelStatus(_Wire):
     last_seq: int = 0
 
 
+#: Artifacts a heartbeat lists at most: the newest ones a worker holds (a heartbeat stays small).
+MAX_ANNOUNCED_ARTIFACTS = 64
+
+
 class Heartbeat(_Wire):
     kind: Literal["heartbeat"] = "heartbeat"
     worker_id: str
     at: datetime
     models: dict[str, ModelStatus]
     last_error: str | None = None
+    peer_url: str | None = Field(None, max_length=2048, description="where this worker serves its verified "
+                                 "artifacts to the fleet (`GET <peer_url>/artifacts/<sha256>`); None: it does not")
+    artifacts: list[Sha256] = Field(default_factory=list, max_length=MAX_ANNOUNCED_ARTIFACTS,
+                                    description="sha256 of the verified artifacts it serves to peers, newest first")
+    fetching: list[Sha256] = Field(default_factory=list, max_length=MAX_ANNOUNCED_ARTIFACTS,
+                                   description="sha256 of the artifacts it is fetching from their source now")
+
+
+class ArtifactRequest(_Wire):
+    """A worker asking a peer for a verified artifact: sent signed with the fleet's worker key, so
+    that only workers of the fleet are served, and only this artifact, by this peer, for a minute."""
+
+    kind: Literal["artifact-request"] = "artifact-request"
+    worker_id: str = Field(description="who asks")
+    to: str = Field(description="the peer asked (its worker id): a request sent to one peer is no good at another")
+    sha256: Sha256
+    at: AwareDatetime
 
 
 StatusEvent = Annotated[Progress | Heartbeat, Field(discriminator="kind")]

@@ -30,6 +30,7 @@ from worker.control import ControlLoop
 from worker.fetch import UrlPolicy, image_session
 from worker.jobs import JobProcessor
 from worker.metrics import WorkerMetrics
+from worker.peers import FleetArtifacts, advertised_url
 from worker.runtime.artifacts import ArtifactCache
 from worker.runtime.images import ImageLimits
 from worker.runtime.manager import ModelManager, ModelSpec
@@ -86,6 +87,8 @@ class Worker:
         #: Why this worker gave up (a hung inference); the process should exit with EXIT_HUNG.
         self.hung: str | None = None
         self.status_url = ""
+        #: Artifacts from and to the fleet's peers (worker.peers); None without the control plane.
+        self.fleet: FleetArtifacts | None = None
 
     async def run(self, *, handle_signals: bool = True) -> None:
         _limit_torch_threads(self.settings.torch_threads)
@@ -94,7 +97,11 @@ class Worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stopping.set)
         keys = self._control_keys()
-        status = StatusServer(self, self.settings.status_host, self.settings.status_port)
+        cache = self.models.artifacts
+        if keys is not None and cache is not None and self.settings.peer_artifacts:
+            self.fleet = FleetArtifacts.of(self.settings, keys[1], cache)
+        status = StatusServer(self, self.settings.status_host, self.settings.status_port,
+                              self.fleet.server if self.fleet else None)
         self.status_url = await status.start()
         http = image_session(self.url_policy)  # only where the policy allows
         self.connection = await connect(self.settings.amqp_url, f"hotswap-worker {self.settings.worker_id}",
@@ -117,6 +124,8 @@ class Worker:
         finally:
             if watchdog is not None:
                 watchdog.cancel()
+            if self.fleet is not None:
+                self.fleet.client.close()  # a control thread waiting for peers gives up
             if self.control is not None:
                 await self.control.stop()
             await self.connection.close()
@@ -152,6 +161,8 @@ class Worker:
             worker_id=self.settings.worker_id, topology=self.settings.topology, manager=self.models,
             verifier=verifier, signer=signer, metrics=self.metrics, initial=initial,
             keep_standby=self.settings.keep_standby, heartbeat_interval_s=self.settings.heartbeat_interval_s,
+            peer_url=advertised_url(self.status_url, self.settings.peer_url) if self.fleet else None,
+            peers=self.fleet.listener if self.fleet else None,
         )
         await self.control.start(connection)
 

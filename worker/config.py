@@ -76,6 +76,20 @@ class WorkerSettings(BaseSettings):
         False, description="load pickled checkpoints (code) where a manifest says format pickle; off: refused"
     )
     artifact_cache: Path = Path.home() / ".cache" / "hotswap" / "artifacts"
+    peer_artifacts: bool = Field(
+        True, description="serve verified artifacts to the fleet's workers and fetch from them before the "
+        "source (needs the control plane: requests are signed with the worker key)"
+    )
+    peer_url: str | None = Field(
+        None, description="the URL peers reach this worker's status server at; default: the status server's own "
+        "(a 0.0.0.0 bind: this host's name)", pattern=r"^https?://"
+    )
+    peer_source_concurrency: int = Field(
+        2, ge=1, le=1000, description="workers of a fleet fetching one artifact from its source at once; the "
+        "others wait for a peer"
+    )
+    peer_wait_s: float = Field(120.0, ge=0, description="longest a worker waits for peers before the source")
+    peer_uploads: int = Field(4, ge=1, le=256, description="artifacts a worker sends to peers at once; more get 503")
     keep_standby: int = Field(1, ge=0, le=16, description="earlier versions kept warm for rollback")
     heartbeat_interval_s: float = Field(2.0, gt=0)
     latency_budget_factor: float = Field(1.5, gt=0, description="new p50 ≤ factor × active p50")

@@ -37,6 +37,7 @@ from schemas.topology import HEARTBEAT_TYPE, PROGRESS_TYPE, SYNC_TYPE, Topology
 from worker.declarer import FROM_THE_START, Declarer
 from worker.logs import log_context
 from worker.metrics import WorkerMetrics
+from worker.peers import HeartbeatListener
 from worker.runtime.desired import DesiredState, reduce
 from worker.runtime.manager import LoadFailed, ModelManager, ProgressCallback, no_progress
 
@@ -56,6 +57,8 @@ class ControlLoop:
         initial: dict[str, str],
         keep_standby: int = 1,
         heartbeat_interval_s: float = 2.0,
+        peer_url: str | None = None,
+        peers: HeartbeatListener | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.topology = topology
@@ -67,6 +70,9 @@ class ControlLoop:
         self.initial = initial
         self.keep_standby = keep_standby
         self.heartbeat_interval_s = heartbeat_interval_s
+        #: Where this worker serves its artifacts to the fleet (announced in heartbeats); None: it does not.
+        self.peer_url = peer_url
+        self.peers = peers
         self.logs: dict[str, list[Command]] = {model: [] for model in initial}
         self.applied_seq: dict[str, int] = dict.fromkeys(initial, 0)
         self.last_error: str | None = None
@@ -92,6 +98,8 @@ class ControlLoop:
         status_channel = await connection.channel(publisher_confirms=False)
         self._status = await Declarer(status_channel, self.topology).status_exchange()
         await queue.consume(self._on_message, arguments=FROM_THE_START)
+        if self.peers is not None:  # before the log is applied: its updates may ask peers already
+            await self.peers.start(connection)
         # Straight into the stream through the default exchange, which the worker writes its results
         # to anyway: under least privilege a worker may not publish on the control exchange.
         marker = aio_pika.Message(b"", type=SYNC_TYPE, message_id=self._marker)
@@ -108,6 +116,8 @@ class ControlLoop:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.peers is not None:
+            await self.peers.stop()
 
     # --- reading the log ---------------------------------------------------------------------
 
@@ -247,8 +257,11 @@ class ControlLoop:
         )
 
     def heartbeat(self) -> Heartbeat:
+        cache = self.manager.artifacts
+        # What peers may ask this worker for, and what they may wait for it to have (worker.runtime.peers).
+        held, fetching = (cache.held(), cache.fetching()) if cache and self.peer_url else ([], [])
         return Heartbeat(worker_id=self.worker_id, at=datetime.now(UTC), models=self.model_status(),
-                         last_error=self.last_error)
+                         last_error=self.last_error, peer_url=self.peer_url, artifacts=held, fetching=fetching)
 
     def model_status(self) -> dict[str, ModelStatus]:
         statuses = {}

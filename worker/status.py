@@ -1,4 +1,5 @@
-"""The worker's HTTP face: /healthz, /readyz, /status, /metrics (aiohttp)."""
+"""The worker's HTTP face: /healthz, /readyz, /status, /metrics (aiohttp), and /artifacts/<sha256>
+for the fleet's peers (`worker.peers`) where the control plane holds a worker key."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from schemas.status import WorkerStatus
 from worker.metrics import WorkerMetrics
+from worker.peers import ArtifactServer
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +28,7 @@ class StatusSource(Protocol):
     def refresh_metrics(self) -> None: ...
 
 
-def create_app(source: StatusSource) -> web.Application:
+def create_app(source: StatusSource, artifacts: ArtifactServer | None = None) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         # Alive as long as the event loop answers; readiness is /readyz's business.
         return web.json_response({"status": "ok"})
@@ -50,12 +52,14 @@ def create_app(source: StatusSource) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics)
+    if artifacts is not None:
+        artifacts.add_to(app)
     return app
 
 
 class StatusServer:
-    def __init__(self, source: StatusSource, host: str, port: int) -> None:
-        self._runner = web.AppRunner(create_app(source), access_log=None)
+    def __init__(self, source: StatusSource, host: str, port: int, artifacts: ArtifactServer | None = None) -> None:
+        self._runner = web.AppRunner(create_app(source, artifacts), access_log=None)
         self._host, self._port = host, port
         self.url = ""
 
