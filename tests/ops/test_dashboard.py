@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
-from test_prometheus import WINDOW, Observed, PrometheusError, exposed_names, observe
+from test_prometheus import (
+    WINDOW,
+    Observed,
+    PrometheusError,
+    check_everything_prometheus_saw,
+    check_exposition,
+    exposed_names,
+    observe,
+)
 
 from control.client import Client
 from control.operator import Operator
@@ -129,12 +137,17 @@ async def check_expressions(o: Observed, board: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
-async def test_every_dashboard_query_runs_on_prometheus_and_returns_data(
+async def test_prometheus_scrapes_two_workers_and_every_dashboard_query_returns_data(
     start_worker: StartWorker, operator: Operator, client: Client, load: StartLoad, heldout: list[HeldOut],
     amqp_url: str, namespace: str, tmp_path: Path,
 ) -> None:
+    """A real Prometheus over two running workers (test_prometheus.observe): what a dashboard needs
+    is there (test_prometheus's checks), and so is what this dashboard asks."""
     board = dashboard()
     async with observe(start_worker, operator, client, load, heldout, amqp_url, namespace,
                        tmp_path / "prometheus") as observed:
+        for check in check_everything_prometheus_saw():
+            await check(observed)
+        check_exposition(observed)
         await check_variables(observed, board)
         await check_expressions(observed, board)
