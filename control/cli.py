@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from control import commands
+from control.cluster import cluster_app
 from schemas.jobs import InferenceParams, JobResult
 from worker.cli import worker as worker_command
 
@@ -28,6 +29,7 @@ app = typer.Typer(help="Serve vision models from RabbitMQ and change them while 
 zoo_app = typer.Typer(help="The demo model zoo, trained locally.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 app.add_typer(commands.keys_app, name="keys")
+app.add_typer(cluster_app, name="cluster")
 _add_command_groups(app)
 app.command("worker")(worker_command)
 for _command in (commands.update, commands.rollback, commands.traffic, commands.unload, commands.status,
@@ -35,7 +37,7 @@ for _command in (commands.update, commands.rollback, commands.traffic, commands.
     app.command()(_command)
 console = Console()
 
-AmqpUrl = Annotated[str | None, typer.Option(envvar="HOTSWAP_AMQP_URL", help="AMQP URL of the broker")]
+AmqpUrl = Annotated[str | None, typer.Option(envvar="HOTSWAP_AMQP_URL", help="broker URL(s), comma separated")]
 Namespace = Annotated[str, typer.Option(envvar="HOTSWAP_NAMESPACE", help="prefix of exchange and queue names")]
 
 

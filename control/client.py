@@ -3,6 +3,11 @@
     async with Client("amqp://guest:guest@127.0.0.1/") as client:
         result = await client.submit(Path("bus.jpg"), model="shapes")
 
+The URL may name a cluster's nodes, comma separated: the client connects to the first that answers
+and fails over to the next when its node goes away (`worker.connections`). Publishes cut off by
+the failover are retried, results held for a reply queue that is replicated when `replicas` (or
+`HOTSWAP_QUEUE_REPLICAS`) is set.
+
 Thousands of `submit` calls may run at once on one client. Results arrive on a private reply
 queue; delivery is at-least-once, so a second result for a job is counted and dropped. The ids of
 answered jobs are remembered for `answered_ttl_s` (10 minutes) and at most `max_answered` (100,000)
@@ -36,10 +41,15 @@ from yarl import URL
 
 from schemas.jobs import InferenceParams, InlineImage, Job, JobResult, UrlImage
 from schemas.topology import JOB_TYPE, Topology
-from worker.connections import resolve_url
+from worker.config import replicas_from_env
+from worker.connections import connect, parse_urls
 from worker.declarer import Declarer
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+#: How long a job the broker nacks is published again before the nack is an error: a quorum
+#: queue elects a new leader within seconds of losing one.
+NACKED_RETRY_S = 30.0
 
 ImageInput = bytes | str | os.PathLike[str] | InlineImage | UrlImage
 
@@ -86,9 +96,11 @@ class Client:
         connection_name: str = "hotswap-client",
         answered_ttl_s: float = 600.0,
         max_answered: int = 100_000,
+        replicas: int | None = None,
     ) -> None:
         self.url = url or os.environ.get("HOTSWAP_AMQP_URL", DEFAULT_AMQP_URL)
-        self.topology = Topology(namespace)
+        self.urls = parse_urls(self.url)
+        self.topology = Topology(namespace, replicas=replicas if replicas is not None else replicas_from_env())
         self.timeout_s = timeout_s
         self.reply_queue_ttl_s = reply_queue_ttl_s
         self.observer = observer
@@ -97,6 +109,8 @@ class Client:
         self.late = 0
         #: Publishes retried across a reconnect (each may have made a duplicate job).
         self.republished = 0
+        #: Publishes the broker nacked and that were retried (none made a duplicate).
+        self.nacked = 0
         self._pending: dict[str, asyncio.Future[JobResult]] = {}
         #: Job ids already answered → when, oldest first (bounded: see the module's docstring).
         self._answered: OrderedDict[str, float] = OrderedDict()
@@ -108,7 +122,7 @@ class Client:
         self._replies: tuple[AbstractQueue, str] | None = None  # the reply queue and our consumer tag
         # The user is in the name so that a broker can let each producer read its own results only
         # (ops/rabbitmq/definitions.json: `^<ns>\.reply\.<user>\..+$`).
-        self._reply_queue = f"{namespace}.reply.{URL(self.url).user or 'guest'}.{uuid.uuid4().hex}"
+        self._reply_queue = f"{namespace}.reply.{URL(self.urls[0]).user or 'guest'}.{uuid.uuid4().hex}"
 
     @property
     def reply_queue(self) -> str:
@@ -125,9 +139,8 @@ class Client:
         await self.close()
 
     async def connect(self) -> None:
-        self._connection = await aio_pika.connect_robust(
-            resolve_url(self.url), client_properties={"connection_name": self.connection_name}, reconnect_interval=0.5
-        )
+        # One round over the nodes: a producer that cannot reach any says so at once.
+        self._connection = await connect(self.urls, self.connection_name, attempts=1, reconnect_interval_s=0.5)
         self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         await self._channel.set_qos(prefetch_count=1000)
         # Kept for a while after a disconnect, so a reconnecting client still finds its results;
@@ -209,12 +222,22 @@ class Client:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             type=JOB_TYPE,
         )
+        nacked_since: float | None = None
         while True:
             try:
                 await self._exchange.publish(message, routing_key=model, mandatory=True)
                 return
-            except aio_pika.exceptions.PublishError as exc:
+            except aio_pika.exceptions.PublishError as exc:  # returned: before the nack below, its base
                 raise NoRoute(f"no queue is bound for model {model!r}: no worker serves it") from exc
+            except aio_pika.exceptions.DeliveryError as exc:
+                # Nacked: the broker did not take the job, so publishing it again makes no
+                # duplicate. A quorum queue whose leader was on a node just lost nacks until its
+                # replicas have elected another; a refusal that lasts is an error.
+                nacked_since = nacked_since or time.monotonic()
+                if time.monotonic() - nacked_since > NACKED_RETRY_S:
+                    raise ClientError(f"the broker refused job {job_id} for {NACKED_RETRY_S:g} s: {exc}") from exc
+                self.nacked += 1
+                await asyncio.sleep(0.2)
             except _RECONNECTING:
                 self.republished += 1
                 await asyncio.sleep(0.1)

@@ -23,7 +23,7 @@ from schemas.signing import Signer, Verifier, generate_keys
 console = Console()
 keys_app = typer.Typer(help="Ed25519 keys that sign control commands and status events.", no_args_is_help=True)
 
-AmqpUrl = Annotated[str | None, typer.Option(envvar="HOTSWAP_AMQP_URL", help="AMQP URL of the broker")]
+AmqpUrl = Annotated[str | None, typer.Option(envvar="HOTSWAP_AMQP_URL", help="broker URL(s), comma separated")]
 Namespace = Annotated[str, typer.Option(envvar="HOTSWAP_NAMESPACE", help="prefix of exchange and queue names")]
 KeyPath = Annotated[Path, typer.Option("--key", envvar="HOTSWAP_CONTROL_KEY", help="private signing key")]
 WorkerKeyPath = Annotated[Path, typer.Option(

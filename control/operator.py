@@ -4,6 +4,8 @@
                         workers=Verifier.from_file(Path("keys/worker.pub"))) as op:
         report = await op.publish_and_wait("shapes", Update(version="2.0.0"), timeout_s=120)
 
+`url` may name a cluster's nodes, comma separated (`worker.connections` fails over between them).
+
 Only status events signed with the worker key, and recent, are believed: anyone who can publish
 to the status exchange could otherwise make `--wait` report a success no worker reported. The
 rest are dropped and counted in `rejected_events`, by reason.
@@ -29,7 +31,8 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMess
 from schemas.control import Action, Command, Heartbeat, Progress
 from schemas.signing import Refused, Signer, Verifier
 from schemas.topology import SYNC_TYPE, Topology
-from worker.connections import resolve_url
+from worker.config import replicas_from_env
+from worker.connections import connect
 from worker.declarer import FROM_THE_START, Declarer
 
 FINAL_PHASES = frozenset({"done", "failed", "refused"})
@@ -76,10 +79,12 @@ class WaitReport:
 class Operator:
     def __init__(
         self, url: str, *, namespace: str = "hotswap", signer: Signer | None = None, issuer: str = "operator",
-        workers: Verifier | None = None, max_event_age_s: float = MAX_EVENT_AGE_S,
+        workers: Verifier | None = None, max_event_age_s: float = MAX_EVENT_AGE_S, replicas: int | None = None,
     ) -> None:
         self.url = url
-        self.topology = Topology(namespace)
+        # The control log is declared here too: with the workers' replica setting, or the broker
+        # refuses the declaration (HOTSWAP_QUEUE_REPLICAS, as the workers read it).
+        self.topology = Topology(namespace, replicas=replicas if replicas is not None else replicas_from_env())
         self.signer = signer
         self.issuer = issuer
         #: Verifies the workers' status events (their worker.pub); without it, none can be followed.
@@ -91,9 +96,7 @@ class Operator:
         self._control: AbstractExchange | None = None
 
     async def __aenter__(self) -> Operator:
-        self._connection = await aio_pika.connect_robust(
-            resolve_url(self.url), client_properties={"connection_name": "hotswap-operator"}
-        )
+        self._connection = await connect(self.url, "hotswap-operator", attempts=1)
         self._channel = await self._connection.channel(publisher_confirms=True)
         declarer = Declarer(self._channel, self.topology)
         self._control, _ = await declarer.control()

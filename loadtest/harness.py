@@ -30,13 +30,14 @@ from loadtest.runner import LoadShape, Runner
 from loadtest.scenarios import BrokerScope, ScenarioContext, ScenarioError, scenario
 from schemas.signing import Signer, Verifier, generate_keys
 from schemas.topology import Topology
+from worker.connections import connect
 
 
 @dataclass
 class HarnessConfig:
     scenario: str
     shape: LoadShape
-    url: str
+    url: str  # one broker, or a cluster's nodes comma separated: the client and workers fail over
     out: Path
     namespace: str | None = None  # None: "hotswap", or a private one when the harness starts workers
     workers: int = 0  # workers to start; 0: use the ones running
@@ -234,7 +235,7 @@ async def delete_namespace(url: str, namespace: str, model: str) -> None:
     exchanges = [topology.jobs_exchange, topology.dead_letter_exchange, topology.control_exchange,
                  topology.status_exchange]
     with contextlib.suppress(Exception):  # tidying up; never the reason a run fails
-        connection = await aio_pika.connect(url)
+        connection = await connect(url, "hotswap-loadtest cleanup", attempts=1)
         async with connection:
             for name in queues:
                 channel = await connection.channel()

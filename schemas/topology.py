@@ -22,6 +22,14 @@ HEARTBEAT_TYPE = "hotswap.heartbeat"
 @dataclass(frozen=True)
 class Topology:
     namespace: str = "hotswap"
+    #: Nodes each replicated entity starts on (job and dead-letter queues, the control log, and a
+    #: producer's reply queue), or None: the broker's default, and nothing asked of a single node.
+    #: Part of each entity's arguments: every process declaring the same entity must agree.
+    replicas: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.replicas is not None and self.replicas < 1:
+            raise ValueError(f"replicas must be at least 1, not {self.replicas}")
 
     @property
     def jobs_exchange(self) -> str:

@@ -14,7 +14,7 @@ from rich.console import Console
 from worker.logs import LogFormat, configure_logging  # the stdlib only: `hotswap --help` stays light
 
 console = Console()
-AmqpUrl = Annotated[str | None, typer.Option(envvar="HOTSWAP_AMQP_URL", help="AMQP URL of the broker")]
+AmqpUrl = Annotated[str | None, typer.Option(envvar="HOTSWAP_AMQP_URL", help="broker URL(s), comma separated")]
 
 
 def _configure_logging(verbose: bool, log_format: LogFormat, worker_id: str) -> None:

@@ -14,6 +14,20 @@ from schemas.topology import Topology
 from worker.logs import LogFormat
 from worker.runtime.sources import SourcePolicy
 
+#: The replica setting, read by the operator and the client too: their declarations must match the workers'.
+REPLICAS_ENV = "HOTSWAP_QUEUE_REPLICAS"
+
+
+def replicas_from_env() -> int | None:
+    """`HOTSWAP_QUEUE_REPLICAS` (unset or empty: None, the broker's default)."""
+    text = os.environ.get(REPLICAS_ENV, "").strip()
+    if not text:
+        return None
+    replicas = int(text)
+    if replicas < 1:
+        raise ValueError(f"{REPLICAS_ENV} must be at least 1, not {replicas}")
+    return replicas
+
 
 def _default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
@@ -22,11 +36,19 @@ def _default_worker_id() -> str:
 class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HOTSWAP_", extra="ignore")
 
-    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    amqp_url: str = Field(
+        "amqp://guest:guest@127.0.0.1:5672/",
+        description="broker URL; a cluster's nodes comma separated, tried in order and failed over to",
+    )
     amqp_heartbeat_s: int = Field(
         10, ge=0, le=600, description="AMQP heartbeat: a stopped worker's jobs come back after about this (0: off)"
     )
     namespace: str = Field("hotswap", pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+    queue_replicas: int | None = Field(
+        None, ge=1, le=99,
+        description="nodes each job queue, dead-letter queue and the control log start on (unset: the "
+                    "broker's default); every worker, operator and producer of a namespace must agree",
+    )
     models: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="MODEL or MODEL@VERSION, comma separated in the env"
     )
@@ -106,7 +128,7 @@ class WorkerSettings(BaseSettings):
 
     @property
     def topology(self) -> Topology:
-        return Topology(self.namespace)
+        return Topology(self.namespace, replicas=self.queue_replicas)
 
     @property
     def worker_key_path(self) -> Path | None:

@@ -148,8 +148,9 @@ class JobConsumer:
         """Publish under a confirm, as durable as the job was (a persistent job gets a persistent
         result: in a durable reply queue it outlives a broker restart), and only into a queue
         (mandatory): a result the broker routes nowhere would be confirmed all the same, and lost.
-        A reply queue missing now may be its client's, declaring it again after a reconnect: a few
-        more tries over some seconds, then the job goes back to the queue, until its delivery limit."""
+        A reply queue missing now may be its client's, declaring it again after a reconnect (or, in a
+        cluster, electing a leader, nacking meanwhile): a few more tries over some seconds, then the
+        job goes back to the queue, until its delivery limit."""
         if self._channel is None:
             raise RuntimeError("the job channel is not open")
         reply = aio_pika.Message(
@@ -161,7 +162,9 @@ class JobConsumer:
             try:
                 await self._channel.default_exchange.publish(reply, routing_key=reply_to, mandatory=True)
                 return
-            except aio_pika.exceptions.PublishError:  # returned: no queue by that name (yet)
+            except aio_pika.exceptions.DeliveryError:
+                # Returned (PublishError: no queue by that name, yet), or nacked: a replicated
+                # reply queue whose leader was on a node just lost refuses until it has another.
                 if pause_s is None:
                     raise
                 await asyncio.sleep(pause_s)

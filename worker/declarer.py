@@ -52,11 +52,25 @@ class Declarer:
 
     def job_queue_arguments(self, model: str, delivery_limit: int) -> dict[str, Any]:
         return {
-            "x-queue-type": "quorum",
+            **self.quorum_arguments(),
             "x-delivery-limit": delivery_limit,
             "x-dead-letter-exchange": self.topology.dead_letter_exchange,
             "x-dead-letter-routing-key": model,
         }
+
+    def quorum_arguments(self) -> dict[str, Any]:
+        """A quorum queue on `topology.replicas` nodes (unset: the broker's `quorum_cluster_size`)."""
+        return {"x-queue-type": "quorum", **self._replicas("x-quorum-initial-group-size")}
+
+    def stream_arguments(self) -> dict[str, Any]:
+        """The control log on `topology.replicas` nodes (unset: the broker's default, every node)."""
+        return {"x-queue-type": "stream", **self._replicas("x-initial-cluster-size")}
+
+    def _replicas(self, argument: str) -> dict[str, Any]:
+        # Left out when unset rather than sent as the broker's default: the broker compares the
+        # argument on every redeclaration, and entities declared before this setting existed
+        # (or on a single node) must keep matching.
+        return {} if self.topology.replicas is None else {argument: self.topology.replicas}
 
     async def jobs_exchange(self) -> AbstractExchange:
         return await self._exchange(self.topology.jobs_exchange, aio_pika.ExchangeType.DIRECT)
@@ -65,7 +79,7 @@ class Declarer:
         """The model's quorum queue, bound to the jobs exchange, and its dead-letter queue."""
         jobs = await self.jobs_exchange()
         dlx = await self._exchange(self.topology.dead_letter_exchange, aio_pika.ExchangeType.DIRECT)
-        dead, owned = await self._queue(self.topology.dead_letter_queue(model), {"x-queue-type": "quorum"})
+        dead, owned = await self._queue(self.topology.dead_letter_queue(model), self.quorum_arguments())
         if owned:
             await dead.bind(dlx, routing_key=model)
         arguments = self.job_queue_arguments(model, delivery_limit)
@@ -77,7 +91,7 @@ class Declarer:
     async def control(self) -> tuple[AbstractExchange, AbstractQueue]:
         """The control exchange and the stream it feeds (the replayable command history)."""
         exchange = await self._exchange(self.topology.control_exchange, aio_pika.ExchangeType.FANOUT)
-        log, owned = await self._queue(self.topology.control_log, {"x-queue-type": "stream"})
+        log, owned = await self._queue(self.topology.control_log, self.stream_arguments())
         if owned:  # otherwise the definitions that made the stream bound it too
             await log.bind(exchange, routing_key="")
         return exchange, log
@@ -86,8 +100,12 @@ class Declarer:
         return await self._exchange(self.topology.status_exchange, aio_pika.ExchangeType.TOPIC)
 
     async def reply_queue(self, name: str, expires_s: float) -> AbstractQueue:
-        """A producer's durable result queue, removed by the broker once unused for `expires_s`."""
-        queue, _ = await self._queue(name, {"x-expires": int(expires_s * 1000)})
+        """A producer's durable result queue, removed by the broker once unused for `expires_s`.
+
+        With replicas (a cluster) it is a quorum queue: a classic queue lives on the one node that
+        declared it, and results published to it while that node is down would be lost."""
+        replicated = self.quorum_arguments() if self.topology.replicas is not None else {}
+        queue, _ = await self._queue(name, {**replicated, "x-expires": int(expires_s * 1000)})
         return queue
 
     async def event_queue(self) -> AbstractQueue:
