@@ -34,7 +34,7 @@ from pydantic import ValidationError
 from schemas.control import MAX_ANNOUNCED_ARTIFACTS, ArtifactRef
 from schemas.manifest import Manifest
 from worker.runtime.peers import PeerClient
-from worker.runtime.repository import RepositoryError, VersionDir, sha256_of
+from worker.runtime.repository import RepositoryError, VersionDir, copy_at_most, sha256_of
 from worker.runtime.sources import Location, SourcePolicy, SourceRefused, parse
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class ArtifactCache:
                 _copy_file(location, target)
                 return
             with self._opener.open(location.url, timeout=self.timeout_s) as response, target.open("wb") as out:
-                _copy_limited(uri, response, out)
+                copy_at_most(response, out, MAX_ARTIFACT_BYTES, uri)
         except (OSError, URLError) as exc:
             raise RepositoryError(f"cannot fetch {uri}: {exc}") from exc
 
@@ -177,15 +177,6 @@ def _copy_file(location: Location, target: Path) -> None:
     if info.st_size > MAX_ARTIFACT_BYTES:
         raise RepositoryError(f"{location.url} is over {MAX_ARTIFACT_BYTES} bytes")
     shutil.copyfile(location.path, target)
-
-
-def _copy_limited(uri: str, response: IO[bytes], out: IO[bytes]) -> None:
-    copied = 0
-    while chunk := response.read(1 << 20):
-        copied += len(chunk)
-        if copied > MAX_ARTIFACT_BYTES:
-            raise RepositoryError(f"{uri} is over {MAX_ARTIFACT_BYTES} bytes")
-        out.write(chunk)
 
 
 class _CheckedRedirects(urllib.request.HTTPRedirectHandler):

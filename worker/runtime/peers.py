@@ -45,7 +45,7 @@ from pydantic import ValidationError
 
 from schemas.control import ArtifactRequest, Heartbeat
 from schemas.signing import Refused, Signer, Verifier
-from worker.runtime.repository import RepositoryError, sha256_of
+from worker.runtime.repository import RepositoryError, copy_at_most, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -218,12 +218,12 @@ class PeerClient:
         )
         try:
             with self._opener.open(request, timeout=self.settings.timeout_s) as response, target.open("wb") as out:
-                _copy_at_most(response, out, self.settings.max_bytes)
+                copy_at_most(response, out, self.settings.max_bytes, f"peer {peer.worker_id}'s copy")
             actual = sha256_of(target)
         except HTTPError as exc:
             # Busy (503) is worth asking again; anything else this peer answers (403, 404) is final.
             return self._failed(peer, sha256, target, _said(exc), "later" if exc.code == 503 else "skip")
-        except (OSError, URLError, ValueError) as exc:
+        except (OSError, URLError, ValueError, RepositoryError) as exc:
             # Unreachable (a URL the others cannot connect to), cut off, or too big: not asked again for
             # this artifact, nor taken for a sign that it is coming, else a waiter would wait for nothing.
             return self._failed(peer, sha256, target, str(exc), "skip")
@@ -241,15 +241,6 @@ class PeerClient:
 
 def _said(exc: HTTPError) -> str:
     return f"HTTP {exc.code}: {exc.read(500).decode(errors='replace')}"
-
-
-def _copy_at_most(response: IO[bytes], out: IO[bytes], max_bytes: int) -> None:
-    copied = 0
-    while chunk := response.read(1 << 20):
-        copied += len(chunk)
-        if copied > max_bytes:
-            raise ValueError(f"over {max_bytes} bytes")
-        out.write(chunk)
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):

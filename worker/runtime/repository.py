@@ -7,7 +7,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from packaging.version import InvalidVersion, Version
 from pydantic import ValidationError
@@ -27,6 +27,17 @@ class VersionDir:
     @property
     def artifact(self) -> Path:
         return self.path / self.manifest.artifact
+
+
+def copy_at_most(source: IO[bytes], out: IO[bytes], max_bytes: int, what: str) -> None:
+    """Copy a download in chunks, refusing it once it passes `max_bytes` (a source or peer that
+    never stops sending must not fill the disk)."""
+    copied = 0
+    while chunk := source.read(1 << 20):
+        copied += len(chunk)
+        if copied > max_bytes:
+            raise RepositoryError(f"{what} is over {max_bytes} bytes")
+        out.write(chunk)
 
 
 def sha256_of(path: Path) -> str:
