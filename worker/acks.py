@@ -32,6 +32,7 @@ class AckRuns:
         # an unknown delivery tag to the broker, which closes the channel for it.
         self._frames: deque[tuple[AbstractIncomingMessage, bool]] = deque()
         self._sender: asyncio.Task[None] | None = None
+        self._held = False
         self.frames_sent = 0  # basic.ack frames, for tests and the curious
 
     def received(self, message: AbstractIncomingMessage) -> None:
@@ -46,6 +47,20 @@ class AckRuns:
         if tags is not None and tag in tags:
             tags[tag] = message
             self._schedule_flush()
+
+    @property
+    def outstanding(self) -> int:
+        """Deliveries received on open channels and not yet settled (held acks included): what
+        the broker counts against the consumers' prefetch, less what it has on the way."""
+        return sum(len(tags) for channel, tags in self._unacked.items() if not channel.is_closed)
+
+    def hold(self) -> None:
+        """Send no acks until `release`: no prefetch slot frees, so the broker sends nothing more."""
+        self._held = True
+
+    def release(self) -> None:
+        self._held = False
+        self._schedule_flush()
 
     @property
     def unsettled_count(self) -> int:
@@ -74,7 +89,7 @@ class AckRuns:
         return None if channel is None else self._unacked.get(channel)
 
     def _schedule_flush(self) -> None:
-        if self._flush is None:
+        if self._flush is None and not self._held:
             self._flush = asyncio.get_running_loop().call_soon(self._send_runs)
 
     def _send_runs(self) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from functools import partial
 
 import aio_pika
@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 _NO_ROUTE_PAUSES_S = (0.1, 0.25, 0.5, 1.0, 2.0)
 #: How long idle must last, once reached, for a drain to be over (several turns of the loop).
 _SETTLE_S = 0.05
+#: With acks held, how long no delivery must arrive before nothing more is on its way.
+_QUIET_S = 0.25
 
 
 class JobConsumer:
@@ -43,6 +45,7 @@ class JobConsumer:
         self.acks = AckRuns()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._last_delivery_at = 0.0
 
     @property
     def consuming(self) -> bool:
@@ -63,6 +66,36 @@ class JobConsumer:
             tag = await queue.consume(partial(self._on_message, model))
             self._consumers.append((queue, tag))
             log.info("consuming %s (prefetch %d)", queue.name, self.settings.prefetch)
+
+    async def stop(self, grace_s: float) -> bool:
+        """Take no more jobs and answer every one taken; False if `grace_s` ran out first.
+
+        Cancelling a quorum queue's consumer at once would strand the deliveries the queue has
+        already handed to the channel process: the channel drops them after its CancelOk, and they
+        stay unacked until the connection closes, then come back as redeliveries (seen here, up to
+        a prefetch's worth less the jobs in flight; rabbitmq-server #3729). So acks are held
+        first: no prefetch slot frees, the broker sends what it has granted and nothing more, and
+        once all of it has arrived the cancel strands nothing. The held acks go out before the
+        connection closes: those jobs' results are already confirmed (invariant 1 holds)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        self.acks.hold()
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._granted_arrived(), grace_s)
+        await self.stop_consuming()
+        drained = await self.drain(max(deadline - loop.time(), 0.0))
+        self.acks.release()
+        await self.acks.sent()
+        return drained
+
+    async def _granted_arrived(self) -> None:
+        # Exact when every consumer's prefetch is spent (its queue had jobs to give); otherwise a
+        # queue ran dry, and a quiet spell says nothing more is on the way.
+        loop = asyncio.get_running_loop()
+        while self.acks.outstanding < self.settings.prefetch * len(self._consumers):
+            if loop.time() - self._last_delivery_at >= _QUIET_S:
+                return
+            await asyncio.sleep(0.01)
 
     async def stop_consuming(self) -> None:
         consumers, self._consumers = self._consumers, []
@@ -107,6 +140,7 @@ class JobConsumer:
         assert task is not None
         self._in_flight.add(task)
         self._idle.clear()
+        self._last_delivery_at = asyncio.get_running_loop().time()
         self.metrics.in_flight.labels(model).inc()
         self.acks.received(message)
         try:

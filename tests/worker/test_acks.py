@@ -84,3 +84,17 @@ async def test_runs_after_single_acks_and_rejects_keep_the_channel_open(deliveri
     await acks.sent()
     assert not deliveries.channel.is_closed, "the broker closed the channel: an ack named an unknown delivery"
     assert await deliveries.left_after_closing() == ["4", "6", "7"]
+
+
+async def test_held_acks_go_out_only_when_released(deliveries: Deliveries) -> None:
+    acks = deliveries.acks
+    acks.hold()
+    for message in deliveries.messages:
+        acks.ack(message)
+    await acks.sent()
+    await asyncio.sleep(0.05)
+    assert acks.frames_sent == 0 and acks.outstanding == 8  # still counted against the prefetch
+    acks.release()
+    await acks.sent()
+    assert acks.frames_sent == 1 and acks.outstanding == 0
+    assert await deliveries.left_after_closing() == []

@@ -105,7 +105,7 @@ async def test_sigterm_finishes_in_flight_jobs_and_exits_in_time(
     assert all(r.status == "ok" for r in results)
     # Jobs the leaving worker had taken were answered by it, not redelivered to the next one.
     again = [(r.job_id, r.worker_id, r.attempt) for r in results if r.attempt != 1]
-    assert not again, (again, leaving.log_tail(200))
+    assert not again, f"redelivered {again}; the leaving worker's log:\n{leaving.log_tail(300)}"
     assert {r.worker_id for r in results} == {"leaving", "next"}
 
 
