@@ -12,6 +12,7 @@ from rich.console import Console
 
 from control import commands
 from control.cluster import cluster_app
+from control.rollout_cli import rollout
 from schemas.jobs import InferenceParams, JobResult
 from worker.cli import worker as worker_command
 
@@ -32,6 +33,7 @@ app.add_typer(commands.keys_app, name="keys")
 app.add_typer(cluster_app, name="cluster")
 _add_command_groups(app)
 app.command("worker")(worker_command)
+app.command("rollout")(rollout)
 for _command in (commands.update, commands.rollback, commands.traffic, commands.unload, commands.status,
                  commands.watch):
     app.command()(_command)

@@ -18,6 +18,7 @@ from rich.table import Table
 from control.client import DEFAULT_AMQP_URL
 from control.operator import Operator, WaitReport
 from schemas.control import Action, ArtifactRef, Heartbeat, Progress, Rollback, Shadow, Traffic, Unload, Update
+from schemas.rollout import RolloutMark
 from schemas.signing import Signer, Verifier, generate_keys
 
 console = Console()
@@ -169,7 +170,7 @@ def watch(
 
 def status_table(beats: dict[str, Heartbeat], recent: list[Progress] | None = None) -> Table:
     table = Table(title="hotswap workers", title_justify="left")
-    for column in ("worker", "model", "active", "standby", "traffic", "shadow", "seq"):
+    for column in ("worker", "model", "active", "standby", "traffic", "shadow", "seq", "rollout"):
         table.add_column(column)
     table.add_column("last error", max_width=48, no_wrap=True, overflow="ellipsis")
     for worker, beat in sorted(beats.items()):
@@ -179,10 +180,18 @@ def status_table(beats: dict[str, Heartbeat], recent: list[Progress] | None = No
             split = ", ".join(f"{v} {s.weight:g}%" for v, s in state.versions.items() if s.weight)
             shadow = f"{state.shadow.version} {state.shadow.percent:g}%" if state.shadow else ""
             table.add_row(worker, model, state.active or "-", ", ".join(standby) or "-", split, shadow,
-                          str(state.last_seq), beat.last_error or ", ".join(failed))
+                          str(state.last_seq), _rollout_cell(state.rollout), beat.last_error or ", ".join(failed))
     if recent:
         table.caption = " | ".join(f"{p.worker_id} {p.model}#{p.seq} {p.phase}" for p in recent[-4:])
     return table
+
+
+def _rollout_cell(mark: RolloutMark | None) -> str:
+    if mark is None:
+        return ""
+    plan = mark.plan
+    step = f" {plan.steps[mark.step]:g}%" if mark.phase == "canary" else ""
+    return f"{mark.rollout_id} {plan.stable}→{plan.candidate} {mark.phase}{step}"
 
 
 def _worker_verifier(path: Path) -> Verifier:

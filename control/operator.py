@@ -29,6 +29,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
 
 from schemas.control import Action, Command, Heartbeat, Progress
+from schemas.rollout import RolloutMark
 from schemas.signing import Refused, Signer, Verifier
 from schemas.topology import SYNC_TYPE, Topology
 from worker.config import replicas_from_env
@@ -137,7 +138,9 @@ class Operator:
             await channel.close()
         return commands
 
-    async def publish(self, model: str, action: Action, *, seq: int | None = None) -> Command:
+    async def publish(
+        self, model: str, action: Action, *, seq: int | None = None, rollout: RolloutMark | None = None
+    ) -> Command:
         """Sign and publish; the sequence number is the log's newest for the model plus one."""
         assert self._control is not None
         if self.signer is None:
@@ -146,7 +149,7 @@ class Operator:
             seq = max((c.seq for c in await self.read_log() if c.model == model), default=0) + 1
         command = Command(
             command_id=uuid.uuid4().hex, model=model, seq=seq, issued_at=datetime.now(UTC),
-            issuer=self.issuer, action=action,
+            issuer=self.issuer, action=action, rollout=rollout,
         )
         await self.publish_envelope(self.signer.sign(command).model_dump_json().encode(), command.command_id)
         return command
@@ -188,7 +191,8 @@ class Operator:
         self.rejected_events[refused.kind] += 1
 
     async def publish_and_wait(
-        self, model: str, action: Action, *, timeout_s: float = 120.0, settle_s: float = 2.5
+        self, model: str, action: Action, *, timeout_s: float = 120.0, settle_s: float = 2.5,
+        rollout: RolloutMark | None = None,
     ) -> WaitReport:
         """Publish, then follow every live worker until each reports an outcome or time runs out.
 
@@ -197,7 +201,7 @@ class Operator:
         """
         async with self.events() as events:
             rejected_before = self.rejected_events.copy()
-            command = await self.publish(model, action)
+            command = await self.publish(model, action, rollout=rollout)
             report = WaitReport(command, time.monotonic())
             deadline = report.published_at + timeout_s
             while time.monotonic() < deadline:

@@ -379,9 +379,11 @@ def _write_training_data(work: Path) -> Path:
 
 def build_zoo(root: Path, *, force: bool = False, progress: Progress | None = None, large: bool = False) -> list[Path]:
     """Build every missing version (all of them with `force`); returns the detect and task version
-    directories. The modelscope families (`control/zoo_faces.py`, `large` adding the big ones),
+    directories (2.0.1 and 2.1.0-drift are derived from 2.0.0 as well: `control/zoo_variants.py`).
+    The modelscope families (`control/zoo_faces.py`, `large` adding the big ones),
     MTCNN's published face weights (`control/zoo_mtcnn.py`, where facenet-pytorch is installed)
     and the YOLO segment and pose families (`control/zoo_tasks.py`) build on this module."""
+    from control import zoo_variants
     from control.zoo_faces import build_faces
     from control.zoo_mtcnn import build_mtcnn
     from control.zoo_tasks import build_tasks
@@ -390,7 +392,9 @@ def build_zoo(root: Path, *, force: bool = False, progress: Progress | None = No
     root = root.resolve()
     build_faces(root, force=force, progress=say, large=large)
     build_mtcnn(root, force=force, progress=say)
-    return [*_build_detect(root, force, say), *build_tasks(root, force=force, progress=progress)]
+    detect = _build_detect(root, force, say)
+    zoo_variants.build_variants(root, force=force, progress=say)  # 2.0.1 and 2.1.0-drift, from 2.0.0
+    return [*detect, *build_tasks(root, force=force, progress=progress)]
 
 
 def _build_detect(root: Path, force: bool, say: Progress) -> list[Path]:

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from schemas.manifest import ModelName, Sha256, VersionName
+from schemas.rollout import ModelEvidence, RolloutMark
 
 
 class _Wire(BaseModel):
@@ -79,6 +80,7 @@ class Command(_Wire):
     issued_at: AwareDatetime
     issuer: str = Field(max_length=128)
     action: Action
+    rollout: RolloutMark | None = Field(None, description="the rollout this command is a step of (hotswap rollout)")
 
 
 class SignedEnvelope(_Wire):
@@ -116,6 +118,7 @@ class ModelStatus(_Wire):
     versions: dict[str, VersionStatus]
     shadow: Shadow | None = None
     last_seq: int = 0
+    rollout: RolloutMark | None = Field(None, description="the rollout step of the newest applied command, if any")
 
 
 #: Artifacts a heartbeat lists at most: the newest ones a worker holds (a heartbeat stays small).
@@ -134,6 +137,8 @@ class Heartbeat(_Wire):
                                     description="sha256 of the verified artifacts it serves to peers, newest first")
     fetching: list[Sha256] = Field(default_factory=list, max_length=MAX_ANNOUNCED_ARTIFACTS,
                                    description="sha256 of the artifacts it is fetching from their source now")
+    evidence: dict[str, ModelEvidence] = Field(default_factory=dict, description="per model, what its versions "
+                                               "answered: what a rollout judges a candidate by")
 
 
 class ArtifactRequest(_Wire):

@@ -27,6 +27,7 @@ from worker.config import WorkerSettings
 from worker.connections import connect
 from worker.consumer import JobConsumer
 from worker.control import ControlLoop
+from worker.evidence import Evidence
 from worker.fetch import UrlPolicy, image_session
 from worker.jobs import JobProcessor
 from worker.metrics import WorkerMetrics
@@ -84,6 +85,7 @@ class Worker:
         self.control: ControlLoop | None = None
         self.broker_connected = False
         self.stopping = asyncio.Event()
+        self.evidence = Evidence()  # what each version answered: in heartbeats, for rollouts
         #: Why this worker gave up (a hung inference); the process should exit with EXIT_HUNG.
         self.hung: str | None = None
         self.status_url = ""
@@ -117,7 +119,7 @@ class Worker:
             self.processor = JobProcessor(
                 self.settings.worker_id, self.models.table, self.limits, self.decode_executor, batcher,
                 PixelBudget(self.settings.max_pixels_in_flight), http, self.metrics,
-                max_shadows=self.settings.max_shadow_in_flight,
+                max_shadows=self.settings.max_shadow_in_flight, evidence=self.evidence,
             )
             watchdog = asyncio.create_task(self._watch_inference(batcher))
             await self._serve(self.connection, self.processor)
@@ -162,7 +164,7 @@ class Worker:
             verifier=verifier, signer=signer, metrics=self.metrics, initial=initial,
             keep_standby=self.settings.keep_standby, heartbeat_interval_s=self.settings.heartbeat_interval_s,
             peer_url=advertised_url(self.status_url, self.settings.peer_url) if self.fleet else None,
-            peers=self.fleet.listener if self.fleet else None,
+            peers=self.fleet.listener if self.fleet else None, evidence=self.evidence,
         )
         await self.control.start(connection)
 
@@ -194,14 +196,14 @@ class Worker:
 
     async def _shut_down(self, consumer: JobConsumer) -> None:
         log.info("stopping: no new jobs; %d in flight", consumer.in_flight)
-        await consumer.stop_consuming()
         if self.hung is not None:
             # Its jobs will never finish here: the broker redelivers them once the connection is gone.
+            await consumer.stop_consuming()
             if self.connection is not None:
                 await self.connection.close()
             await asyncio.sleep(self.settings.hung_exit_delay_s)  # /readyz says why meanwhile
             return
-        if await consumer.drain(self.settings.grace_period_s):
+        if await consumer.stop(self.settings.grace_period_s):
             log.info("all in-flight jobs answered")
         else:
             log.warning(

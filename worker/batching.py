@@ -30,7 +30,8 @@ class _Batch:
     version: ModelVersion
     params: InferenceParams
     images: list[Image] = field(default_factory=list)
-    futures: list[asyncio.Future[Prediction]] = field(default_factory=list)
+    #: Each job's prediction and the milliseconds its batch took in the inference thread.
+    futures: list[asyncio.Future[tuple[Prediction, float]]] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
 
 
@@ -57,6 +58,14 @@ class MicroBatcher:
         return max((now - started for started in list(self._started.values())), default=0.0)
 
     async def predict(self, version: ModelVersion, image: Image, params: InferenceParams) -> Prediction:
+        prediction, _ = await self.predict_timed(version, image, params)
+        return prediction
+
+    async def predict_timed(
+        self, version: ModelVersion, image: Image, params: InferenceParams
+    ) -> tuple[Prediction, float]:
+        """The prediction, and the milliseconds its batch ran in the inference thread: the version's
+        own cost, without the time spent waiting for the batch to fill or for the thread."""
         loop = asyncio.get_running_loop()
         key = (id(version), params, image.shape)
         batch = self._open.get(key)
@@ -64,7 +73,7 @@ class MicroBatcher:
             batch = self._open[key] = _Batch(version, params)
             if self.max_batch > 1 and self.max_wait_s > 0:
                 batch.timer = loop.call_later(self.max_wait_s, self._on_timer, key)
-        future: asyncio.Future[Prediction] = loop.create_future()
+        future: asyncio.Future[tuple[Prediction, float]] = loop.create_future()
         batch.images.append(image)
         batch.futures.append(future)
         if len(batch.images) >= self.max_batch or batch.timer is None:
@@ -96,7 +105,8 @@ class MicroBatcher:
             if backend is None:
                 raise RuntimeError(f"{batch.version.model}/{batch.version.version} has no backend")
             loop = asyncio.get_running_loop()
-            results = await loop.run_in_executor(self.executor, self._predict, backend, batch.images, batch.params)
+            results, compute_ms = await loop.run_in_executor(
+                self.executor, self._predict, backend, batch.images, batch.params)
         except Exception as exc:  # every job of the batch gets the error
             for future in batch.futures:
                 if not future.done():
@@ -108,19 +118,19 @@ class MicroBatcher:
                 self._flush(next(iter(self._due)))
         for future, detections in zip(batch.futures, results, strict=True):
             if not future.done():
-                future.set_result(detections)
+                future.set_result((detections, compute_ms))
 
     def _predict(
         self, backend: ModelBackend, images: Sequence[Image], params: InferenceParams
-    ) -> list[Prediction]:
+    ) -> tuple[list[Prediction], float]:
         # In the inference thread: the time it starts running, not the time it was queued, is what a
         # hang is measured from (`running_for`).
         thread = threading.get_ident()
-        self._started[thread] = time.monotonic()
+        self._started[thread] = started = time.monotonic()
         try:
             results = backend.predict(images, params)
         finally:
             del self._started[thread]
         if len(results) != len(images):
             raise RuntimeError(f"the backend answered {len(results)} results for {len(images)} images")
-        return results
+        return results, (time.monotonic() - started) * 1000

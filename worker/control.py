@@ -31,10 +31,12 @@ from aio_pika.abc import (
 )
 
 from schemas.control import Command, Heartbeat, ModelStatus, Phase, Progress, Rollback, Update, VersionStatus
+from schemas.rollout import RolloutMark
 from schemas.signing import Refused, Signer, Verifier, peek
 from schemas.status import CleanupRecord, ControlStatus
 from schemas.topology import HEARTBEAT_TYPE, PROGRESS_TYPE, SYNC_TYPE, Topology
 from worker.declarer import FROM_THE_START, Declarer
+from worker.evidence import Evidence
 from worker.logs import log_context
 from worker.metrics import WorkerMetrics
 from worker.peers import HeartbeatListener
@@ -59,6 +61,7 @@ class ControlLoop:
         heartbeat_interval_s: float = 2.0,
         peer_url: str | None = None,
         peers: HeartbeatListener | None = None,
+        evidence: Evidence | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.topology = topology
@@ -73,6 +76,8 @@ class ControlLoop:
         #: Where this worker serves its artifacts to the fleet (announced in heartbeats); None: it does not.
         self.peer_url = peer_url
         self.peers = peers
+        #: What each version answered here, reported in heartbeats for rollouts to judge by.
+        self.evidence = evidence
         self.logs: dict[str, list[Command]] = {model: [] for model in initial}
         self.applied_seq: dict[str, int] = dict.fromkeys(initial, 0)
         self.last_error: str | None = None
@@ -205,8 +210,18 @@ class ControlLoop:
             self.applied_seq[command.model] = command.seq
             label = outcome if command is newest else "superseded"
             self.metrics.control_commands.labels(command.model, command.action.kind, label).inc()
-            await self._progress(command.model, command.command_id, command.seq, outcome, failure,
+            reason = failure or _rollout_reason(command)
+            await self._progress(command.model, command.command_id, command.seq, outcome, reason,
                                  time.perf_counter() - started, version=_target_version(command))
+        if newest.rollout is not None and not failure:
+            self._count_rollout(newest.model, newest.rollout)
+
+    def _count_rollout(self, model: str, mark: RolloutMark) -> None:
+        candidate = mark.plan.candidate
+        if mark.phase == "aborted":
+            self.metrics.rollout_aborts.labels(model, candidate, mark.gate or "operator").inc()
+        percent = {"canary": mark.plan.steps[min(mark.step, len(mark.plan.steps) - 1)], "promoted": 100.0}
+        self.metrics.rollout_step.labels(model, candidate).set(percent.get(mark.phase, 0.0))
 
     async def _converge(self, model: str, progress: ProgressCallback) -> str | None:
         """Reconcile to the desired state; when a version fails, it becomes unusable and the
@@ -261,7 +276,8 @@ class ControlLoop:
         # What peers may ask this worker for, and what they may wait for it to have (worker.runtime.peers).
         held, fetching = (cache.held(), cache.fetching()) if cache and self.peer_url else ([], [])
         return Heartbeat(worker_id=self.worker_id, at=datetime.now(UTC), models=self.model_status(),
-                         last_error=self.last_error, peer_url=self.peer_url, artifacts=held, fetching=fetching)
+                         last_error=self.last_error, peer_url=self.peer_url, artifacts=held, fetching=fetching,
+                         evidence=self.evidence.report() if self.evidence else {})
 
     def model_status(self) -> dict[str, ModelStatus]:
         statuses = {}
@@ -275,9 +291,15 @@ class ControlLoop:
                 versions.setdefault(name, VersionStatus(state="failed", reason=reason))
             statuses[deployment.model] = ModelStatus(
                 active=deployment.active.version, versions=versions, shadow=deployment.shadow,
-                last_seq=self.applied_seq.get(deployment.model, 0),
+                last_seq=self.applied_seq.get(deployment.model, 0), rollout=self._rollout_of(deployment.model),
             )
         return statuses
+
+    def _rollout_of(self, model: str) -> RolloutMark | None:
+        """The rollout step the newest applied command is, if it is one (a later command by hand ends it)."""
+        applied = self.applied_seq.get(model, 0)
+        newest = max((c for c in self.logs.get(model, []) if c.seq <= applied), key=lambda c: c.seq, default=None)
+        return newest.rollout if newest is not None else None
 
     async def _publish(self, routing_key: str, event: Progress | Heartbeat) -> None:
         if self._status is None:
@@ -288,6 +310,16 @@ class ControlLoop:
             await self._status.publish(message, routing_key, mandatory=False)  # nobody listening is fine
         except Exception as exc:  # status is best effort; the control log is the truth
             log.debug("status event not sent: %s", exc)
+
+
+def _rollout_reason(command: Command) -> str | None:
+    """What a rollout step says in its progress events: an abort's reason above all."""
+    mark = command.rollout
+    if mark is None:
+        return None
+    if mark.phase == "aborted":
+        return f"rollout {mark.rollout_id} aborted ({mark.gate or 'operator'}): {mark.reason or 'no reason given'}"
+    return f"rollout {mark.rollout_id}: {mark.phase}" + (f" ({mark.reason})" if mark.reason else "")
 
 
 def _target_version(command: Command) -> str | None:

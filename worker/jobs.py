@@ -32,6 +32,7 @@ from schemas.outputs import TaskOutput
 from schemas.status import LastError
 from worker.admission import PixelBudget
 from worker.batching import MicroBatcher
+from worker.evidence import Evidence
 from worker.fetch import fetch_image
 from worker.logs import log_context
 from worker.metrics import WorkerMetrics
@@ -89,6 +90,7 @@ class _Clock:
         self.received_at = datetime.now(UTC)
         self.decode_ms = 0.0
         self.inference_ms = 0.0
+        self.compute_ms: float | None = None  # its batch in the inference thread (evidence, not the wire)
 
     def timings(self, submitted_at: datetime | None) -> Timings:
         wait = None
@@ -115,6 +117,7 @@ class JobProcessor:
         metrics: WorkerMetrics,
         *,
         max_shadows: int = 16,
+        evidence: Evidence | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.deployments = deployments
@@ -125,6 +128,7 @@ class JobProcessor:
         self.http = http
         self.metrics = metrics
         self.stats = JobStats()
+        self.evidence = evidence or Evidence()
         self.max_shadows = max_shadows
         self._shadows: set[asyncio.Task[None]] = set()
 
@@ -172,7 +176,16 @@ class JobProcessor:
         finally:
             if version is not None:
                 version.in_flight -= 1
+        if version is not None:  # routed: the version's own record, for rollouts
+            self._served(version, result, clock)
         return self._finish(result, delivery)
+
+    def _served(self, version: ModelVersion, result: JobResult, clock: _Clock) -> None:
+        code = result.error.code if result.error else None
+        compute_ms = clock.compute_ms if code is None else None
+        self.evidence.served(version.model, version.version, code, compute_ms)
+        if compute_ms is not None:
+            self.metrics.version_inference_seconds.labels(version.model, version.version).observe(compute_ms / 1000)
 
     def _route(self, job: Job) -> tuple[Deployment, ModelVersion]:
         _check_deadline(job)
@@ -233,7 +246,7 @@ class JobProcessor:
     async def _infer(self, version: ModelVersion, image: Image, job: Job, clock: _Clock) -> Prediction:
         started = time.perf_counter()
         try:
-            prediction = await self.batcher.predict(version, image, job.params)
+            prediction, clock.compute_ms = await self.batcher.predict_timed(version, image, job.params)
         except Exception as exc:  # a model failure is this job's error, not the worker's
             raise JobFailure(ErrorCode.INFERENCE_FAILED, f"{type(exc).__name__}: {exc}") from exc
         clock.inference_ms = (time.perf_counter() - started) * 1000  # its batch's wait included
@@ -256,14 +269,17 @@ class JobProcessor:
 
         async def run() -> None:
             try:
-                theirs = await self.batcher.predict(shadow, image, job.params)
+                theirs, compute_ms = await self.batcher.predict_timed(shadow, image, job.params)
                 # Mask IoU over whole images is milliseconds of numpy: off the event loop.
                 evaluator = evaluator_for(primary.loaded_manifest)
                 ratio = await asyncio.get_running_loop().run_in_executor(
                     self.decode_executor, evaluator.agreement, prediction, theirs)
                 self.metrics.shadow_agreement.labels(job.model, primary.version, shadow.version).observe(ratio)
+                self.evidence.shadowed(job.model, primary.version, shadow.version, ratio, compute_ms)
+                self.metrics.version_inference_seconds.labels(job.model, shadow.version).observe(compute_ms / 1000)
             except Exception as exc:  # a shadow failure is recorded, never the producer's problem
                 log.warning("shadow run on %s/%s failed: %s", shadow.model, shadow.version, exc)
+                self.evidence.shadowed(job.model, primary.version, shadow.version, None, None)
             finally:
                 shadow.in_flight -= 1
                 self.pixels.release(pixels)

@@ -99,6 +99,25 @@ class WorkerMetrics:
             buckets=(0, 0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
             registry=r,
         )
+        self.version_inference_seconds = Histogram(
+            "hotswap_version_inference_seconds",
+            "Time each job's batch ran in the inference thread, per version (primary and shadow runs).",
+            ["model", "version"],
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.rollout_step = Gauge(
+            "hotswap_rollout_candidate_percent",
+            "The candidate's canary weight at the rollout's current step (0 in its shadow phase).",
+            ["model", "candidate"],
+            registry=r,
+        )
+        self.rollout_aborts = Counter(
+            "hotswap_rollout_aborts",
+            "Rollouts aborted, by the gate that failed (agreement, errors, latency, samples, operator).",
+            ["model", "candidate", "gate"],
+            registry=r,
+        )
         self.shadow_dropped = Counter(
             "hotswap_shadow_dropped",
             "Shadow runs not started so as not to delay primary jobs, by reason (limit, backlog, pixels).",

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from control import zoo, zoo_tasks
+from control import zoo, zoo_tasks, zoo_variants
 from schemas.manifest import Manifest
 from worker.runtime.repository import sha256_of
 
@@ -99,6 +99,7 @@ def trained(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr(zoo, "ProcessPoolExecutor", _InlinePool)
     monkeypatch.setattr(zoo, "_train", fake_train)
     monkeypatch.setattr(zoo_tasks, "build_tasks", lambda root, **_: [])  # its own tests train those
+    monkeypatch.setattr(zoo_variants, "build_variants", lambda root, **_: [])  # they need real weights
     return versions
 
 

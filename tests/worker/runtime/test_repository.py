@@ -22,7 +22,7 @@ def test_versions_sort_as_pep_440_says_with_labelled_builds_below_their_release(
 def test_latest_prefers_the_newest_release(zoo: Path) -> None:
     repository = ModelRepository(zoo)
     assert "0.9.0-bad" in repository.versions("shapes")
-    assert repository.latest("shapes") == "2.0.0"
+    assert repository.latest("shapes") == "2.0.1"
 
 
 def test_verified_artifact_checks_the_sha256(repo: ModelRepository) -> None:
