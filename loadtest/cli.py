@@ -1,6 +1,7 @@
 """`hotswap loadtest run`: load, a scenario, exact accounting, a report. Exits 1 on any lost or
 failed job (or failed scenario check), 2 when the run cannot start. `hotswap loadtest bench`: the
-performance benchmarks (`loadtest/bench.py`).
+performance benchmarks (`loadtest/bench.py`). `hotswap loadtest fleet-bounds`: what bounds a fleet
+(`loadtest/bench_fleet.py`).
 
 Only cheap imports here: `hotswap --help` must not pay for aio-pika or matplotlib.
 """
@@ -169,3 +170,38 @@ def bench(
         raise typer.Exit(2) from exc
     results = asyncio.run(run_bench(options, console))
     raise typer.Exit(1 if any(r.error is not None for r in results) else 0)
+
+
+@app.command("fleet-bounds")
+def fleet_bounds(
+    quick: Annotated[bool, typer.Option("--quick", help="a smoke run of every step, in seconds")] = False,
+    cluster_url: Annotated[str | None, typer.Option(
+        help="a 3-node cluster's HOTSWAP_AMQP_URL (hotswap cluster start): adds a quorum queue on 3 nodes")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="the fleet the computed bounds are for")] = 1000,
+    worker_jobs_s: Annotated[float, typer.Option(
+        help="jobs/s one worker serves (default: shapes on one CPU worker, README Performance)")] = 277.0,
+    heartbeat_s: Annotated[float, typer.Option(help="the workers' HOTSWAP_HEARTBEAT_INTERVAL_S")] = 2.0,
+    out: Annotated[Path, typer.Option(help="where fleet.json goes")] = Path("out/fleet"),
+    amqp_url: Annotated[str | None, typer.Option(envvar="HOTSWAP_AMQP_URL", help="AMQP URL of the broker")] = None,
+) -> None:
+    """What bounds a fleet: one queue's jobs/s and MB/s by body size, the control log's size and
+    replay, status fan-out, broker memory per worker; then workers per queue, when to shard and
+    what a thousand workers ask of the broker (measured and computed figures, marked)."""
+    import asyncio
+    import logging
+
+    from rich.console import Console
+
+    from control.client import DEFAULT_AMQP_URL
+    from loadtest.bench_fleet import FleetOptions, run_fleet_bounds
+    from loadtest.fleet_bounds import Assumptions
+
+    logging.getLogger("aio_pika").setLevel(logging.CRITICAL)
+    logging.getLogger("aiormq").setLevel(logging.CRITICAL)
+    console = Console() if Console().is_terminal else Console(width=200)  # a pipe: wide enough for the tables
+    options = FleetOptions(
+        url=amqp_url or os.environ.get("HOTSWAP_AMQP_URL", DEFAULT_AMQP_URL), quick=quick, cluster_url=cluster_url,
+        out=out, assumptions=Assumptions(worker_jobs_s=worker_jobs_s, heartbeat_s=heartbeat_s, workers=workers),
+    )
+    measured = asyncio.run(run_fleet_bounds(options, console))
+    raise typer.Exit(1 if measured.errors else 0)
