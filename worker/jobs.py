@@ -164,8 +164,8 @@ class JobProcessor:
     async def _serve(self, job: Job, delivery: Delivery, clock: _Clock) -> Outcome:
         version: ModelVersion | None = None
         try:
-            deployment, version = self._route(job)
-            version.in_flight += 1
+            deployment, version = await self._route(job)
+            version.in_flight += 1  # no await since the route was found: nothing can free it in between
             result = await self._run(job, deployment, version, delivery, clock)
         except JobFailure as exc:
             result = self._error(job.job_id, delivery, clock, job, version, exc.code, exc.message)
@@ -174,7 +174,7 @@ class JobProcessor:
                 version.in_flight -= 1
         return self._finish(result, delivery)
 
-    def _route(self, job: Job) -> tuple[Deployment, ModelVersion]:
+    async def _route(self, job: Job) -> tuple[Deployment, ModelVersion]:
         _check_deadline(job)
         deployment = self.deployments.get(job.model)  # the snapshot this job keeps to the end
         if deployment is None:
@@ -182,7 +182,12 @@ class JobProcessor:
         try:
             return deployment, deployment.resolve(job.version, _routing_key(job))
         except UnknownVersion as exc:
-            raise JobFailure(ErrorCode.UNKNOWN_VERSION, str(exc)) from exc
+            loader = self.deployments.on_demand
+            if job.version is None or loader is None or not loader.allows(job.model, job.version):
+                raise JobFailure(ErrorCode.UNKNOWN_VERSION, str(exc)) from exc
+        # A version allowed on demand: this job waits for it to load (or joins the load under way).
+        version = await loader.acquire(job.model, job.version)
+        return self.deployments.get(job.model) or deployment, version
 
     async def _run(
         self, job: Job, deployment: Deployment, version: ModelVersion, delivery: Delivery, clock: _Clock
