@@ -34,8 +34,8 @@ app.add_typer(cluster_app, name="cluster")
 _add_command_groups(app)
 app.command("worker")(worker_command)
 app.command("rollout")(rollout)
-for _command in (commands.update, commands.rollback, commands.traffic, commands.unload, commands.status,
-                 commands.watch):
+for _command in (commands.update, commands.rollback, commands.traffic, commands.unload, commands.on_demand,
+                 commands.status, commands.watch):
     app.command()(_command)
 console = Console()
 

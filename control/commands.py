@@ -1,4 +1,4 @@
-"""`hotswap update | rollback | traffic | unload | status | watch | keys`: the operator's CLI."""
+"""`hotswap update | rollback | traffic | unload | on-demand | status | watch | keys`: the operator's CLI."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Annotated
@@ -17,7 +18,18 @@ from rich.table import Table
 
 from control.client import DEFAULT_AMQP_URL
 from control.operator import Operator, WaitReport
-from schemas.control import Action, ArtifactRef, Heartbeat, Progress, Rollback, Shadow, Traffic, Unload, Update
+from schemas.control import (
+    Action,
+    ArtifactRef,
+    Heartbeat,
+    OnDemand,
+    Progress,
+    Rollback,
+    Shadow,
+    Traffic,
+    Unload,
+    Update,
+)
 from schemas.rollout import RolloutMark
 from schemas.signing import Signer, Verifier, generate_keys
 
@@ -118,6 +130,40 @@ def unload(
     _send(model, Unload(version=version), wait, timeout, as_json, amqp_url, namespace, key, worker_key)
 
 
+def on_demand(
+    model: str,
+    versions: Annotated[str | None, typer.Option(help="VERSION,VERSION,...: versions a pinned job may load; '' "
+                                                      "turns it off")] = None,
+    max_warm: Annotated[int, typer.Option(min=1, help="on-demand versions kept loaded at most per worker")] = 2,
+    idle_unload: Annotated[str, typer.Option(help="unload a version unused this long: 300s, 5m, 1h, 500ms")] = "300s",
+    off: Annotated[bool, typer.Option(help="turn loading on demand off (unloads the versions it loaded)")] = False,
+    wait: Wait = False, timeout: Timeout = 120.0, as_json: AsJson = False,
+    amqp_url: AmqpUrl = None, namespace: Namespace = "hotswap", key: KeyPath = DEFAULT_KEY,
+    worker_key: WorkerKeyPath = DEFAULT_WORKER_KEY,
+) -> None:
+    """Let jobs pinned to these versions load them on first use (pinned jobs only, least recently
+    used evicted beyond --max-warm, unloaded when idle); replaces the model's previous list."""
+    if versions is None and not off:
+        raise typer.BadParameter("give --versions (or --off)")
+    names = [] if off or versions is None else [v.strip() for v in versions.split(",") if v.strip()]
+    try:
+        action = OnDemand(versions=names, max_warm=max_warm, idle_unload_s=parse_duration(idle_unload))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    _send(model, action, wait, timeout, as_json, amqp_url, namespace, key, worker_key)
+
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "": 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in `300`, `300s`, `5m`, `1.5h` or `500ms`."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|)\s*", text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration (like 300s, 5m, 1h or 500ms)")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
 def status(
     listen: Annotated[float, typer.Option(help="seconds to listen for heartbeats")] = 2.5,
     as_json: AsJson = False, amqp_url: AmqpUrl = None, namespace: Namespace = "hotswap",
@@ -170,7 +216,7 @@ def watch(
 
 def status_table(beats: dict[str, Heartbeat], recent: list[Progress] | None = None) -> Table:
     table = Table(title="hotswap workers", title_justify="left")
-    for column in ("worker", "model", "active", "standby", "traffic", "shadow", "seq", "rollout"):
+    for column in ("worker", "model", "active", "standby", "traffic", "shadow", "on demand", "seq", "rollout"):
         table.add_column(column)
     table.add_column("last error", max_width=48, no_wrap=True, overflow="ellipsis")
     for worker, beat in sorted(beats.items()):
@@ -179,7 +225,8 @@ def status_table(beats: dict[str, Heartbeat], recent: list[Progress] | None = No
             failed = [f"{v} failed" for v, s in state.versions.items() if s.state == "failed"]
             split = ", ".join(f"{v} {s.weight:g}%" for v, s in state.versions.items() if s.weight)
             shadow = f"{state.shadow.version} {state.shadow.percent:g}%" if state.shadow else ""
-            table.add_row(worker, model, state.active or "-", ", ".join(standby) or "-", split, shadow,
+            warm = ", ".join(f"{v} ({s.state})" for v, s in state.versions.items() if s.on_demand)
+            table.add_row(worker, model, state.active or "-", ", ".join(standby) or "-", split, shadow, warm,
                           str(state.last_seq), _rollout_cell(state.rollout), beat.last_error or ", ".join(failed))
     if recent:
         table.caption = " | ".join(f"{p.worker_id} {p.model}#{p.seq} {p.phase}" for p in recent[-4:])

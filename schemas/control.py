@@ -69,7 +69,24 @@ class Unload(_Wire):
     version: VersionName
 
 
-Action = Annotated[Update | Rollback | Traffic | Unload, Field(discriminator="kind")]
+class OnDemand(_Wire):
+    """Versions loaded lazily by the first job pinned to one, serving pinned jobs only, and unloaded
+    when idle or when more than `max_warm` are warm (the least recently used idle one goes)."""
+
+    kind: Literal["on_demand"] = "on_demand"
+    versions: list[VersionName] = Field(max_length=256, description="versions a pinned job may load on "
+                                        "demand; [] turns loading on demand off (and unloads them)")
+    max_warm: int = Field(2, ge=1, le=64, description="on-demand versions kept loaded at most")
+    idle_unload_s: float = Field(300.0, gt=0, description="an on-demand version unused this long is unloaded")
+
+    @model_validator(mode="after")
+    def _versions_once(self) -> OnDemand:
+        if len(set(self.versions)) != len(self.versions):
+            raise ValueError("each version is listed once")
+        return self
+
+
+Action = Annotated[Update | Rollback | Traffic | Unload | OnDemand, Field(discriminator="kind")]
 
 
 class Command(_Wire):
@@ -111,6 +128,8 @@ class VersionStatus(_Wire):
     state: str
     reason: str | None = None
     weight: float = 0.0
+    on_demand: bool = Field(False, description="loaded on demand by a pinned job (takes pinned jobs only)")
+    last_used: datetime | None = Field(None, description="on-demand versions: when a job last ran on it")
 
 
 class ModelStatus(_Wire):

@@ -32,6 +32,9 @@ class ErrorCode(StrEnum):
     IMAGE_URL_REFUSED = "image_url_refused"
     UNKNOWN_MODEL = "unknown_model"
     UNKNOWN_VERSION = "unknown_version"
+    # A pinned version allowed on demand failed to load or validate on this worker: permanent
+    # until an operator allows it again (`hotswap on-demand`) or updates to it.
+    VERSION_UNUSABLE = "version_unusable"
     EXPIRED = "expired"
 
     # Our fault, not the producer's.

@@ -20,6 +20,8 @@ class VersionDetail(_Wire):
     backend: str | None = None
     task: str | None = None
     sha256: str | None = None
+    on_demand: bool = Field(False, description="loaded on demand by a pinned job (takes pinned jobs only)")
+    last_used: AwareDatetime | None = Field(None, description="on-demand versions: when a job last ran on it")
 
 
 class DeploymentStatus(_Wire):

@@ -30,7 +30,17 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from schemas.control import Command, Heartbeat, ModelStatus, Phase, Progress, Rollback, Update, VersionStatus
+from schemas.control import (
+    Command,
+    Heartbeat,
+    ModelStatus,
+    OnDemand,
+    Phase,
+    Progress,
+    Rollback,
+    Update,
+    VersionStatus,
+)
 from schemas.rollout import RolloutMark
 from schemas.signing import Refused, Signer, Verifier, peek
 from schemas.status import CleanupRecord, ControlStatus
@@ -113,7 +123,8 @@ class ControlLoop:
         for model in self.initial:
             await self._converge(model, no_progress)
             self.applied_seq[model] = self.desired(model).seq
-        self._tasks = [asyncio.create_task(self._apply_live()), asyncio.create_task(self._heartbeats())]
+        self._tasks = [asyncio.create_task(self._apply_live()), asyncio.create_task(self._heartbeats()),
+                       asyncio.create_task(self.manager.on_demand.sweep_forever())]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -199,6 +210,9 @@ class ControlLoop:
                                  version=_target_version(command))
             if isinstance(command.action, Update):  # asked again: worth another try (it may have been transient)
                 self.manager.retry(command.model, command.action.version)
+            if isinstance(command.action, OnDemand):  # the same for versions allowed on demand again
+                for version in command.action.versions:
+                    self.manager.retry(command.model, version)
 
         async def progress(model: str, version: str, phase: Phase) -> None:
             await self._progress(model, newest.command_id, newest.seq, phase, version=version)
@@ -287,6 +301,11 @@ class ControlLoop:
                 name: VersionStatus(state=v.state.value, reason=v.reason, weight=weights.get(name, 0.0))
                 for name, v in deployment.loaded.items()
             }
+            versions.update(
+                (name, VersionStatus(state=w.version.state.value, reason=w.version.reason, on_demand=True,
+                                     last_used=datetime.fromtimestamp(w.last_used, UTC)))
+                for name, w in deployment.on_demand.items()
+            )
             for name, reason in self.manager.unusable(deployment.model).items():
                 versions.setdefault(name, VersionStatus(state="failed", reason=reason))
             statuses[deployment.model] = ModelStatus(

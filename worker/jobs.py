@@ -168,8 +168,8 @@ class JobProcessor:
     async def _serve(self, job: Job, delivery: Delivery, clock: _Clock) -> Outcome:
         version: ModelVersion | None = None
         try:
-            deployment, version = self._route(job)
-            version.in_flight += 1
+            deployment, version = await self._route(job)
+            version.in_flight += 1  # no await since the route was found: nothing can free it in between
             result = await self._run(job, deployment, version, delivery, clock)
         except JobFailure as exc:
             result = self._error(job.job_id, delivery, clock, job, version, exc.code, exc.message)
@@ -187,7 +187,7 @@ class JobProcessor:
         if compute_ms is not None:
             self.metrics.version_inference_seconds.labels(version.model, version.version).observe(compute_ms / 1000)
 
-    def _route(self, job: Job) -> tuple[Deployment, ModelVersion]:
+    async def _route(self, job: Job) -> tuple[Deployment, ModelVersion]:
         _check_deadline(job)
         deployment = self.deployments.get(job.model)  # the snapshot this job keeps to the end
         if deployment is None:
@@ -195,7 +195,12 @@ class JobProcessor:
         try:
             return deployment, deployment.resolve(job.version, _routing_key(job))
         except UnknownVersion as exc:
-            raise JobFailure(ErrorCode.UNKNOWN_VERSION, str(exc)) from exc
+            loader = self.deployments.on_demand
+            if job.version is None or loader is None or not loader.allows(job.model, job.version):
+                raise JobFailure(ErrorCode.UNKNOWN_VERSION, str(exc)) from exc
+        # A version allowed on demand: this job waits for it to load (or joins the load under way).
+        version = await loader.acquire(job.model, job.version)
+        return self.deployments.get(job.model) or deployment, version
 
     async def _run(
         self, job: Job, deployment: Deployment, version: ModelVersion, delivery: Delivery, clock: _Clock

@@ -8,11 +8,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from schemas.errors import MALFORMED, ErrorCode
 from schemas.status import DeploymentStatus
+from worker.runtime.on_demand import EVICTION_REASONS, LOAD_OUTCOMES
 
 #: Label values known before anything happens, so their series exist at 0 from the first scrape:
 #: Prometheus's increase() and rate() see nothing of a counter's first appearance (a series born at
 #: 1 has no earlier sample), so a first failed update or first dead letter would raise no alert.
-_ACTIONS = ("update", "rollback", "traffic", "unload")
+_ACTIONS = ("update", "rollback", "traffic", "unload", "on_demand")
 _OUTCOMES = ("done", "failed", "refused", "superseded")
 _UPDATE_PHASES = ("preload", "validate", "swap", "cleanup")
 #: What the consumer dead-letters: malformed messages, and internal errors before a job could run.
@@ -130,6 +131,19 @@ class WorkerMetrics:
             ["model"],
             registry=r,
         )
+        self.on_demand_loads = Counter(
+            "hotswap_on_demand_loads",
+            "Versions loaded on demand by a pinned job, by model and outcome (loaded, failed: refused by validation).",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.on_demand_evictions = Counter(
+            "hotswap_on_demand_evictions",
+            "On-demand versions unloaded, by model and reason (lru: room for another, idle: unused for "
+            "idle_unload_s, withdrawn: no longer allowed).",
+            ["model", "reason"],
+            registry=r,
+        )
         self.broker_connected = Gauge(
             "hotswap_broker_connected", "1 while the AMQP connection is open.", registry=r
         )
@@ -148,6 +162,10 @@ class WorkerMetrics:
                 self.update_phase_seconds.labels(model, phase)
             for code in _DEAD_LETTER_CODES:
                 self.dead_lettered.labels(model, code)
+            for outcome in LOAD_OUTCOMES:
+                self.on_demand_loads.labels(model, outcome)
+            for reason in EVICTION_REASONS:
+                self.on_demand_evictions.labels(model, reason)
 
     def observe_deployments(self, deployments: dict[str, DeploymentStatus]) -> None:
         """Version info and traffic weights, from the deployments' own status: what is gone goes."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Set
 from dataclasses import dataclass, field, replace
 
-from schemas.control import Command, Rollback, Shadow, Traffic, Unload, Update
+from schemas.control import Command, OnDemand, Rollback, Shadow, Traffic, Unload, Update
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,12 @@ class DesiredState:
     seq: int = 0
     #: Where each version's artifact comes from, when not from the repository.
     sources: dict[str, Update] = field(default_factory=dict)
+    #: Versions a pinned job may load on demand, and their bounds; None: none. Never in `needed`:
+    #: each worker loads them when its jobs ask, so what is warm differs from worker to worker.
+    on_demand: OnDemand | None = None
+
+    def allows_on_demand(self, version: str) -> bool:
+        return self.on_demand is not None and version in self.on_demand.versions
 
     @property
     def needed(self) -> tuple[str, ...]:
@@ -92,6 +98,9 @@ def _apply(state: DesiredState, command: Command, unusable: Set[str], keep: int)
             shadow=None if state.shadow and state.shadow.version == action.version else state.shadow,
             weights=None if state.weights and action.version in state.weights else state.weights,
         )
+    if isinstance(action, OnDemand):
+        # The newest policy replaces the last whole; an empty list turns it off.
+        return replace(state, on_demand=action if action.versions else None)
     raise AssertionError(f"unhandled action {action!r}")
 
 

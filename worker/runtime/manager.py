@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Protocol, TypeVar
 
-from prometheus_client import Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from schemas.control import ArtifactRef, Phase
 from worker.runtime.artifacts import ArtifactCache
@@ -27,9 +27,11 @@ from worker.runtime.deployment import Deployment, DeploymentTable
 from worker.runtime.desired import DesiredState
 from worker.runtime.lifecycle import ModelVersion, VersionState
 from worker.runtime.memory import memory_in_use
+from worker.runtime.on_demand import LoadRefused, OnDemandPool
 from worker.runtime.repository import ModelRepository, RepositoryError
 from worker.runtime.validation import (
     LatencyBudget,
+    ValidationFailed,
     check_calibration,
     check_contract,
     check_latency,
@@ -46,6 +48,8 @@ class LifecycleMetrics(Protocol):
 
     update_phase_seconds: Histogram  # labels: model, phase
     memory_released: Gauge  # labels: model
+    on_demand_loads: Counter  # labels: model, outcome
+    on_demand_evictions: Counter  # labels: model, reason
 
 
 #: Called as each phase begins: (model, version, phase). Phase durations go to the metrics.
@@ -107,6 +111,13 @@ class ModelManager:
         self._unusable: dict[str, dict[str, str]] = {}
         self.cleanups: list[Cleanup] = []
         self._locks: dict[str, asyncio.Lock] = {}
+        #: Versions jobs load by pinning them, where the desired state allows it (DesiredState.on_demand).
+        self.on_demand = OnDemandPool(self, metrics)
+        self.table.on_demand = self.on_demand
+
+    def lock(self, model: str) -> asyncio.Lock:
+        """Held by whatever changes the model's loaded versions: a reconcile, a load on demand, an eviction."""
+        return self._locks.setdefault(model, asyncio.Lock())
 
     def unusable(self, model: str) -> dict[str, str]:
         """The model's versions that failed on this worker, with why (a copy)."""
@@ -128,9 +139,13 @@ class ModelManager:
     async def reconcile(self, desired: DesiredState, progress: ProgressCallback = no_progress) -> None:
         """Make the model's deployment match `desired`; raises LoadFailed, leaving serving as it was."""
         model = desired.model
-        async with self._locks.setdefault(model, asyncio.Lock()):
+        self.on_demand.set_policy(desired)
+        async with self.lock(model):
             loaded = self.loaded.setdefault(model, {})
             current = self.table.get(model)
+            # Warm already: no second load, but the gate an update applies that loading on demand
+            # waived (the contract) still holds.
+            loaded.update(self.on_demand.adopt(model, desired.needed, lambda v: _keeps_contract(v, desired, current)))
             for name in desired.needed:
                 if name not in loaded:
                     baseline = current.active if current else None
@@ -144,12 +159,30 @@ class ModelManager:
             for name in [n for n in loaded if n not in desired.needed]:
                 with self._timed(model, "cleanup"):
                     await self._free(loaded.pop(name), progress)
+            await self.on_demand.apply_policy_locked(model)
+
+    async def load_on_demand(self, version: ModelVersion, desired: DesiredState) -> None:
+        """Preload and validate a version a pinned job asked for (the model's lock is held);
+        raises LoadRefused, the version then unusable here like a failed update."""
+        current = self.table.get(version.model)
+        source = desired.sources.get(version.version)
+        try:
+            # The contract check is waived: a producer pinning a version asks for that version's
+            # shape of answer. The latency budget still holds against the version serving.
+            await self._load(version.model, version.version, current.active if current else None, no_progress,
+                             source.artifact if source else None, new_contract=True, version=version)
+        except LoadFailed as exc:
+            raise LoadRefused(version.reason or str(exc)) from exc
+
+    async def free(self, version: ModelVersion) -> None:
+        with self._timed(version.model, "cleanup"):
+            await self._free(version, no_progress)
 
     async def _load(
         self, model: str, name: str, baseline: ModelVersion | None, progress: ProgressCallback,
-        ref: ArtifactRef | None = None, new_contract: bool = False,
+        ref: ArtifactRef | None = None, new_contract: bool = False, version: ModelVersion | None = None,
     ) -> ModelVersion:
-        version = ModelVersion(model, name)
+        version = version or ModelVersion(model, name)
         started = time.perf_counter()
         await progress(model, name, "preload")
         try:
@@ -201,6 +234,7 @@ class ModelManager:
             loaded=MappingProxyType({name: loaded[name] for name in desired.needed}),
             weights=MappingProxyType(dict(desired.weights)) if desired.weights else None,
             shadow=desired.shadow,
+            on_demand=self.on_demand.warm(desired.model),
         )
         self.table.swap(deployment)  # the only step jobs can see: one reference assignment
 
@@ -230,6 +264,16 @@ class ModelManager:
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+
+def _keeps_contract(version: ModelVersion, desired: DesiredState, current: Deployment | None) -> bool:
+    source = desired.sources.get(version.version)
+    try:
+        check_contract(version.loaded_manifest, current.active.loaded_manifest if current else None,
+                       source is not None and source.new_contract)
+    except ValidationFailed:
+        return False  # loaded again through the gate instead, which fails it with the reason
+    return True
 
 
 def _release(version: ModelVersion) -> None:
