@@ -91,9 +91,16 @@ def zoo_build(
 ) -> None:
     """Train the demo YOLOv8n models on synthetic shapes (offline, about 3 minutes the first time), and
     write the modelscope face detectors (seeded, seconds; --large about a minute more, 600 MB)."""
+    import time
+
     from control.zoo import build_zoo
 
-    built = build_zoo(root, force=force, large=large, progress=lambda line: console.print(f"[dim]{line}[/dim]"))
+    started = time.monotonic()
+
+    def say(line: str) -> None:  # with the time since the start: where a build's minutes go
+        console.print(f"[dim]{time.monotonic() - started:6.0f} s  {line}[/dim]")
+
+    built = build_zoo(root, force=force, large=large, progress=say)
     for path in built:
         console.print(f"[green]ready[/green] {path}")
 

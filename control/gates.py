@@ -10,9 +10,11 @@ count: a handful of jobs neither promotes a candidate nor aborts one.
 - **errors**: the candidate's failure rate (jobs the model failed, primary and shadow) against
   stable's. Fails when the candidate's lower bound exceeds stable's upper bound by more than the
   allowed excess: a real difference, not one unlucky job.
-- **latency**: p99 inference time. Fails when a lower confidence bound of the candidate's p99 (an
-  order statistic whose rank is the binomial bound below n·0.99) exceeds the allowed ratio times
-  an upper bound of stable's.
+- **latency**: p99 of the compute time of the batches each version's jobs ran in, at the batch
+  size both ran most (a batch's time grows with its size, and a canary's batches are smaller).
+  Fails when a lower confidence bound of the candidate's p99 (an order statistic whose rank is
+  the binomial bound below n·0.99) exceeds the allowed ratio times an upper bound of stable's,
+  plus a slack (2 ms, as validation's latency budget has) that sub-millisecond noise stays under.
 
 A gate with too few samples says "wait"; a phase passes when every gate passes (and the phase has
 been watched for its interval), fails as soon as any gate fails.
@@ -21,7 +23,7 @@ been watched for its interval), fails as soon as any gate fails.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Literal
 
@@ -41,8 +43,9 @@ class Window:
     stable_faults: int = 0
     agreement_count: int = 0
     agreement_total: float = 0.0
-    candidate_latency: tuple[int, ...] = ()
-    stable_latency: tuple[int, ...] = ()
+    #: Per batch size, jobs per latency bucket of their batch's compute time.
+    candidate_latency: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    stable_latency: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -96,16 +99,26 @@ def error_gate(window: Window, plan: RolloutPlan) -> Verdict:
     return Verdict("errors", "pass", figures)
 
 
+def latency_needs(plan: RolloutPlan) -> int:
+    """Jobs of each version timed at one batch size before the latency gate may decide."""
+    return max(20, plan.min_samples // 4)
+
+
 def latency_gate(window: Window, plan: RolloutPlan) -> Verdict:
-    n_candidate, n_stable = sum(window.candidate_latency), sum(window.stable_latency)
-    if min(n_candidate, n_stable) < plan.min_samples:
-        return Verdict("latency", "wait", f"{min(n_candidate, n_stable)} of {plan.min_samples} timed jobs")
+    candidate, stable = window.candidate_latency, window.stable_latency
+    common = [size for size in candidate if size in stable]
+    # A batch of 16 takes several times one of 1: compare the versions at the size both ran most.
+    size = max(common, key=lambda s: min(sum(candidate[s]), sum(stable[s])), default=None)
+    timed = 0 if size is None else min(sum(candidate[size]), sum(stable[size]))
+    if size is None or timed < latency_needs(plan):
+        return Verdict("latency", "wait", f"{timed} of {latency_needs(plan)} jobs timed at one batch size")
     z = z_of(plan.confidence)
-    candidate_low = quantile_bound(window.candidate_latency, QUANTILE, -z, upper=False)
-    stable_high = quantile_bound(window.stable_latency, QUANTILE, z, upper=True)
-    figures = f"p99 candidate ≥ {candidate_low:.2f} ms, stable ≤ {stable_high:.2f} ms"
-    if candidate_low > plan.max_latency_ratio * stable_high:
-        return Verdict("latency", "fail", f"{figures}: more than {plan.max_latency_ratio:g}× stable")
+    candidate_low = quantile_bound(candidate[size], QUANTILE, -z, upper=False)
+    stable_high = quantile_bound(stable[size], QUANTILE, z, upper=True)
+    figures = f"p99 of batches of {size}: candidate ≥ {candidate_low:.2f} ms, stable ≤ {stable_high:.2f} ms"
+    if candidate_low > plan.max_latency_ratio * stable_high + plan.latency_slack_ms:
+        return Verdict("latency", "fail",
+                       f"{figures}: more than {plan.max_latency_ratio:g}× stable + {plan.latency_slack_ms:g} ms")
     return Verdict("latency", "pass", figures)
 
 

@@ -81,6 +81,7 @@ class Operator:
     def __init__(
         self, url: str, *, namespace: str = "hotswap", signer: Signer | None = None, issuer: str = "operator",
         workers: Verifier | None = None, max_event_age_s: float = MAX_EVENT_AGE_S, replicas: int | None = None,
+        settle_s: float = 2.5,
     ) -> None:
         self.url = url
         # The control log is declared here too: with the workers' replica setting, or the broker
@@ -91,6 +92,8 @@ class Operator:
         #: Verifies the workers' status events (their worker.pub); without it, none can be followed.
         self.workers = workers
         self.max_event_age_s = max_event_age_s
+        #: How long `publish_and_wait` listens at least: a little over the workers' heartbeat interval.
+        self.settle_s = settle_s
         self.rejected_events: Counter[str] = Counter()
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
@@ -191,7 +194,7 @@ class Operator:
         self.rejected_events[refused.kind] += 1
 
     async def publish_and_wait(
-        self, model: str, action: Action, *, timeout_s: float = 120.0, settle_s: float = 2.5,
+        self, model: str, action: Action, *, timeout_s: float = 120.0, settle_s: float | None = None,
         rollout: RolloutMark | None = None,
     ) -> WaitReport:
         """Publish, then follow every live worker until each reports an outcome or time runs out.
@@ -204,8 +207,9 @@ class Operator:
             command = await self.publish(model, action, rollout=rollout)
             report = WaitReport(command, time.monotonic())
             deadline = report.published_at + timeout_s
+            settle = self.settle_s if settle_s is None else settle_s
             while time.monotonic() < deadline:
-                settled = time.monotonic() - report.published_at >= settle_s
+                settled = time.monotonic() - report.published_at >= settle
                 if settled and report.workers and not report.missing:
                     break
                 try:

@@ -101,13 +101,17 @@ def _faults(v: VersionEvidence) -> int:
     return v.faults + v.shadow_faults
 
 
-def _buckets(now: VersionEvidence, then: VersionEvidence) -> tuple[int, ...]:
-    return tuple(now.latency.get(i, 0) - then.latency.get(i, 0) for i in range(len(LATENCY_BOUNDS_MS) + 1))
+def _buckets(now: VersionEvidence, then: VersionEvidence) -> dict[int, tuple[int, ...]]:
+    buckets = range(len(LATENCY_BOUNDS_MS) + 1)
+    return {size: tuple(counts.get(i, 0) - then.latency.get(size, {}).get(i, 0) for i in buckets)
+            for size, counts in now.latency.items()}
 
 
 def _add(a: Window, b: Window) -> Window:
-    def buckets(x: tuple[int, ...], y: tuple[int, ...]) -> tuple[int, ...]:
-        return tuple(p + q for p, q in zip(x or (0,) * len(y), y, strict=True))
+    def buckets(x: dict[int, tuple[int, ...]], y: dict[int, tuple[int, ...]]) -> dict[int, tuple[int, ...]]:
+        zero = (0,) * (len(LATENCY_BOUNDS_MS) + 1)
+        return {size: tuple(p + q for p, q in zip(x.get(size, zero), y.get(size, zero), strict=True))
+                for size in {*x, *y}}
 
     return Window(
         a.candidate_jobs + b.candidate_jobs, a.candidate_faults + b.candidate_faults,
@@ -141,7 +145,8 @@ def action_for(plan: RolloutPlan, phase: RolloutPhase, step: int) -> Action:
 
 class Rollout:
     def __init__(self, operator: Operator, model: str, plan: RolloutPlan, *, rollout_id: str | None = None,
-                 say: Say = lambda _line: None, settle_s: float = 2.5, command_timeout_s: float = 120.0) -> None:
+                 say: Say = lambda _line: None, settle_s: float | None = None,
+                 command_timeout_s: float = 120.0) -> None:
         self.operator = operator
         self.model = model
         self.plan = plan

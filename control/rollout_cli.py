@@ -62,6 +62,7 @@ def rollout(
     min_agreement: Annotated[float, typer.Option(help="floor of the mean agreement with stable")] = 0.9,
     max_error_rate: Annotated[float, typer.Option(help="allowed failure rate above stable's")] = 0.01,
     max_latency_ratio: Annotated[float, typer.Option(help="ceiling of candidate p99 / stable p99")] = 1.5,
+    latency_slack: Annotated[float, typer.Option(help="milliseconds added to that ceiling")] = 2.0,
     confidence: Annotated[float, typer.Option(help="of the bounds every gate decides on")] = 0.99,
     resume: Annotated[bool, typer.Option(help="continue the model's rollout from its last step in the log")] = False,
     abort: Annotated[bool, typer.Option(help="abort the model's rollout: traffic back on stable")] = False,
@@ -83,7 +84,8 @@ def rollout(
     timeout_s = duration_s(step_timeout) if step_timeout else max(4 * interval_s, 60.0)
     limits = {"shadow_percent": shadow, "steps": steps_of(steps), "interval_s": interval_s,
               "step_timeout_s": timeout_s, "min_samples": min_samples, "min_agreement": min_agreement,
-              "max_error_rate": max_error_rate, "max_latency_ratio": max_latency_ratio, "confidence": confidence}
+              "max_error_rate": max_error_rate, "max_latency_ratio": max_latency_ratio,
+              "latency_slack_ms": latency_slack, "confidence": confidence}
     signer, workers = Signer.from_file(key), _worker_verifier(worker_key)
     issuer = f"{os.environ.get('USER', 'operator')}@{os.uname().nodename}"
 

@@ -163,11 +163,12 @@ async def _drive(channel: AbstractChannel, exchange: AbstractExchange, key: str,
     async def lane() -> None:
         while (now := loop.time()) < end:
             job_id = uuid.uuid4().hex
-            waiting[job_id] = loop.create_future()
+            # Held here: the reply may come (and leave `waiting`) before the publish's confirm does.
+            answered = waiting[job_id] = loop.create_future()
             message = aio_pika.Message(body, correlation_id=job_id, reply_to=replies.name,
                                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
             await exchange.publish(message, routing_key=key, mandatory=True)
-            await waiting[job_id]
+            await answered
             if start <= (done := loop.time()) <= end:  # completions inside the window count
                 latencies.append(done - now)
 

@@ -50,6 +50,7 @@ class RolloutPlan(_Wire):
     min_agreement: float = Field(ge=0, le=1, description="floor for the candidate's mean agreement with stable")
     max_error_rate: float = Field(ge=0, le=1, description="excess failure rate over stable's")
     max_latency_ratio: float = Field(gt=0, description="ceiling for candidate p99 / stable p99")
+    latency_slack_ms: float = Field(2.0, ge=0, description="added to the ceiling: sub-millisecond noise is no slowdown")
     confidence: float = Field(0.99, gt=0.5, lt=1, description="of the bounds each gate decides on")
 
     @model_validator(mode="after")
@@ -77,8 +78,9 @@ class VersionEvidence(_Wire):
     faults: int = Field(0, ge=0, description="of those, failed by the model (inference_failed)")
     shadow_runs: int = Field(0, ge=0)
     shadow_faults: int = Field(0, ge=0)
-    latency: dict[int, int] = Field(default_factory=dict,
-                                    description="inference milliseconds, count per LATENCY_BOUNDS_MS bucket")
+    latency: dict[int, dict[int, int]] = Field(
+        default_factory=dict, description="per batch size, jobs per LATENCY_BOUNDS_MS bucket of their batch's "
+        "compute milliseconds (a batch's time depends on its size: versions are compared size for size)")
 
 
 class AgreementEvidence(_Wire):

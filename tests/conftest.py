@@ -200,8 +200,9 @@ async def namespace(amqp_url: str) -> AsyncIterator[str]:
 
 @pytest.fixture
 async def operator(amqp_url: str, namespace: str, control_keys: KeyFiles) -> AsyncIterator[Operator]:
+    # The test workers beat every 0.5 s: a command's wait need not listen 2.5 s to hear every one.
     async with Operator(amqp_url, namespace=namespace, signer=Signer.from_file(control_keys.control_key),
-                        issuer="tests", workers=Verifier.from_file(control_keys.worker_public)) as op:
+                        issuer="tests", workers=Verifier.from_file(control_keys.worker_public), settle_s=0.8) as op:
         yield op
 
 

@@ -30,9 +30,16 @@ class _Batch:
     version: ModelVersion
     params: InferenceParams
     images: list[Image] = field(default_factory=list)
-    #: Each job's prediction and the milliseconds its batch took in the inference thread.
-    futures: list[asyncio.Future[tuple[Prediction, float]]] = field(default_factory=list)
+    futures: list[asyncio.Future[tuple[Prediction, BatchTime]]] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
+
+
+@dataclass(frozen=True)
+class BatchTime:
+    """How long a job's batch ran in the inference thread, and how many images it held."""
+
+    ms: float
+    size: int
 
 
 class MicroBatcher:
@@ -63,9 +70,9 @@ class MicroBatcher:
 
     async def predict_timed(
         self, version: ModelVersion, image: Image, params: InferenceParams
-    ) -> tuple[Prediction, float]:
-        """The prediction, and the milliseconds its batch ran in the inference thread: the version's
-        own cost, without the time spent waiting for the batch to fill or for the thread."""
+    ) -> tuple[Prediction, BatchTime]:
+        """The prediction, and how long its batch ran in the inference thread: the version's own
+        cost, without the time spent waiting for the batch to fill or for the thread."""
         loop = asyncio.get_running_loop()
         key = (id(version), params, image.shape)
         batch = self._open.get(key)
@@ -73,7 +80,7 @@ class MicroBatcher:
             batch = self._open[key] = _Batch(version, params)
             if self.max_batch > 1 and self.max_wait_s > 0:
                 batch.timer = loop.call_later(self.max_wait_s, self._on_timer, key)
-        future: asyncio.Future[tuple[Prediction, float]] = loop.create_future()
+        future: asyncio.Future[tuple[Prediction, BatchTime]] = loop.create_future()
         batch.images.append(image)
         batch.futures.append(future)
         if len(batch.images) >= self.max_batch or batch.timer is None:
@@ -116,9 +123,10 @@ class MicroBatcher:
             self._busy -= 1
             if self._due:
                 self._flush(next(iter(self._due)))
+        timing = BatchTime(compute_ms, len(batch.images))
         for future, detections in zip(batch.futures, results, strict=True):
             if not future.done():
-                future.set_result((detections, compute_ms))
+                future.set_result((detections, timing))
 
     def _predict(
         self, backend: ModelBackend, images: Sequence[Image], params: InferenceParams

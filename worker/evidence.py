@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from schemas.errors import ErrorCode
 from schemas.rollout import AgreementEvidence, ModelEvidence, VersionEvidence, latency_bucket
+from worker.batching import BatchTime
 
 #: Failures that are the model's doing; the others (a bad image, an expired deadline) would be the
 #: same on any version.
@@ -27,7 +28,9 @@ class _Counts:
     faults: int = 0
     shadow_runs: int = 0
     shadow_faults: int = 0
-    latency: defaultdict[int, int] = field(default_factory=lambda: defaultdict(int))
+    #: Batch size → latency bucket → jobs.
+    latency: defaultdict[int, defaultdict[int, int]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(int)))
 
 
 class Evidence:
@@ -36,24 +39,24 @@ class Evidence:
         self._versions: dict[str, dict[str, _Counts]] = defaultdict(lambda: defaultdict(_Counts))
         self._agreement: dict[str, dict[tuple[str, str], list[float]]] = defaultdict(dict)
 
-    def served(self, model: str, version: str, code: ErrorCode | None, inference_ms: float | None) -> None:
+    def served(self, model: str, version: str, code: ErrorCode | None, batch: BatchTime | None) -> None:
         counts = self._versions[model][version]
         counts.served += 1
         if code in MODEL_FAULTS:
             counts.faults += 1
-        if inference_ms is not None:
-            counts.latency[latency_bucket(inference_ms)] += 1
+        if batch is not None:
+            counts.latency[batch.size][latency_bucket(batch.ms)] += 1
 
     def shadowed(self, model: str, primary: str, shadow: str, agreement: float | None,
-                 inference_ms: float | None) -> None:
+                 batch: BatchTime | None) -> None:
         """A shadow run ended: its agreement with the primary, None if the shadow version failed."""
         counts = self._versions[model][shadow]
         counts.shadow_runs += 1
         if agreement is None:
             counts.shadow_faults += 1
             return
-        if inference_ms is not None:
-            counts.latency[latency_bucket(inference_ms)] += 1
+        if batch is not None:
+            counts.latency[batch.size][latency_bucket(batch.ms)] += 1
         pair = self._agreement[model].setdefault((primary, shadow), [0, 0.0])
         pair[0] += 1
         pair[1] += agreement
@@ -65,7 +68,8 @@ class Evidence:
     def _model(self, model: str) -> ModelEvidence:
         versions = {
             name: VersionEvidence(served=c.served, faults=c.faults, shadow_runs=c.shadow_runs,
-                                  shadow_faults=c.shadow_faults, latency=dict(c.latency))
+                                  shadow_faults=c.shadow_faults,
+                                  latency={size: dict(buckets) for size, buckets in c.latency.items()})
             for name, c in self._versions.get(model, {}).items()
         }
         agreement = [AgreementEvidence(primary=p, shadow=s, count=int(n), total=total)

@@ -31,7 +31,7 @@ from schemas.jobs import (
 from schemas.outputs import TaskOutput
 from schemas.status import LastError
 from worker.admission import PixelBudget
-from worker.batching import MicroBatcher
+from worker.batching import BatchTime, MicroBatcher
 from worker.evidence import Evidence
 from worker.fetch import fetch_image
 from worker.logs import log_context
@@ -90,7 +90,7 @@ class _Clock:
         self.received_at = datetime.now(UTC)
         self.decode_ms = 0.0
         self.inference_ms = 0.0
-        self.compute_ms: float | None = None  # its batch in the inference thread (evidence, not the wire)
+        self.batch: BatchTime | None = None  # its batch in the inference thread (evidence, not the wire)
 
     def timings(self, submitted_at: datetime | None) -> Timings:
         wait = None
@@ -166,26 +166,36 @@ class JobProcessor:
             return await self._serve(job, delivery, clock)
 
     async def _serve(self, job: Job, delivery: Delivery, clock: _Clock) -> Outcome:
-        version: ModelVersion | None = None
         try:
             deployment, version = await self._route(job)
-            version.in_flight += 1  # no await since the route was found: nothing can free it in between
+        except JobFailure as exc:
+            return self._finish(self._error(job.job_id, delivery, clock, job, None, exc.code, exc.message), delivery)
+        result = await self._attempt(job, deployment, version, delivery, clock)
+        if _canary_failed(job, deployment, version, result) and (current := self.deployments.get(job.model)):
+            # The canary's failure is evidence for its rollout (counted above), not the producer's
+            # problem: the job runs again on the version that serves everyone else.
+            result = await self._attempt(job, current, current.active, delivery, clock)
+        return self._finish(result, delivery)
+
+    async def _attempt(
+        self, job: Job, deployment: Deployment, version: ModelVersion, delivery: Delivery, clock: _Clock
+    ) -> JobResult:
+        version.in_flight += 1  # no await since the route was found: nothing can free it in between
+        try:
             result = await self._run(job, deployment, version, delivery, clock)
         except JobFailure as exc:
             result = self._error(job.job_id, delivery, clock, job, version, exc.code, exc.message)
         finally:
-            if version is not None:
-                version.in_flight -= 1
-        if version is not None:  # routed: the version's own record, for rollouts
-            self._served(version, result, clock)
-        return self._finish(result, delivery)
+            version.in_flight -= 1
+        self._served(version, result, clock)  # the version's own record, for rollouts
+        return result
 
     def _served(self, version: ModelVersion, result: JobResult, clock: _Clock) -> None:
         code = result.error.code if result.error else None
-        compute_ms = clock.compute_ms if code is None else None
-        self.evidence.served(version.model, version.version, code, compute_ms)
-        if compute_ms is not None:
-            self.metrics.version_inference_seconds.labels(version.model, version.version).observe(compute_ms / 1000)
+        batch = clock.batch if code is None else None
+        self.evidence.served(version.model, version.version, code, batch)
+        if batch is not None:
+            self.metrics.version_inference_seconds.labels(version.model, version.version).observe(batch.ms / 1000)
 
     async def _route(self, job: Job) -> tuple[Deployment, ModelVersion]:
         _check_deadline(job)
@@ -251,7 +261,7 @@ class JobProcessor:
     async def _infer(self, version: ModelVersion, image: Image, job: Job, clock: _Clock) -> Prediction:
         started = time.perf_counter()
         try:
-            prediction, clock.compute_ms = await self.batcher.predict_timed(version, image, job.params)
+            prediction, clock.batch = await self.batcher.predict_timed(version, image, job.params)
         except Exception as exc:  # a model failure is this job's error, not the worker's
             raise JobFailure(ErrorCode.INFERENCE_FAILED, f"{type(exc).__name__}: {exc}") from exc
         clock.inference_ms = (time.perf_counter() - started) * 1000  # its batch's wait included
@@ -274,14 +284,14 @@ class JobProcessor:
 
         async def run() -> None:
             try:
-                theirs, compute_ms = await self.batcher.predict_timed(shadow, image, job.params)
+                theirs, batch = await self.batcher.predict_timed(shadow, image, job.params)
                 # Mask IoU over whole images is milliseconds of numpy: off the event loop.
                 evaluator = evaluator_for(primary.loaded_manifest)
                 ratio = await asyncio.get_running_loop().run_in_executor(
                     self.decode_executor, evaluator.agreement, prediction, theirs)
                 self.metrics.shadow_agreement.labels(job.model, primary.version, shadow.version).observe(ratio)
-                self.evidence.shadowed(job.model, primary.version, shadow.version, ratio, compute_ms)
-                self.metrics.version_inference_seconds.labels(job.model, shadow.version).observe(compute_ms / 1000)
+                self.evidence.shadowed(job.model, primary.version, shadow.version, ratio, batch)
+                self.metrics.version_inference_seconds.labels(job.model, shadow.version).observe(batch.ms / 1000)
             except Exception as exc:  # a shadow failure is recorded, never the producer's problem
                 log.warning("shadow run on %s/%s failed: %s", shadow.model, shadow.version, exc)
                 self.evidence.shadowed(job.model, primary.version, shadow.version, None, None)
@@ -356,6 +366,12 @@ def _log_answer(result: JobResult) -> None:
     log.log(level, "job %s answered %s%s", result.job_id, result.status,
             f" ({result.error.code.value}: {result.error.message})" if result.error else "",
             extra={k: v for k, v in fields.items() if v is not None})
+
+
+def _canary_failed(job: Job, deployment: Deployment, version: ModelVersion, result: JobResult) -> bool:
+    """The model failed a job that traffic weights, not the job's pin, sent to another version than the active one."""
+    code = result.error.code if result.error else None
+    return code == ErrorCode.INFERENCE_FAILED and job.version is None and version is not deployment.active
 
 
 def _routing_key(job: Job) -> str:

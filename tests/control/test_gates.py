@@ -59,10 +59,27 @@ def test_a_slower_version_fails_the_latency_gate() -> None:
     stable = histogram([rng.lognormvariate(1.5, 0.3) for _ in range(2000)])
     same = histogram([rng.lognormvariate(1.5, 0.3) for _ in range(400)])
     slow = histogram([rng.lognormvariate(1.5, 0.3) + 30 for _ in range(400)])
-    assert latency_gate(Window(candidate_latency=same, stable_latency=stable), PLAN).decision == "pass"
-    verdict = latency_gate(Window(candidate_latency=slow, stable_latency=stable), PLAN)
-    assert verdict.decision == "fail" and "more than 1.5× stable" in verdict.reason
+    assert latency_gate(Window(candidate_latency={8: same}, stable_latency={8: stable}), PLAN).decision == "pass"
+    verdict = latency_gate(Window(candidate_latency={8: slow}, stable_latency={8: stable}), PLAN)
+    assert verdict.decision == "fail" and "more than 1.5× stable + 2 ms" in verdict.reason
     assert quantile_bound(stable, 0.99, 2.33, upper=True) >= quantile_bound(stable, 0.99, -2.33, upper=False)
+
+
+def test_batches_are_compared_size_for_size() -> None:
+    """A canary's batches are small, stable's full: a batch of 16 takes ~8× one of 1 (YOLOv8n here),
+    and comparing them across sizes would abort identical versions."""
+    rng = random.Random(2)
+    one = [rng.gauss(4.7, 0.3) for _ in range(300)]
+    sixteen = [rng.gauss(38.0, 2.0) for _ in range(300)]
+    # The candidate (taking shadow runs too) fills batches of 16; stable here ran only small ones.
+    shadowing = Window(candidate_latency={16: histogram(sixteen), 1: histogram(one[:60])},
+                       stable_latency={1: histogram(one)})
+    verdict = latency_gate(shadowing, PLAN)
+    assert verdict.decision == "pass" and "batches of 1" in verdict.reason, verdict
+    merged = Window(candidate_latency={1: histogram(sixteen + one[:60])}, stable_latency={1: histogram(one)})
+    assert latency_gate(merged, PLAN).decision == "fail"  # what comparing across sizes would have said
+    too_few = Window(candidate_latency={1: histogram(one[:10])}, stable_latency={16: histogram(sixteen)})
+    assert latency_gate(too_few, PLAN).decision == "wait"
 
 
 def test_false_abort_rate_of_identical_versions_stays_below_the_confidence() -> None:
@@ -76,8 +93,8 @@ def test_false_abort_rate_of_identical_versions_stays_below_the_confidence() -> 
             candidate_jobs=n_candidate, stable_jobs=n_stable,
             candidate_faults=sum(rng.random() < 0.02 for _ in range(n_candidate)),
             stable_faults=sum(rng.random() < 0.02 for _ in range(n_stable)),
-            candidate_latency=histogram([rng.lognormvariate(2.0, 0.5) for _ in range(n_candidate)]),
-            stable_latency=histogram([rng.lognormvariate(2.0, 0.5) for _ in range(n_stable)]),
+            candidate_latency={4: histogram([rng.lognormvariate(2.0, 0.5) for _ in range(n_candidate)])},
+            stable_latency={4: histogram([rng.lognormvariate(2.0, 0.5) for _ in range(n_stable)])},
         )
         verdicts = [error_gate(window, PLAN), latency_gate(window, PLAN)]
         aborts += overall(verdicts) is not None and overall(verdicts).decision == "fail"  # type: ignore[union-attr]

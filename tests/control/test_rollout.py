@@ -17,12 +17,11 @@ import pytest
 from control.operator import Operator
 from control.rollout import Outcome, Rollout
 from schemas.control import Heartbeat
-from schemas.jobs import JobResult
 from schemas.rollout import RolloutPlan
 from worker.runtime.trivial_backend import write_trivial_model
 
 if TYPE_CHECKING:
-    from conftest import BackgroundLoad, HeldOut, InProcessWorker, Metric, ServeInProcess, StartLoad
+    from conftest import HeldOut, InProcessWorker, Metric, ServeInProcess, StartLoad
 
     from schemas.signing import KeyFiles
 
@@ -32,7 +31,7 @@ pytestmark = pytest.mark.slow
 def plan(stable: str, candidate: str, **changes: Any) -> RolloutPlan:
     settings: dict[str, Any] = {
         "stable": stable, "candidate": candidate, "shadow_percent": 50.0, "steps": [25.0, 100.0],
-        "interval_s": 1.5, "step_timeout_s": 45.0, "min_samples": 40, "min_agreement": 0.9,
+        "interval_s": 1.0, "step_timeout_s": 45.0, "min_samples": 40, "min_agreement": 0.9,
         "max_error_rate": 0.01, "max_latency_ratio": 1.5, "confidence": 0.99, **changes,
     }
     return RolloutPlan.model_validate(settings)
@@ -40,17 +39,9 @@ def plan(stable: str, candidate: str, **changes: Any) -> RolloutPlan:
 
 async def roll(operator: Operator, model: str, rollout_plan: RolloutPlan) -> Outcome:
     lines: list[str] = []
-    outcome = await Rollout(operator, model, rollout_plan, say=lines.append, settle_s=1.0).run()
+    outcome = await Rollout(operator, model, rollout_plan, say=lines.append).run()
     print("\n".join(lines))
     return outcome
-
-
-async def stop_load(running: BackgroundLoad) -> list[JobResult]:
-    """Every job answered (none lost), failed ones included."""
-    running._stop.set()
-    await asyncio.gather(*running._tasks)
-    assert not running.errors, f"lost jobs: {running.errors[:3]}"
-    return [r for _, r in running.results]
 
 
 def serving(worker: InProcessWorker, model: str) -> tuple[str, dict[str, float] | None, bool, set[str]]:
@@ -68,7 +59,7 @@ async def test_aa_rollouts_promote_under_load_and_never_abort(
     await running.wait_for(20)
     outcomes = [await roll(operator, "trivial", plan(a, b)) for a, b in
                 (("1.0.0", "2.0.0"), ("2.0.0", "1.0.0"), ("1.0.0", "2.0.0"))]
-    results = await stop_load(running)
+    results = await running.stop()  # nothing lost, nothing failed
     assert [o.promoted for o in outcomes] == [True] * 3, [(o.gate, o.reason) for o in outcomes]
     assert all(r.status == "ok" and r.version in ("1.0.0", "2.0.0") for r in results)
     for worker in workers:
@@ -121,13 +112,13 @@ async def test_a_failing_or_slower_version_is_aborted_at_a_canary_step_and_rolle
     await running.wait_for(20)
     outcome = await roll(operator, "trivial", plan("1.0.0", "3.0.0", shadow_percent=0.0, steps=[50.0, 100.0],
                                                    min_samples=30))
-    results = await stop_load(running)
+    results = await running.stop()  # nothing lost, nothing failed
     assert not outcome.promoted and outcome.gate == gate, outcome.reason
     assert outcome.reason.startswith("canary 50% to 3.0.0")
     assert outcome.rollback_s is not None and outcome.rollback_s < 1.0, outcome.rollback_s
-    failed = [r for r in results if r.status != "ok"]
-    assert all(r.version == "3.0.0" and r.error and r.error.code == "inference_failed" for r in failed)
-    assert bool(failed) == (gate == "errors")
+    # The candidate's failures are the rollout's evidence; each of those jobs ran again on stable.
+    assert all(r.status == "ok" for r in results), [r.error for r in results if r.error][:3]
+    assert {r.version for r in results} == ({"1.0.0"} if gate == "errors" else {"1.0.0", "3.0.0"})
     for worker in workers:
         assert serving(worker, "trivial") == ("1.0.0", None, False, {"1.0.0"})
 
@@ -144,7 +135,7 @@ async def test_an_operator_killed_mid_rollout_leaves_the_fleet_at_its_step_and_r
     common = ["--settle", "1", "--min-samples", "30", "--shadow", "0"]
     cli = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "control", "rollout", "trivial", "2.0.0", "--steps", "25,50,100",
-        "--interval", "60s", *common, env=env)
+        "--interval", "5s", *common, env=env)  # killed well within its first step's 5 s
     await _until(lambda: all(serving(w, "trivial")[1] == {"1.0.0": 75.0, "2.0.0": 25.0} for w in workers))
     cli.send_signal(signal.SIGKILL)
     await cli.wait()
@@ -154,7 +145,7 @@ async def test_an_operator_killed_mid_rollout_leaves_the_fleet_at_its_step_and_r
     marks = [beat["models"]["trivial"]["rollout"] for beat in json.loads(shown).values()]
     assert len(marks) == 2 and all(m["phase"] == "canary" and m["step"] == 0 for m in marks), marks
 
-    resumed = await _cli(env, "rollout", "trivial", "--resume", *common, "--interval", "1s")
+    resumed = await _cli(env, "rollout", "trivial", "--resume", "--settle", "1")  # the plan comes from the log
     assert "promoted trivial 2.0.0" in resumed, resumed
     results = await running.stop()
     assert {r.version for r in results} == {"1.0.0", "2.0.0"}
@@ -168,7 +159,7 @@ async def test_abort_from_the_cli_puts_traffic_back_on_stable(
 ) -> None:
     worker = await serve_in_process("trivial@1.0.0", name="abort")
     slow = plan("1.0.0", "2.0.0", shadow_percent=0.0, steps=[10.0, 100.0], interval_s=600.0, step_timeout_s=900.0)
-    task = asyncio.create_task(Rollout(operator, "trivial", slow, settle_s=1.0).run())
+    task = asyncio.create_task(Rollout(operator, "trivial", slow).run())
     await _until(lambda: serving(worker, "trivial")[1] == {"1.0.0": 90.0, "2.0.0": 10.0})
     task.cancel()  # as good as a dead operator: the step stays in the log
     env = {**os.environ, "HOTSWAP_AMQP_URL": amqp_url, "HOTSWAP_NAMESPACE": namespace,
