@@ -6,6 +6,7 @@
     4  RSS over 50 update/cleanup cycles   after 50 ≤ 1.1 × after 1
     5  rolling restart vs hot update       failed, lost, latency spike of each
     6  every family: pool vs in-process    pool ≥ 0.9 × the version's backend in-process (0.95 heavy)
+    7  worker footprint vs a bare process  RSS ≤ 1.15 ×, start to ready ≤ 1.3 × a bare process loading the model
 
 Every goal is a ratio measured in the same run (the machine is shared and noisy: absolute numbers
 are secondary). Each benchmark starts its own workers in namespaces of its own and deletes them.
@@ -31,6 +32,7 @@ from rich.console import Console
 from loadtest.bench_core import BenchResult, print_result, print_summary, summary_rows
 from loadtest.bench_env import BenchEnv
 from loadtest.bench_families import families_vs_inprocess
+from loadtest.bench_footprint import footprint_vs_bare
 from loadtest.bench_restart import restart_vs_hot
 from loadtest.bench_throughput import pool_vs_inprocess, trivial_vs_raw
 from loadtest.bench_updates import p99_during_updates, rss_over_cycles
@@ -45,6 +47,7 @@ BENCHMARKS: dict[int, tuple[str, Benchmark]] = {
     4: ("RSS over update/cleanup cycles", rss_over_cycles),
     5: ("rolling restart vs hot update", restart_vs_hot),
     6: ("every family: pool vs in-process", families_vs_inprocess),
+    7: ("worker footprint vs a bare process", footprint_vs_bare),
 }
 
 

@@ -96,6 +96,37 @@ def measure_backend(version_dir: Path, images_dir: Path, seconds: float, device:
             "cpu_ms_per_image": 1000 * cpu / done, "batch": 1, "batches": done, "images": done, "seconds": elapsed}
 
 
+def footprint(version_dir: Path, images_dir: Path, device: str, threads: int) -> dict[str, float | int]:
+    """What serving the version costs a bare process: the libraries a worker imports, the version
+    loaded and warmed up through its backend, a few images predicted; then its resident memory."""
+    started = time.perf_counter()
+    import aio_pika  # noqa: F401  (a worker has them loaded too: their memory counts on both sides)
+    import aiohttp  # noqa: F401
+    import cv2
+    import numpy as np
+    import prometheus_client  # noqa: F401
+    import torch
+
+    from schemas.jobs import InferenceParams
+    from worker.runtime.backend import create_backend
+    from worker.runtime.repository import ModelRepository
+
+    torch.set_num_threads(threads)
+    version_dir = version_dir.resolve()
+    repository = ModelRepository(version_dir.parent.parent)
+    entry = repository.get(version_dir.parent.name, version_dir.name)
+    backend = create_backend(entry.manifest.backend, device, task=entry.manifest.task)
+    backend.load(repository.verified_artifact(entry), entry.manifest)
+    backend.warm_up()
+    ready_s = time.perf_counter() - started
+    files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
+    for path in files[:16]:
+        backend.predict([np.asarray(cv2.imread(str(path)), dtype=np.uint8)], InferenceParams())
+    with open("/proc/self/status") as status:
+        rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+    return {"rss_kib": rss, "ready_s": ready_s}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--version-dir", type=Path, required=True, help="<root>/<model>/<version>")
@@ -106,8 +137,11 @@ def main() -> None:
     parser.add_argument("--imgsz", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--backend", action="store_true", help="through the worker's backend, one image at a time")
+    parser.add_argument("--footprint", action="store_true", help="resident memory once loaded and used (bench 7)")
     args = parser.parse_args()
-    if args.backend:
+    if args.footprint:
+        result = footprint(args.version_dir, args.images, args.device, args.threads)
+    elif args.backend:
         result = measure_backend(args.version_dir, args.images, args.seconds, args.device, args.threads)
     else:
         result = measure(args.version_dir, args.images, args.batch, args.seconds, args.device, args.imgsz,

@@ -140,7 +140,7 @@ class Device(StrEnum):
 
 @app.command()
 def bench(
-    only: Annotated[str | None, typer.Option(help="benchmarks to run, e.g. 1,3 (default: all six)")] = None,
+    only: Annotated[str | None, typer.Option(help="benchmarks to run, e.g. 1,3 (default: all)")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="shorter runs: the whole suite in a few minutes")] = False,
     out: Annotated[Path, typer.Option(help="where bench.json and the worker logs go")] = Path("out/bench"),
     device: Annotated[Device, typer.Option(help="where workers and the in-process baseline run")] = Device.cpu,

@@ -4,6 +4,9 @@ backend, the bench's model repository and its command line. No timing is asserte
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -122,7 +125,7 @@ def test_visible_after_is_the_slowest_workers_swap() -> None:
 
 
 def test_parse_only() -> None:
-    assert parse_only(None) == [1, 2, 3, 4, 5, 6]
+    assert parse_only(None) == [1, 2, 3, 4, 5, 6, 7]
     assert parse_only(" 3, 1,3 ") == [1, 3]
     with pytest.raises(BenchSetupError, match="unknown benchmark '9'"):
         parse_only("1,9")
@@ -184,3 +187,18 @@ def test_the_bench_refuses_to_start_without_the_zoo(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "cannot run the benchmarks" in result.output
     result = CliRunner().invoke(app, ["loadtest", "bench", "--only", "9", "--model-root", str(tmp_path)])
     assert result.exit_code == 2 and "unknown benchmark" in result.output
+
+
+@pytest.mark.slow
+def test_the_footprint_benchmark_compares_a_worker_with_a_bare_process(
+    tmp_path: Path, zoo: Path, amqp_url: str
+) -> None:
+    run = subprocess.run([sys.executable, "-m", "control", "loadtest", "bench", "--only", "7", "--quick",
+                          "--out", str(tmp_path), "--model-root", str(zoo), "--amqp-url", amqp_url],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert run.returncode == 0, run.stdout + run.stderr
+    (bench,) = json.loads((tmp_path / "bench.json").read_text())["benchmarks"]
+    figures = {m["name"]: m["value"] for m in bench["metrics"]}
+    assert set(figures) == {"worker RSS / bare process", "worker start to ready / bare load + warm-up"}
+    assert all(0.5 < value < 5 for value in figures.values()), figures
+    assert {row["process"] for row in bench["rows"]} == {"bare process", "worker"}
