@@ -20,6 +20,10 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from worker.runtime.backend import ModelBackend
 
 
 def measure(version_dir: Path, images_dir: Path, batch: int, seconds: float, device: str, imgsz: int,
@@ -42,7 +46,7 @@ def measure(version_dir: Path, images_dir: Path, batch: int, seconds: float, dev
     except RepositoryError as exc:
         raise SystemExit(f"no usable version at {version_dir}: {exc}") from None
     model = yolo_around(load_network(artifact, entry.manifest, ArtifactLoader()).to(device), entry.manifest)
-    files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
+    files = image_files(images_dir)
     images = [cv2.imread(str(p)) for p in files]
     if not images:
         raise SystemExit(f"no images in {images_dir}")
@@ -69,21 +73,11 @@ def measure_backend(version_dir: Path, images_dir: Path, seconds: float, device:
                     threads: int) -> dict[str, float | int]:
     import cv2
     import numpy as np
-    import torch
 
     from schemas.jobs import InferenceParams
-    from worker.runtime.backend import create_backend
-    from worker.runtime.repository import ModelRepository
 
-    torch.set_num_threads(threads)
-    version_dir = version_dir.resolve()
-    repository = ModelRepository(version_dir.parent.parent)
-    entry = repository.get(version_dir.parent.name, version_dir.name)
-    backend = create_backend(entry.manifest.backend, device, task=entry.manifest.task)
-    backend.load(repository.verified_artifact(entry), entry.manifest)
-    backend.warm_up()
-    files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
-    images = [np.asarray(cv2.imread(str(p)), dtype=np.uint8) for p in files]
+    backend = warmed_backend(version_dir, device, threads)
+    images = [np.asarray(cv2.imread(str(p)), dtype=np.uint8) for p in image_files(images_dir)]
     params = InferenceParams()
     backend.predict([images[0]], params)
     done = 0
@@ -96,18 +90,10 @@ def measure_backend(version_dir: Path, images_dir: Path, seconds: float, device:
             "cpu_ms_per_image": 1000 * cpu / done, "batch": 1, "batches": done, "images": done, "seconds": elapsed}
 
 
-def footprint(version_dir: Path, images_dir: Path, device: str, threads: int) -> dict[str, float | int]:
-    """What serving the version costs a bare process: the libraries a worker imports, the version
-    loaded and warmed up through its backend, a few images predicted; then its resident memory."""
-    started = time.perf_counter()
-    import aio_pika  # noqa: F401  (a worker has them loaded too: their memory counts on both sides)
-    import aiohttp  # noqa: F401
-    import cv2
-    import numpy as np
-    import prometheus_client  # noqa: F401
+def warmed_backend(version_dir: Path, device: str, threads: int) -> ModelBackend:
+    """The version as a worker's backend serves it: created, loaded (artifact verified), warmed up."""
     import torch
 
-    from schemas.jobs import InferenceParams
     from worker.runtime.backend import create_backend
     from worker.runtime.repository import ModelRepository
 
@@ -118,9 +104,28 @@ def footprint(version_dir: Path, images_dir: Path, device: str, threads: int) ->
     backend = create_backend(entry.manifest.backend, device, task=entry.manifest.task)
     backend.load(repository.verified_artifact(entry), entry.manifest)
     backend.warm_up()
+    return backend
+
+
+def image_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
+
+
+def footprint(version_dir: Path, images_dir: Path, device: str, threads: int) -> dict[str, float | int]:
+    """What serving the version costs a bare process: the libraries a worker imports, the version
+    loaded and warmed up through its backend, a few images predicted; then its resident memory."""
+    started = time.perf_counter()
+    import aio_pika  # noqa: F401  (a worker has them loaded too: their memory counts on both sides)
+    import aiohttp  # noqa: F401
+    import cv2
+    import numpy as np
+    import prometheus_client  # noqa: F401
+
+    from schemas.jobs import InferenceParams
+
+    backend = warmed_backend(version_dir, device, threads)
     ready_s = time.perf_counter() - started
-    files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
-    for path in files[:16]:
+    for path in image_files(images_dir)[:16]:
         backend.predict([np.asarray(cv2.imread(str(path)), dtype=np.uint8)], InferenceParams())
     with open("/proc/self/status") as status:
         rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
