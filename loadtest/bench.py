@@ -1,10 +1,11 @@
 """`hotswap loadtest bench`: the performance benchmarks of docs/architecture.md ("Targets"), side by side.
 
-    1  pool vs in-process predict          pool(batch 1) ≥ 0.9 ×, pool(micro-batch) ≥ 1.5 × in-process batch 1
-    2  trivial model vs raw aio-pika loop  worker ≥ 0.6 × raw
-    3  p99 during 10 updates + 10 rollbacks  ≤ 2 × steady p99; 0 lost, 0 failed
+    1  pool vs in-process predict          pool(batch 1) ≥ 0.9 × in-process batch 1, pool(micro-batch) ≥ 0.9 ×
+                                           in-process at the same batch size (and ≥ 1.5 × batch 1)
+    2  trivial model vs raw aio-pika loop  worker ≥ 0.9 × raw; worker CPU per job ≤ 1.3 × the raw loop's
+    3  p99 during 10 updates + 10 rollbacks  ≤ 1.25 × steady p99; 0 lost, 0 failed
     4  RSS over 50 update/cleanup cycles   after 50 ≤ 1.1 × after 1
-    5  rolling restart vs hot update       failed, lost, latency spike of each
+    5  rolling restart vs hot update       failed, lost, latency spike of each (hot update's ≤ 1.5 × steady)
     6  every family: pool vs in-process    pool ≥ 0.9 × the version's backend in-process (0.95 heavy)
     7  worker footprint vs a bare process  RSS ≤ 1.15 ×, start to ready ≤ 1.3 × a bare process loading the model
 

@@ -134,7 +134,8 @@ async def restart_vs_hot(env: BenchEnv) -> BenchResult:
         result.metrics += [
             Metric(f"{change.label}: failed jobs", change.run.failed, Goal("==", 0)),
             Metric(f"{change.label}: lost jobs", change.run.lost, Goal("==", 0)),
-            Metric(f"{change.label}: latency spike (worst 1-s p99 / steady p99)", row["spike ×"]),
+            Metric(f"{change.label}: latency spike (worst 1-s p99 / steady p99)", row["spike ×"],
+                   Goal("<=", 1.5) if change.label.startswith("hot") else None),
         ]
         if not change.ok:
             result.metrics.append(Metric(f"{change.label}: completed", 0, Goal("==", 1)))
