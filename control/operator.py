@@ -34,11 +34,13 @@ from schemas.signing import Refused, Signer, Verifier
 from schemas.topology import SYNC_TYPE, Topology
 from worker.config import replicas_from_env
 from worker.connections import connect
-from worker.declarer import FROM_THE_START, Declarer
+from worker.declarer import FROM_THE_START, Declarer, TopologyMismatch, TopologyMissing
 
 FINAL_PHASES = frozenset({"done", "failed", "refused"})
 #: A status event older (or further ahead, for clocks apart) than this is a replay, or useless.
 MAX_EVENT_AGE_S = 60.0
+#: Between tries of reading the control log while the cluster recovers.
+_RETRY_PAUSE_S = 1.0
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +116,30 @@ class Operator:
             await self._connection.close()
 
     async def read_log(self, timeout_s: float = 30.0) -> list[Command]:
-        """Every validly signed command in the control log so far."""
+        """Every validly signed command in the control log so far.
+
+        A cluster that has just lost a node may fail a reader of the stream for a moment (3.10 here
+        closed the whole connection with INTERNAL_ERROR right after the node was killed): the read
+        is tried again, on the connection reconnected to another node, until `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return await self._read_log_once(max(deadline - time.monotonic(), _RETRY_PAUSE_S))
+            except (TopologyMismatch, TopologyMissing):
+                raise
+            except (ConnectionError, RuntimeError) as exc:  # AMQP errors are ConnectionErrors; closed ones Runtime
+                if time.monotonic() + _RETRY_PAUSE_S >= deadline:
+                    raise
+                log.warning("reading the control log failed (%s: %s); trying again", type(exc).__name__, exc)
+                await asyncio.sleep(_RETRY_PAUSE_S)
+
+    async def _read_log_once(self, timeout_s: float) -> list[Command]:
         assert self._connection is not None and self._control is not None and self.signer is not None
         verifier = self.signer.verifier()
         marker = uuid.uuid4().hex
         commands: list[Command] = []
         done = asyncio.Event()
         channel = await self._connection.channel()
-        await channel.set_qos(prefetch_count=256)
 
         async def on_message(message: AbstractIncomingMessage) -> None:
             await message.ack()
@@ -132,13 +150,15 @@ class Operator:
             with contextlib.suppress(Refused):  # forged or broken entries are not part of the history
                 commands.append(verifier.open(message.body))
 
-        _, queue = await Declarer(channel, self.topology).control()
-        await queue.consume(on_message, arguments=FROM_THE_START)
-        await self._control.publish(aio_pika.Message(b"", type=SYNC_TYPE, message_id=marker), routing_key="")
         try:
+            await channel.set_qos(prefetch_count=256)
+            _, queue = await Declarer(channel, self.topology).control()
+            await queue.consume(on_message, arguments=FROM_THE_START)
+            await self._control.publish(aio_pika.Message(b"", type=SYNC_TYPE, message_id=marker), routing_key="")
             await asyncio.wait_for(done.wait(), timeout_s)
         finally:
-            await channel.close()
+            with contextlib.suppress(Exception):  # already closed with its connection
+                await channel.close()
         return commands
 
     async def publish(
