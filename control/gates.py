@@ -100,7 +100,7 @@ def error_gate(window: Window, plan: RolloutPlan) -> Verdict:
 
 
 def latency_needs(plan: RolloutPlan) -> int:
-    """Jobs of each version timed at one batch size before the latency gate may decide."""
+    """Batches of each version timed at one batch size before the latency gate may decide."""
     return max(20, plan.min_samples // 4)
 
 
@@ -111,7 +111,7 @@ def latency_gate(window: Window, plan: RolloutPlan) -> Verdict:
     size = max(common, key=lambda s: min(sum(candidate[s]), sum(stable[s])), default=None)
     timed = 0 if size is None else min(sum(candidate[size]), sum(stable[size]))
     if size is None or timed < latency_needs(plan):
-        return Verdict("latency", "wait", f"{timed} of {latency_needs(plan)} jobs timed at one batch size")
+        return Verdict("latency", "wait", f"{timed} of {latency_needs(plan)} batches timed at one batch size")
     z = z_of(plan.confidence)
     candidate_low = quantile_bound(candidate[size], QUANTILE, -z, upper=False)
     stable_high = quantile_bound(stable[size], QUANTILE, z, upper=True)

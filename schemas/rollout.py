@@ -79,8 +79,9 @@ class VersionEvidence(_Wire):
     shadow_runs: int = Field(0, ge=0)
     shadow_faults: int = Field(0, ge=0)
     latency: dict[int, dict[int, int]] = Field(
-        default_factory=dict, description="per batch size, jobs per LATENCY_BOUNDS_MS bucket of their batch's "
-        "compute milliseconds (a batch's time depends on its size: versions are compared size for size)")
+        default_factory=dict, description="per batch size, batches per LATENCY_BOUNDS_MS bucket of their "
+        "compute milliseconds, past the version's first batches of that size (its warm-up); a batch's time "
+        "depends on its size: versions are compared size for size")
 
 
 class AgreementEvidence(_Wire):

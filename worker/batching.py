@@ -34,12 +34,19 @@ class _Batch:
     timer: asyncio.TimerHandle | None = None
 
 
+#: Batches of each size a version runs before their times count as its speed (`BatchTime.warm`).
+WARM_UP_BATCHES = 2
+
+
 @dataclass(frozen=True)
 class BatchTime:
-    """How long a job's batch ran in the inference thread, and how many images it held."""
+    """How long a job's batch ran in the inference thread, how many images it held, which batch
+    it was (every job of a batch holds the same one), and whether the version was warm for its size."""
 
     ms: float
     size: int
+    serial: int
+    warm: bool
 
 
 class MicroBatcher:
@@ -53,6 +60,7 @@ class MicroBatcher:
         self._busy = 0  # batches handed to the executor and not finished
         self._running: set[asyncio.Task[None]] = set()
         self._started: dict[int, float] = {}  # inference thread → when its current predict began
+        self._serial = 0  # batches run, for telling them apart
 
     @property
     def backlogged(self) -> bool:
@@ -123,7 +131,10 @@ class MicroBatcher:
             self._busy -= 1
             if self._due:
                 self._flush(next(iter(self._due)))
-        timing = BatchTime(compute_ms, len(batch.images))
+        size, runs = len(batch.images), batch.version.batches_run
+        self._serial += 1
+        timing = BatchTime(compute_ms, size, self._serial, warm=runs.get(size, 0) >= WARM_UP_BATCHES)
+        runs[size] = runs.get(size, 0) + 1
         for future, detections in zip(batch.futures, results, strict=True):
             if not future.done():
                 future.set_result((detections, timing))

@@ -1,7 +1,8 @@
 """What each version answered on this worker, for rollouts to judge a candidate by.
 
 Counted per model and version as jobs are answered (primary) and as shadow runs end: how many, how
-many the model failed, the inference latency in fixed buckets, and the agreement of each shadow
+many the model failed, the compute time of each batch they ran in (once per batch, per batch size,
+past the version's warm-up for that size) in fixed buckets, and the agreement of each shadow
 version with the primary it shadowed. Cumulative, reported whole in every heartbeat
 (`schemas.rollout`): plain integer and float additions on the event loop, nothing per job that a
 heartbeat would have to send.
@@ -20,6 +21,8 @@ from worker.batching import BatchTime
 #: Failures that are the model's doing; the others (a bad image, an expired deadline) would be the
 #: same on any version.
 MODEL_FAULTS = frozenset({ErrorCode.INFERENCE_FAILED})
+#: Batch serials remembered to count each batch once: far more than are ever answered at once.
+_REMEMBERED_BATCHES = 4096
 
 
 @dataclass
@@ -38,14 +41,14 @@ class Evidence:
         self.epoch = uuid.uuid4().hex[:16]
         self._versions: dict[str, dict[str, _Counts]] = defaultdict(lambda: defaultdict(_Counts))
         self._agreement: dict[str, dict[tuple[str, str], list[float]]] = defaultdict(dict)
+        self._timed_batches: dict[int, None] = {}  # serials of the batches counted lately, oldest first
 
     def served(self, model: str, version: str, code: ErrorCode | None, batch: BatchTime | None) -> None:
         counts = self._versions[model][version]
         counts.served += 1
         if code in MODEL_FAULTS:
             counts.faults += 1
-        if batch is not None:
-            counts.latency[batch.size][latency_bucket(batch.ms)] += 1
+        self._timed(counts, batch)
 
     def shadowed(self, model: str, primary: str, shadow: str, agreement: float | None,
                  batch: BatchTime | None) -> None:
@@ -55,11 +58,20 @@ class Evidence:
         if agreement is None:
             counts.shadow_faults += 1
             return
-        if batch is not None:
-            counts.latency[batch.size][latency_bucket(batch.ms)] += 1
+        self._timed(counts, batch)
         pair = self._agreement[model].setdefault((primary, shadow), [0, 0.0])
         pair[0] += 1
         pair[1] += agreement
+
+    def _timed(self, counts: _Counts, batch: BatchTime | None) -> None:
+        """A batch's time, once per batch (not once per job in it: one slow batch of 16 would be 16
+        slow samples) and only once the version is warm for its size."""
+        if batch is None or not batch.warm or batch.serial in self._timed_batches:
+            return
+        self._timed_batches[batch.serial] = None
+        if len(self._timed_batches) > _REMEMBERED_BATCHES:
+            del self._timed_batches[next(iter(self._timed_batches))]
+        counts.latency[batch.size][latency_bucket(batch.ms)] += 1
 
     def report(self) -> dict[str, ModelEvidence]:
         models = set(self._versions) | set(self._agreement)

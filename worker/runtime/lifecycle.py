@@ -58,6 +58,9 @@ class ModelVersion:
     reason: str | None = None
     in_flight: int = 0
     history: list[tuple[VersionState, float]] = field(default_factory=list)
+    #: Inference batches run, per batch size: the first of each size warm the backend up (a traced
+    #: network specialises on each new input shape), so their time is not the version's speed.
+    batches_run: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.history.append((self.state, time.time()))
