@@ -34,6 +34,7 @@ from worker.metrics import WorkerMetrics
 from worker.peers import FleetArtifacts, advertised_url
 from worker.runtime.artifacts import ArtifactCache
 from worker.runtime.images import ImageLimits
+from worker.runtime.lifecycle import ModelVersion
 from worker.runtime.manager import ModelManager, ModelSpec
 from worker.runtime.repository import ModelRepository
 from worker.runtime.sources import SourcePolicy
@@ -115,7 +116,7 @@ class Worker:
         try:
             await self._load_models(self.connection, keys)
             batcher = MicroBatcher(self.inference_executor, self.settings.max_batch, self.settings.max_wait_ms,
-                                   self.metrics)
+                                   self.metrics, on_batch=self._batch_ran)
             self.processor = JobProcessor(
                 self.settings.worker_id, self.models.table, self.limits, self.decode_executor, batcher,
                 PixelBudget(self.settings.max_pixels_in_flight), http, self.metrics,
@@ -174,6 +175,10 @@ class Worker:
         log.info("worker %s ready", self.settings.worker_id)
         await self.stopping.wait()
         await self._shut_down(self.consumer)
+
+    def _batch_ran(self, version: ModelVersion, size: int, ms: float) -> None:
+        self.evidence.batch_ran(version.model, version.version, size, ms)
+        self.metrics.version_inference_seconds.labels(version.model, version.version).observe(ms / 1000)
 
     def _set_connected(self, connected: bool) -> None:
         # A robust connection never reports itself closed while it reconnects: track it here.

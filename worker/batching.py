@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -30,28 +30,24 @@ class _Batch:
     version: ModelVersion
     params: InferenceParams
     images: list[Image] = field(default_factory=list)
-    futures: list[asyncio.Future[tuple[Prediction, BatchTime]]] = field(default_factory=list)
+    futures: list[asyncio.Future[Prediction]] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
 
 
-#: Batches of each size a version runs before their times count as its speed (`BatchTime.warm`).
+#: Batches of each size a version runs before their times count as its speed: its warm-up.
 WARM_UP_BATCHES = 2
 
 
-@dataclass(frozen=True)
-class BatchTime:
-    """How long a job's batch ran in the inference thread, how many images it held, which batch
-    it was (every job of a batch holds the same one), and whether the version was warm for its size."""
-
-    ms: float
-    size: int
-    serial: int
-    warm: bool
+#: Told of each batch that ran: its version, its size and the milliseconds it took in the inference
+#: thread, once the version is warm for that size (the evidence rollouts judge latency by).
+BatchObserver = Callable[[ModelVersion, int, float], None]
 
 
 class MicroBatcher:
-    def __init__(self, executor: Executor, max_batch: int, max_wait_ms: float, metrics: WorkerMetrics) -> None:
+    def __init__(self, executor: Executor, max_batch: int, max_wait_ms: float, metrics: WorkerMetrics,
+                 on_batch: BatchObserver | None = None) -> None:
         self.executor = executor
+        self.on_batch = on_batch
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
         self.metrics = metrics
@@ -60,7 +56,6 @@ class MicroBatcher:
         self._busy = 0  # batches handed to the executor and not finished
         self._running: set[asyncio.Task[None]] = set()
         self._started: dict[int, float] = {}  # inference thread → when its current predict began
-        self._serial = 0  # batches run, for telling them apart
 
     @property
     def backlogged(self) -> bool:
@@ -73,14 +68,6 @@ class MicroBatcher:
         return max((now - started for started in list(self._started.values())), default=0.0)
 
     async def predict(self, version: ModelVersion, image: Image, params: InferenceParams) -> Prediction:
-        prediction, _ = await self.predict_timed(version, image, params)
-        return prediction
-
-    async def predict_timed(
-        self, version: ModelVersion, image: Image, params: InferenceParams
-    ) -> tuple[Prediction, BatchTime]:
-        """The prediction, and how long its batch ran in the inference thread: the version's own
-        cost, without the time spent waiting for the batch to fill or for the thread."""
         loop = asyncio.get_running_loop()
         key = (id(version), params, image.shape)
         batch = self._open.get(key)
@@ -88,7 +75,7 @@ class MicroBatcher:
             batch = self._open[key] = _Batch(version, params)
             if self.max_batch > 1 and self.max_wait_s > 0:
                 batch.timer = loop.call_later(self.max_wait_s, self._on_timer, key)
-        future: asyncio.Future[tuple[Prediction, BatchTime]] = loop.create_future()
+        future: asyncio.Future[Prediction] = loop.create_future()
         batch.images.append(image)
         batch.futures.append(future)
         if len(batch.images) >= self.max_batch or batch.timer is None:
@@ -131,13 +118,16 @@ class MicroBatcher:
             self._busy -= 1
             if self._due:
                 self._flush(next(iter(self._due)))
-        size, runs = len(batch.images), batch.version.batches_run
-        self._serial += 1
-        timing = BatchTime(compute_ms, size, self._serial, warm=runs.get(size, 0) >= WARM_UP_BATCHES)
-        runs[size] = runs.get(size, 0) + 1
+        self._observe(batch.version, len(batch.images), compute_ms)
         for future, detections in zip(batch.futures, results, strict=True):
             if not future.done():
-                future.set_result((detections, timing))
+                future.set_result(detections)
+
+    def _observe(self, version: ModelVersion, size: int, compute_ms: float) -> None:
+        runs = version.batches_run
+        runs[size] = runs.get(size, 0) + 1
+        if self.on_batch is not None and runs[size] > WARM_UP_BATCHES:
+            self.on_batch(version, size, compute_ms)
 
     def _predict(
         self, backend: ModelBackend, images: Sequence[Image], params: InferenceParams

@@ -16,13 +16,10 @@ from dataclasses import dataclass, field
 
 from schemas.errors import ErrorCode
 from schemas.rollout import AgreementEvidence, ModelEvidence, VersionEvidence, latency_bucket
-from worker.batching import BatchTime
 
 #: Failures that are the model's doing; the others (a bad image, an expired deadline) would be the
 #: same on any version.
 MODEL_FAULTS = frozenset({ErrorCode.INFERENCE_FAILED})
-#: Batch serials remembered to count each batch once: far more than are ever answered at once.
-_REMEMBERED_BATCHES = 4096
 
 
 @dataclass
@@ -31,7 +28,7 @@ class _Counts:
     faults: int = 0
     shadow_runs: int = 0
     shadow_faults: int = 0
-    #: Batch size → latency bucket → jobs.
+    #: Batch size → latency bucket → batches.
     latency: defaultdict[int, defaultdict[int, int]] = field(
         default_factory=lambda: defaultdict(lambda: defaultdict(int)))
 
@@ -41,37 +38,28 @@ class Evidence:
         self.epoch = uuid.uuid4().hex[:16]
         self._versions: dict[str, dict[str, _Counts]] = defaultdict(lambda: defaultdict(_Counts))
         self._agreement: dict[str, dict[tuple[str, str], list[float]]] = defaultdict(dict)
-        self._timed_batches: dict[int, None] = {}  # serials of the batches counted lately, oldest first
 
-    def served(self, model: str, version: str, code: ErrorCode | None, batch: BatchTime | None) -> None:
+    def served(self, model: str, version: str, code: ErrorCode | None) -> None:
         counts = self._versions[model][version]
         counts.served += 1
         if code in MODEL_FAULTS:
             counts.faults += 1
-        self._timed(counts, batch)
 
-    def shadowed(self, model: str, primary: str, shadow: str, agreement: float | None,
-                 batch: BatchTime | None) -> None:
+    def batch_ran(self, model: str, version: str, size: int, ms: float) -> None:
+        """A batch's compute time, told once per batch by the batcher (`MicroBatcher.on_batch`),
+        past the version's warm-up for that size."""
+        self._versions[model][version].latency[size][latency_bucket(ms)] += 1
+
+    def shadowed(self, model: str, primary: str, shadow: str, agreement: float | None) -> None:
         """A shadow run ended: its agreement with the primary, None if the shadow version failed."""
         counts = self._versions[model][shadow]
         counts.shadow_runs += 1
         if agreement is None:
             counts.shadow_faults += 1
             return
-        self._timed(counts, batch)
         pair = self._agreement[model].setdefault((primary, shadow), [0, 0.0])
         pair[0] += 1
         pair[1] += agreement
-
-    def _timed(self, counts: _Counts, batch: BatchTime | None) -> None:
-        """A batch's time, once per batch (not once per job in it: one slow batch of 16 would be 16
-        slow samples) and only once the version is warm for its size."""
-        if batch is None or not batch.warm or batch.serial in self._timed_batches:
-            return
-        self._timed_batches[batch.serial] = None
-        if len(self._timed_batches) > _REMEMBERED_BATCHES:
-            del self._timed_batches[next(iter(self._timed_batches))]
-        counts.latency[batch.size][latency_bucket(batch.ms)] += 1
 
     def report(self) -> dict[str, ModelEvidence]:
         models = set(self._versions) | set(self._agreement)

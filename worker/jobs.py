@@ -31,7 +31,7 @@ from schemas.jobs import (
 from schemas.outputs import TaskOutput
 from schemas.status import LastError
 from worker.admission import PixelBudget
-from worker.batching import BatchTime, MicroBatcher
+from worker.batching import MicroBatcher
 from worker.evidence import Evidence
 from worker.fetch import fetch_image
 from worker.logs import log_context
@@ -90,7 +90,6 @@ class _Clock:
         self.received_at = datetime.now(UTC)
         self.decode_ms = 0.0
         self.inference_ms = 0.0
-        self.batch: BatchTime | None = None  # its batch in the inference thread (evidence, not the wire)
 
     def timings(self, submitted_at: datetime | None) -> Timings:
         wait = None
@@ -187,15 +186,9 @@ class JobProcessor:
             result = self._error(job.job_id, delivery, clock, job, version, exc.code, exc.message)
         finally:
             version.in_flight -= 1
-        self._served(version, result, clock)  # the version's own record, for rollouts
+        # The version's own record, for rollouts (its batches' times come from the batcher).
+        self.evidence.served(version.model, version.version, result.error.code if result.error else None)
         return result
-
-    def _served(self, version: ModelVersion, result: JobResult, clock: _Clock) -> None:
-        code = result.error.code if result.error else None
-        batch = clock.batch if code is None else None
-        self.evidence.served(version.model, version.version, code, batch)
-        if batch is not None:
-            self.metrics.version_inference_seconds.labels(version.model, version.version).observe(batch.ms / 1000)
 
     async def _route(self, job: Job) -> tuple[Deployment, ModelVersion]:
         _check_deadline(job)
@@ -261,7 +254,7 @@ class JobProcessor:
     async def _infer(self, version: ModelVersion, image: Image, job: Job, clock: _Clock) -> Prediction:
         started = time.perf_counter()
         try:
-            prediction, clock.batch = await self.batcher.predict_timed(version, image, job.params)
+            prediction = await self.batcher.predict(version, image, job.params)
         except Exception as exc:  # a model failure is this job's error, not the worker's
             raise JobFailure(ErrorCode.INFERENCE_FAILED, f"{type(exc).__name__}: {exc}") from exc
         clock.inference_ms = (time.perf_counter() - started) * 1000  # its batch's wait included
@@ -284,17 +277,16 @@ class JobProcessor:
 
         async def run() -> None:
             try:
-                theirs, batch = await self.batcher.predict_timed(shadow, image, job.params)
+                theirs = await self.batcher.predict(shadow, image, job.params)
                 # Mask IoU over whole images is milliseconds of numpy: off the event loop.
                 evaluator = evaluator_for(primary.loaded_manifest)
                 ratio = await asyncio.get_running_loop().run_in_executor(
                     self.decode_executor, evaluator.agreement, prediction, theirs)
                 self.metrics.shadow_agreement.labels(job.model, primary.version, shadow.version).observe(ratio)
-                self.evidence.shadowed(job.model, primary.version, shadow.version, ratio, batch)
-                self.metrics.version_inference_seconds.labels(job.model, shadow.version).observe(batch.ms / 1000)
+                self.evidence.shadowed(job.model, primary.version, shadow.version, ratio)
             except Exception as exc:  # a shadow failure is recorded, never the producer's problem
                 log.warning("shadow run on %s/%s failed: %s", shadow.model, shadow.version, exc)
-                self.evidence.shadowed(job.model, primary.version, shadow.version, None, None)
+                self.evidence.shadowed(job.model, primary.version, shadow.version, None)
             finally:
                 shadow.in_flight -= 1
                 self.pixels.release(pixels)

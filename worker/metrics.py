@@ -102,7 +102,7 @@ class WorkerMetrics:
         )
         self.version_inference_seconds = Histogram(
             "hotswap_version_inference_seconds",
-            "Time each job's batch ran in the inference thread, per version (primary and shadow runs).",
+            "Time each batch ran in the inference thread, per version, past its warm-up for that size.",
             ["model", "version"],
             buckets=_SECONDS_BUCKETS,
             registry=r,
