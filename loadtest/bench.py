@@ -80,6 +80,7 @@ class BenchOptions:
     device: str
     url: str
     model_root: Path
+    profile: bool = False
 
 
 def check_zoo(model_root: Path) -> list[Path]:
@@ -110,12 +111,14 @@ async def run_bench(options: BenchOptions, console: Console) -> list[BenchResult
     logging.getLogger("aiormq").setLevel(logging.CRITICAL)
     run_id = uuid.uuid4().hex[:6]
     env = BenchEnv(url=options.url, model_root=options.model_root.resolve(), out=options.out.resolve(),
-                   device=options.device, quick=options.quick, console=console, run_id=run_id, images=images)
+                   device=options.device, quick=options.quick, console=console, run_id=run_id, images=images,
+                   profile=options.profile)
     options.out.mkdir(parents=True, exist_ok=True)
     path = options.out / "bench.json"
     meta: dict[str, Any] = {
         "run_id": run_id, "started_at": datetime.now(UTC).isoformat(), "quick": options.quick,
-        "device": options.device, "only": options.only, "host": platform.node(), "cpus": os.cpu_count(),
+        "device": options.device, "only": options.only, "profile": options.profile, "host": platform.node(),
+        "cpus": os.cpu_count(),
         "python": platform.python_version(), "load_average_at_start": os.getloadavg(),
     }
     results: list[BenchResult] = []

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from control.operator import WaitReport
+from loadtest.bench_profile import print_profiles
 from loadtest.records import JobRecord
 from loadtest.report import percentile, timeline
 
@@ -200,6 +201,8 @@ def print_result(result: BenchResult, console: Console) -> None:
         table.add_row(*(_cell(row.get(c)) for c in columns))
     if result.rows:
         console.print(table)
+    if result.figures.get("profile"):
+        print_profiles(result.figures["profile"], console)
     for metric in result.metrics:
         goal = f" (goal {metric.goal})" if metric.goal else ""
         console.print(f"  {verdict(metric.passed)} {metric.name} = {metric.shown()}{goal}")

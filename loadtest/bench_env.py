@@ -51,6 +51,8 @@ class BenchEnv:
     #: jobs/s two workers sustain on shapes (closed loop); measured once, shared by benchmarks.
     capacity: float | None = None
     figures: dict[str, Any] = field(default_factory=dict)
+    #: Workers time their steps (`HOTSWAP_PROFILE`); benchmarks 1 and 2 print CPU per job by step.
+    profile: bool = False
 
     def namespace(self, tag: str) -> str:
         return f"bench-{self.run_id}-{tag}"
@@ -69,6 +71,7 @@ class BenchEnv:
                 "HOTSWAP_TORCH_THREADS": "1",
                 "HOTSWAP_DEVICE": self.device,
                 "HOTSWAP_HEARTBEAT_INTERVAL_S": "0.5",
+                **({"HOTSWAP_PROFILE": "1"} if self.profile else {}),
                 **({"HOTSWAP_CONTROL_PUBLIC_KEY": str(public_key)} if public_key else {}),
                 **(env or {}),
             },

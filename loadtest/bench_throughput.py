@@ -35,6 +35,7 @@ from loadtest.bench_env import (
     thread_cpu_seconds,
     warm_up,
 )
+from loadtest.bench_profile import mean_profile, per_job, read_profile
 from loadtest.runner import LoadShape
 from worker.config import WorkerSettings
 from worker.runtime.trivial_backend import TRIVIAL_MODEL, write_trivial_model
@@ -60,6 +61,7 @@ class Series:
     producer_cpu_ms: list[float] = field(default_factory=list)  # this process's CPU per job
     producer_busy: list[float] = field(default_factory=list)  # this process's CPU / wall time
     worker: dict[str, list[float]] = field(default_factory=dict)  # from its /metrics: batch, phases
+    profiles: list[dict[str, float]] = field(default_factory=list)  # --profile: CPU µs per job by step
 
     @property
     def rate(self) -> float | None:
@@ -143,13 +145,33 @@ async def _measure_worker(env: BenchEnv, namespace: str, worker: WorkerProcess, 
         await warm_up(env, namespace, model)
         assert worker.process is not None
         before: Totals = histogram_totals(worker.text("/metrics"))
+        profile = read_profile(worker) if env.profile else None
         run, use = await measured_load(env, namespace, model, worker.process.pid, series.label)
         means = worker_means(before, histogram_totals(worker.text("/metrics")))
+        if profile is not None:
+            series.profiles.append(_profiled(run, use, per_job(profile, read_profile(worker), _answered(run))))
     finally:
         await env.stop(worker)
     if run.lost or run.failed:
         raise BenchError(f"{series.label}: {run.lost} lost, {run.failed} failed jobs")
     series.add_run(run, use, means)
+
+
+def _answered(run: LoadRun) -> int:
+    return max(1, int(run.report["summary"]["answered"]))
+
+
+def _profiled(run: LoadRun, use: ServerUse, steps: dict[str, float]) -> dict[str, float]:
+    # The whole process too: beyond its Python threads' totals it is native threads (torch's pool).
+    return {**steps, "process/(all)": 1e6 * use.cpu_s / _answered(run)}
+
+
+def _add_profiles(env: BenchEnv, result: BenchResult, series: list[Series]) -> None:
+    if not env.profile:
+        return
+    result.figures["profile"] = {s.label: mean_profile(s.profiles) for s in series if s.profiles}
+    result.notes.append("profile mode: the workers timed their steps (thread CPU), which costs them a few µs "
+                        "per step: read the ratios of a run without --profile")
 
 
 async def pool_vs_inprocess(env: BenchEnv) -> BenchResult:
@@ -211,6 +233,7 @@ async def pool_vs_inprocess(env: BenchEnv) -> BenchResult:
                             f"were in flight: jobs did not reach the batcher fast enough while a batch ran (with "
                             f"prefetch {PREFETCH}, a batch fills only from what the acks of the one before let in)")
     _producer_note(result, pool.values())
+    _add_profiles(env, result, list(pool.values()))
     return result
 
 
@@ -236,6 +259,8 @@ async def trivial_vs_raw(env: BenchEnv) -> BenchResult:
             if run.lost or run.failed:
                 raise BenchError(f"raw loop: {run.lost} lost, {run.failed} failed jobs")
             raw.add_run(run, use, {})
+            if env.profile:
+                raw.profiles.append(_profiled(run, use, {}))
 
         async def worker_loop() -> None:
             worker = env.worker(namespace, "trivial", [f"{TRIVIAL_MODEL}@1.0.0"], model_root=root)
@@ -263,6 +288,7 @@ async def trivial_vs_raw(env: BenchEnv) -> BenchResult:
                         "worker does (confirmed, mandatory, as persistent as the job), then acks")
     result.notes.append(_phases_note(ours))
     _producer_note(result, (raw, ours))
+    _add_profiles(env, result, [raw, ours])
     return result
 
 

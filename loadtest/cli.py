@@ -146,6 +146,8 @@ def bench(
     device: Annotated[Device, typer.Option(help="where workers and the in-process baseline run")] = Device.cpu,
     amqp_url: Annotated[str | None, typer.Option(envvar="HOTSWAP_AMQP_URL", help="AMQP URL of the broker")] = None,
     model_root: Annotated[Path, typer.Option(envvar="HOTSWAP_MODEL_ROOT", help="model repository")] = Path("models"),
+    profile: Annotated[bool, typer.Option("--profile", help=(
+        "workers time their steps: benchmarks 1 and 2 also print CPU µs per job by thread and step"))] = False,
 ) -> None:
     """The performance benchmarks (docs/architecture.md, "Targets"): ratios measured side by side, a summary
     table and bench.json. A missed goal is reported, not an error: exits non-zero only on errors."""
@@ -162,7 +164,7 @@ def bench(
     try:
         options = BenchOptions(
             only=parse_only(only), quick=quick, out=out, device=device.value, model_root=model_root,
-            url=amqp_url or os.environ.get("HOTSWAP_AMQP_URL", DEFAULT_AMQP_URL),
+            url=amqp_url or os.environ.get("HOTSWAP_AMQP_URL", DEFAULT_AMQP_URL), profile=profile,
         )
         check_zoo(model_root)
     except BenchSetupError as exc:

@@ -36,6 +36,7 @@ from worker.runtime.artifacts import ArtifactCache
 from worker.runtime.images import ImageLimits
 from worker.runtime.lifecycle import ModelVersion
 from worker.runtime.manager import ModelManager, ModelSpec
+from worker.runtime.profiling import STEPS
 from worker.runtime.repository import ModelRepository
 from worker.runtime.sources import SourcePolicy
 from worker.runtime.validation import LatencyBudget
@@ -57,6 +58,8 @@ class Worker:
         self.metrics = WorkerMetrics()
         self.metrics.expect_models(spec.model for spec in self.specs)
         self.started_at = time.time()
+        if settings.profile:
+            STEPS.enabled = True  # process-wide: the backends' steps are timed too
         # One inference thread: torch parallelises inside it (settings.torch_threads).
         self.inference_executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
         self.decode_executor = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")

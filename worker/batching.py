@@ -21,6 +21,7 @@ from worker.metrics import WorkerMetrics
 from worker.runtime.backend import Image, ModelBackend
 from worker.runtime.lifecycle import ModelVersion
 from worker.runtime.predictions import Prediction
+from worker.runtime.profiling import STEPS
 
 BatchKey = tuple[int, InferenceParams, tuple[int, ...]]
 
@@ -68,18 +69,19 @@ class MicroBatcher:
         return max((now - started for started in list(self._started.values())), default=0.0)
 
     async def predict(self, version: ModelVersion, image: Image, params: InferenceParams) -> Prediction:
-        loop = asyncio.get_running_loop()
-        key = (id(version), params, image.shape)
-        batch = self._open.get(key)
-        if batch is None:
-            batch = self._open[key] = _Batch(version, params)
-            if self.max_batch > 1 and self.max_wait_s > 0:
-                batch.timer = loop.call_later(self.max_wait_s, self._on_timer, key)
-        future: asyncio.Future[Prediction] = loop.create_future()
-        batch.images.append(image)
-        batch.futures.append(future)
-        if len(batch.images) >= self.max_batch or batch.timer is None:
-            self._flush(key)
+        with STEPS.step("batch"):
+            loop = asyncio.get_running_loop()
+            key = (id(version), params, image.shape)
+            batch = self._open.get(key)
+            if batch is None:
+                batch = self._open[key] = _Batch(version, params)
+                if self.max_batch > 1 and self.max_wait_s > 0:
+                    batch.timer = loop.call_later(self.max_wait_s, self._on_timer, key)
+            future: asyncio.Future[Prediction] = loop.create_future()
+            batch.images.append(image)
+            batch.futures.append(future)
+            if len(batch.images) >= self.max_batch or batch.timer is None:
+                self._flush(key)
         return await future
 
     def _on_timer(self, key: BatchKey) -> None:
@@ -118,10 +120,11 @@ class MicroBatcher:
             self._busy -= 1
             if self._due:
                 self._flush(next(iter(self._due)))
-        self._observe(batch.version, len(batch.images), compute_ms)
-        for future, detections in zip(batch.futures, results, strict=True):
-            if not future.done():
-                future.set_result(detections)
+        with STEPS.step("batch"):
+            self._observe(batch.version, len(batch.images), compute_ms)
+            for future, detections in zip(batch.futures, results, strict=True):
+                if not future.done():
+                    future.set_result(detections)
 
     def _observe(self, version: ModelVersion, size: int, compute_ms: float) -> None:
         runs = version.batches_run

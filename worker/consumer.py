@@ -23,6 +23,7 @@ from worker.config import WorkerSettings
 from worker.declarer import Declarer
 from worker.jobs import Delivery, JobProcessor, Outcome
 from worker.metrics import WorkerMetrics
+from worker.runtime.profiling import STEPS
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +139,12 @@ class JobConsumer:
         slot until the channel closes and break every ack run above it."""
         task = asyncio.current_task()
         assert task is not None
-        self._in_flight.add(task)
-        self._idle.clear()
-        self._last_delivery_at = asyncio.get_running_loop().time()
-        self.metrics.in_flight.labels(model).inc()
-        self.acks.received(message)
+        with STEPS.step("bookkeeping"):
+            self._in_flight.add(task)
+            self._idle.clear()
+            self._last_delivery_at = asyncio.get_running_loop().time()
+            self.metrics.in_flight.labels(model).inc()
+            self.acks.received(message)
         try:
             yield
         except Exception:
@@ -151,10 +153,11 @@ class JobConsumer:
             if self.acks.unsettled(message):
                 log.error("delivery %s from %s was left unsettled; requeueing it", message.delivery_tag, model)
                 await self._give_back(message)
-            self.metrics.in_flight.labels(model).dec()
-            self._in_flight.discard(task)
-            if not self._in_flight:
-                self._idle.set()
+            with STEPS.step("bookkeeping"):
+                self.metrics.in_flight.labels(model).dec()
+                self._in_flight.discard(task)
+                if not self._in_flight:
+                    self._idle.set()
 
     async def _settle(self, message: AbstractIncomingMessage, outcome: Outcome, model: str) -> None:
         try:
@@ -166,7 +169,8 @@ class JobConsumer:
             await self._give_back(message)
             return
         if not outcome.dead_letter:
-            self.acks.ack(message)  # with the other jobs answered in this turn of the event loop
+            with STEPS.step("ack"):
+                self.acks.ack(message)  # with the other jobs answered in this turn of the event loop
             return
         try:
             await message.reject(requeue=False)
@@ -187,11 +191,12 @@ class JobConsumer:
         job goes back to the queue, until its delivery limit."""
         if self._channel is None:
             raise RuntimeError("the job channel is not open")
-        reply = aio_pika.Message(
-            body=result.model_dump_json(exclude_none=True).encode(), content_type="application/json",
-            correlation_id=job.correlation_id or result.job_id, type=RESULT_TYPE,
-            delivery_mode=job.delivery_mode,
-        )
+        with STEPS.step("serialize"):
+            reply = aio_pika.Message(
+                body=result.model_dump_json(exclude_none=True).encode(), content_type="application/json",
+                correlation_id=job.correlation_id or result.job_id, type=RESULT_TYPE,
+                delivery_mode=job.delivery_mode,
+            )
         for pause_s in (*_NO_ROUTE_PAUSES_S, None):
             try:
                 await self._channel.default_exchange.publish(reply, routing_key=reply_to, mandatory=True)

@@ -42,6 +42,7 @@ from worker.runtime.deployment import Deployment, DeploymentTable, UnknownVersio
 from worker.runtime.images import ImageHeader, ImageLimits, decode_pixels, read_header
 from worker.runtime.lifecycle import ModelVersion
 from worker.runtime.predictions import Prediction
+from worker.runtime.profiling import STEPS
 from worker.runtime.validation import evaluator_for
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,8 @@ class JobProcessor:
 
     async def _process(self, delivery: Delivery, clock: _Clock) -> Outcome:
         try:
-            job = parse_job(delivery.body)
+            with STEPS.step("parse"):
+                job = parse_job(delivery.body)
         except JobFailure as exc:
             job_id = exc.job_id or delivery.correlation_id or "unknown"
             result = self._error(job_id, delivery, clock, None, None, exc.code, exc.message)
@@ -191,16 +193,17 @@ class JobProcessor:
         return result
 
     async def _route(self, job: Job) -> tuple[Deployment, ModelVersion]:
-        _check_deadline(job)
-        deployment = self.deployments.get(job.model)  # the snapshot this job keeps to the end
-        if deployment is None:
-            raise JobFailure(ErrorCode.UNKNOWN_MODEL, f"this worker does not serve model {job.model!r}")
-        try:
-            return deployment, deployment.resolve(job.version, _routing_key(job))
-        except UnknownVersion as exc:
-            loader = self.deployments.on_demand
-            if job.version is None or loader is None or not loader.allows(job.model, job.version):
-                raise JobFailure(ErrorCode.UNKNOWN_VERSION, str(exc)) from exc
+        with STEPS.step("route"):
+            _check_deadline(job)
+            deployment = self.deployments.get(job.model)  # the snapshot this job keeps to the end
+            if deployment is None:
+                raise JobFailure(ErrorCode.UNKNOWN_MODEL, f"this worker does not serve model {job.model!r}")
+            try:
+                return deployment, deployment.resolve(job.version, _routing_key(job))
+            except UnknownVersion as exc:
+                loader = self.deployments.on_demand
+                if job.version is None or loader is None or not loader.allows(job.model, job.version):
+                    raise JobFailure(ErrorCode.UNKNOWN_VERSION, str(exc)) from exc
         # A version allowed on demand: this job waits for it to load (or joins the load under way).
         version = await loader.acquire(job.model, job.version)
         return self.deployments.get(job.model) or deployment, version
@@ -217,37 +220,40 @@ class JobProcessor:
         if shadow is not None:
             self._start_shadow(shadow, version, image, header.pixels, job, prediction)
         detections, output = await self._encode(prediction, version)
-        return JobResult(
-            job_id=job.job_id,
-            status="ok",
-            model=version.model,
-            version=version.version,
-            worker_id=self.worker_id,
-            attempt=delivery.attempt,
-            timings=clock.timings(job.submitted_at),
-            image=ImageInfo(width=image.shape[1], height=image.shape[0]),
-            detections=detections,
-            output=output,
-        )
+        with STEPS.step("result"):
+            return JobResult(
+                job_id=job.job_id,
+                status="ok",
+                model=version.model,
+                version=version.version,
+                worker_id=self.worker_id,
+                attempt=delivery.attempt,
+                timings=clock.timings(job.submitted_at),
+                image=ImageInfo(width=image.shape[1], height=image.shape[0]),
+                detections=detections,
+                output=output,
+            )
 
     async def _encode(self, prediction: Prediction, version: ModelVersion) -> tuple[list[Detection], TaskOutput]:
         """The result's detections and output. Masks are run-length encoded in a decode thread:
         a parsing answer on a photo is millions of pixels, too many for the event loop."""
         if prediction.masks is None and prediction.parts is None:
-            return to_wire(prediction, version.loaded_manifest)
+            with STEPS.step("encode"):
+                return to_wire(prediction, version.loaded_manifest)
         return await asyncio.get_running_loop().run_in_executor(
-            self.decode_executor, to_wire, prediction, version.loaded_manifest)
+            self.decode_executor, _timed_to_wire, prediction, version.loaded_manifest)
 
     async def _header(self, job: Job) -> ImageHeader:
         if isinstance(job.image, InlineImage):
             data = job.image.data
         else:
             data = await fetch_image(job.image.url, self.limits, self.http)
-        return read_header(data, self.limits)  # on the loop: microseconds, no pixel decoded
+        with STEPS.step("header"):
+            return read_header(data, self.limits)  # on the loop: microseconds, no pixel decoded
 
     async def _decode(self, header: ImageHeader, clock: _Clock) -> Image:
         started = time.perf_counter()
-        image = await asyncio.get_running_loop().run_in_executor(self.decode_executor, decode_pixels, header)
+        image = await asyncio.get_running_loop().run_in_executor(self.decode_executor, _timed_decode, header)
         clock.decode_ms = (time.perf_counter() - started) * 1000
         return image
 
@@ -327,6 +333,10 @@ class JobProcessor:
         )
 
     def _finish(self, result: JobResult, delivery: Delivery, *, dead_letter: bool = False) -> Outcome:
+        with STEPS.step("bookkeeping"):
+            return self._account(result, delivery, dead_letter)
+
+    def _account(self, result: JobResult, delivery: Delivery, dead_letter: bool) -> Outcome:
         self.stats.record(result)
         _log_answer(result)
         code = result.error.code if result.error else None
@@ -345,6 +355,10 @@ class JobProcessor:
             reply_to=delivery.reply_to or None,
             dead_letter=dead_letter or code in MALFORMED,
         )
+
+
+_timed_decode = STEPS.timed("decode", decode_pixels)  # in a decode thread
+_timed_to_wire = STEPS.timed("encode", to_wire)  # in a decode thread, for masks
 
 
 def _log_answer(result: JobResult) -> None:

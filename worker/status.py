@@ -1,4 +1,4 @@
-"""The worker's HTTP face: /healthz, /readyz, /status, /metrics (aiohttp), and /artifacts/<sha256>
+"""The worker's HTTP face: /healthz, /readyz, /status, /metrics, /profile (aiohttp), and /artifacts/<sha256>
 for the fleet's peers (`worker.peers`) where the control plane holds a worker key."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from schemas.status import WorkerStatus
 from worker.metrics import WorkerMetrics
 from worker.peers import ArtifactServer
+from worker.runtime.profiling import STEPS
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,16 @@ def create_app(source: StatusSource, artifacts: ArtifactServer | None = None) ->
         body = generate_latest(source.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def profile(_: web.Request) -> web.Response:
+        # CPU by step, cumulative: a reader takes differences over its own window.
+        return web.json_response(STEPS.snapshot())
+
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/profile", profile)
     if artifacts is not None:
         artifacts.add_to(app)
     return app

@@ -74,3 +74,36 @@ async def test_readyz_says_why_not_while_stopping(
     assert "shutting down" in reasons
     start_worker("shapes@1.0.0")
     assert all(r.status == "ok" for r in await asyncio.gather(*jobs))
+
+
+async def test_profile_counts_each_step_of_every_job_in_its_thread(
+    serve_in_process: ServeInProcess, client: Client, heldout: list[HeldOut]
+) -> None:
+    from worker.runtime.profiling import STEPS
+
+    try:
+        worker = await serve_in_process("shapes@1.0.0", name="profiled", profile=True)
+        before = await worker.get("/profile")
+        assert before["enabled"] is True
+        await asyncio.gather(*(client.submit(h.path, model="shapes") for h in heldout[:6]))
+        async with asyncio.timeout(5):
+            while (await worker.get("/status"))["in_flight"]:
+                await asyncio.sleep(0.02)
+        after = await worker.get("/profile")
+    finally:
+        STEPS.enabled = False  # process-wide: the other tests' workers do not profile
+
+    def count(key: str) -> int:
+        return int(after["steps"].get(key, {"count": 0})["count"] - before["steps"].get(key, {"count": 0})["count"])
+
+    # Once per job on the loop, once in the decode threads; the batcher's two stretches per job
+    # (joining a batch, and the batch's answers); the backend's steps once per batch.
+    for step in ("parse", "route", "header", "result", "encode", "serialize", "ack"):
+        assert count(f"loop/{step}") == 6, (step, after["steps"])
+    assert count("decode/decode") == 6
+    assert count("loop/bookkeeping") == 6 * 3  # in flight up, the answer counted, in flight down
+    batches = count("inference/forward")
+    assert 1 <= batches <= 6 and count("inference/letterbox") == count("inference/nms") == batches
+    assert count("loop/batch") == 6 + batches
+    assert after["threads"]["loop"] > before["threads"]["loop"]
+    assert after["threads"]["inference"] > 0

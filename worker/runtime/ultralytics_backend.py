@@ -35,6 +35,7 @@ from schemas.jobs import InferenceParams
 from schemas.manifest import Manifest
 from worker.runtime.backend import BackendError, Image, blank_image
 from worker.runtime.predictions import Prediction
+from worker.runtime.profiling import STEPS
 from worker.runtime.tracing import traced
 from worker.runtime.ultralytics_networks import Network, load_network, yolo_around
 from worker.runtime.weights import ArtifactLoader, PickleRefused
@@ -95,19 +96,25 @@ class TracedYolo:
         size = math.ceil(size / self.stride) * self.stride
         same_shape = len({image.shape for image in images}) == 1
         letterbox = LetterBox((size, size), auto=same_shape, stride=self.stride)
-        boxed = np.stack([letterbox(image=image) for image in images])
+        with STEPS.step("letterbox"):
+            boxed = np.stack([letterbox(image=image) for image in images])
         with torch.inference_mode():
-            batch = torch.from_numpy(boxed).to(self.device).permute(0, 3, 1, 2).contiguous().flip(1).float().div_(255)
-            output = self.module(batch)
+            with STEPS.step("to tensor"):
+                batch = torch.from_numpy(boxed).to(self.device).permute(0, 3, 1, 2).contiguous().flip(1).float()
+                batch = batch.div_(255)
+            with STEPS.step("forward"):
+                output = self.module(batch)
             predictions, protos = output if self.task == "segment" else (output, None)
-            # nc tells NMS where class scores end and mask coefficients or keypoints begin.
-            kept = non_max_suppression(predictions, params.conf, params.iou, max_det=params.max_det,
-                                       nc=0 if self.task == "detect" else self.classes, end2end=self.end2end)
+            with STEPS.step("nms"):
+                # nc tells NMS where class scores end and mask coefficients or keypoints begin.
+                kept = non_max_suppression(predictions, params.conf, params.iou, max_det=params.max_det,
+                                           nc=0 if self.task == "detect" else self.classes, end2end=self.end2end)
             shape = batch.shape[2:]
             if protos is not None:
                 return [_segmented(found, shape, image.shape, proto) for found, image, proto
                         in zip(kept, images, protos, strict=True)]
-            return [self._posed(found, shape, image.shape) for found, image in zip(kept, images, strict=True)]
+            with STEPS.step("scale"):
+                return [self._posed(found, shape, image.shape) for found, image in zip(kept, images, strict=True)]
 
     def _posed(self, found: torch.Tensor, shape: torch.Size, original: tuple[int, ...]) -> Prediction:
         """Detect and pose, as `DetectionPredictor` and `PosePredictor.construct_result`."""

@@ -1,0 +1,84 @@
+"""CPU time by step of the job path: the bench's profile mode (`HOTSWAP_PROFILE=1`).
+
+Off by default, where a step costs one attribute read. On, each step adds the CPU time its thread
+spent inside it (`time.thread_time_ns`, so time waiting for a core or the GIL is not counted).
+Only synchronous stretches are timed: on the event loop a step never spans an `await`, since the
+loop would run other jobs' work inside it. What the loop thread spends outside every step (asyncio,
+aio-pika, aiormq: the transport, the hand-offs, scheduling) is its total less its steps; totals by
+thread come from the threads' own CPU clocks.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any, ParamSpec, TypeVar
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_OFF: AbstractContextManager[None] = nullcontext()
+
+
+class StepProfile:
+    def __init__(self) -> None:
+        self.enabled = False
+        self._lock = threading.Lock()
+        self._cpu_ns: dict[str, int] = {}
+        self._count: dict[str, int] = {}
+
+    def step(self, name: str) -> AbstractContextManager[None]:
+        """Time the block's CPU as step `name` (it must not await)."""
+        return self._timed(name) if self.enabled else _OFF
+
+    def timed(self, name: str, function: Callable[P, R]) -> Callable[P, R]:
+        """`function`, its calls timed as step `name` when profiling: for work handed to a thread."""
+        def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            with self.step(name):
+                return function(*args, **kwargs)
+        return run
+
+    @contextmanager
+    def _timed(self, name: str) -> Iterator[None]:
+        started = time.thread_time_ns()
+        try:
+            yield
+        finally:
+            spent = time.thread_time_ns() - started
+            key = f"{_role(threading.current_thread())}/{name}"
+            with self._lock:
+                self._cpu_ns[key] = self._cpu_ns.get(key, 0) + spent
+                self._count[key] = self._count.get(key, 0) + 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every step's CPU seconds and count so far (keyed `role/step`, the role of the thread it ran
+        in), and every live thread's CPU seconds by role."""
+        with self._lock:
+            steps = {name: {"cpu_s": ns / 1e9, "count": self._count[name]} for name, ns in self._cpu_ns.items()}
+        return {"enabled": self.enabled, "steps": steps, "threads": thread_cpu_by_role()}
+
+
+def thread_cpu_by_role() -> dict[str, float]:
+    """CPU seconds of the process's Python threads, summed by role: an executor's threads are named
+    `<prefix>_<n>`, so `decode_0` and `decode_1` are `decode`; the main thread runs the event loop."""
+    roles: dict[str, float] = {}
+    for thread in threading.enumerate():
+        if thread.ident is None:
+            continue
+        role = _role(thread)
+        try:
+            spent = time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+        except (OSError, ProcessLookupError):  # the thread ended meanwhile
+            continue
+        roles[role] = roles.get(role, 0.0) + spent
+    return roles
+
+
+def _role(thread: threading.Thread) -> str:
+    return "loop" if thread is threading.main_thread() else thread.name.rsplit("_", 1)[0]
+
+
+#: The process's one profile: the worker enables it from its settings; backends and the job path time into it.
+STEPS = StepProfile()
