@@ -22,6 +22,9 @@ from worker.config import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS_PREFIX = "HOTSWAP_"
+#: Read from the environment when the worker connects (worker/connections.py's resolve_url), not a
+#: setting: the file holding the broker password (test_k8s.py checks the worker reads it).
+CONNECTION_ENVVARS = {"HOTSWAP_AMQP_PASSWORD_FILE"}
 #: Shell operators that end one command of a `sh -c` script and start the next.
 _SHELL_SEPARATORS = {"||", "&&", ";", "|", "&", "{", "}", "(", ")", ";;"}
 
@@ -109,9 +112,10 @@ def settings_envvars() -> set[str]:
 
 
 def accepted_envvars(invocation: Invocation) -> set[str]:
-    """What the command reads from the environment: its options' and, for `worker`, the settings."""
+    """What the command reads from the environment: its options' and, for `worker`, the settings and
+    the broker password's file."""
     names = option_envvars(invocation.command)
-    return names | settings_envvars() if invocation.path == ("worker",) else names
+    return names | settings_envvars() | CONNECTION_ENVVARS if invocation.path == ("worker",) else names
 
 
 @contextmanager

@@ -6,8 +6,10 @@ between them, the image, the CLI and the worker's settings."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import SplitResult, unquote, urlsplit
 
 import jsonschema
 import kubernetes_validate
@@ -28,6 +30,7 @@ from stack_support import (
 
 from schemas.topology import Topology
 from worker.config import WorkerSettings
+from worker.connections import resolve_url
 
 K8S = ROOT / "ops" / "k8s"
 #: The oldest Kubernetes the manifests are written for, and the newest whose schemas are bundled.
@@ -38,6 +41,7 @@ EXTERNAL_SECRETS = {"hotswap-worker-keys": {"control.pub", "worker.key"}}
 #: Time a worker needs after its grace period: stop the control loop, close the connection.
 SHUTDOWN_MARGIN_S = 10.0
 IMAGE = final_stage(parse_dockerfile())
+DEFINITIONS: dict[str, Any] = json.loads((ROOT / "ops" / "rabbitmq" / "definitions.json").read_text())
 
 
 def load_manifests() -> list[tuple[str, dict[str, Any]]]:
@@ -85,6 +89,12 @@ def worker() -> tuple[dict[str, Any], dict[str, Any], WorkerSettings]:
     deployment = one("Deployment")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     return deployment, container, parse_settings(container_env(container))
+
+
+def password_file(container: dict[str, Any]) -> PurePosixPath:
+    named = container_env(container).get("HOTSWAP_AMQP_PASSWORD_FILE")
+    assert named, "the worker's broker password comes from no file (HOTSWAP_AMQP_PASSWORD_FILE)"
+    return PurePosixPath(named)
 
 
 def mount_of(pod: dict[str, Any], container: dict[str, Any], path: PurePosixPath) -> dict[str, Any]:
@@ -185,7 +195,8 @@ def test_the_worker_writes_only_to_its_volumes() -> None:
     for path in (settings.artifact_cache, Path("/home/hotswap"), Path("/tmp")):
         volume = mount_of(pod, container, PurePosixPath(path))
         assert "emptyDir" in volume and not volume["mount"].get("readOnly"), f"{path} is not writable"
-    for read_only in (settings.model_root, settings.control_public_key, settings.worker_key_path):
+    for read_only in (settings.model_root, settings.control_public_key, settings.worker_key_path,
+                      password_file(container)):
         assert read_only is not None
         assert mount_of(pod, container, PurePosixPath(read_only))["mount"].get("readOnly"), f"{read_only} is writable"
 
@@ -207,6 +218,9 @@ def test_references_resolve() -> None:
         secret = mount_of(pod, container, PurePosixPath(path))["secret"]["secretName"]
         assert path.name in EXTERNAL_SECRETS[secret], f"{path.name} is not in the Secret {secret}"
     assert "control.key" not in set().union(*EXTERNAL_SECRETS.values())
+    password = password_file(container)
+    secret = mount_of(pod, container, password)["secret"]["secretName"]
+    assert password.name in one("Secret", secret)["stringData"], f"{password.name} is not in the Secret {secret}"
 
 
 def test_zoo_job_fills_the_repository_the_workers_read() -> None:
@@ -239,10 +253,79 @@ def test_keda_scales_the_worker_on_its_model_queue() -> None:
     assert {trigger["metadata"]["queueName"]} == queues, f"the worker consumes {sorted(queues)}"
 
 
-def test_keda_reaches_the_broker_the_workers_use() -> None:
+def keda_broker_url() -> str:
+    """The URL KEDA's trigger connects with: the `host` of its TriggerAuthentication's Secret."""
     (trigger,) = one("ScaledObject")["spec"]["triggers"]
     auth = one("TriggerAuthentication", trigger["authenticationRef"]["name"])["spec"]
     (host,) = [ref for ref in auth["secretTargetRef"] if ref["parameter"] == "host"]
-    assert host["key"] in one("Secret", host["name"])["stringData"]
-    _, container, _ = worker()
-    assert container_env(container)["HOTSWAP_AMQP_URL"] == one("Secret", host["name"])["stringData"][host["key"]]
+    url: str = one("Secret", host["name"])["stringData"][host["key"]]
+    return url
+
+
+# --- the broker's users -------------------------------------------------------------------------------
+
+
+def vhost_of(url: SplitResult) -> str:
+    return unquote(url.path[1:]) or "/"
+
+
+def grants(user: str, vhost: str) -> dict[str, str]:
+    """The user's permissions in the vhost, as ops/rabbitmq/definitions.json gives them."""
+    assert user in {u["name"] for u in DEFINITIONS["users"]}, f"{user} is not a user of definitions.json"
+    assert vhost in {v["name"] for v in DEFINITIONS["vhosts"]}, f"vhost {vhost!r} is not in definitions.json"
+    granted = [p for p in DEFINITIONS["permissions"] if p["user"] == user and p["vhost"] == vhost]
+    assert len(granted) == 1, f"{user} has no permissions in the vhost {vhost!r}: the broker refuses it the vhost"
+    return {k: granted[0][k] for k in ("configure", "write", "read")}
+
+
+def test_the_worker_connects_as_the_definitions_worker_user_in_their_vhost() -> None:
+    """Importing definitions at boot creates no guest (and a production broker should have none):
+    the URL must name a user and vhost of ops/rabbitmq/definitions.json, one allowed what a worker
+    does. RabbitMQ matches permission regexes unanchored, as re.search does."""
+    _, container, settings = worker()
+    url = urlsplit(settings.amqp_url)
+    assert url.username, "no user in HOTSWAP_AMQP_URL"
+    assert url.password is None, "the password belongs in the Secret (HOTSWAP_AMQP_PASSWORD_FILE), not the URL"
+    granted = grants(url.username, vhost_of(url))
+    topology = Topology(settings.namespace)
+    (args,) = hotswap_argv(container_argv(container))
+    for model in [args[i + 1].split("@")[0] for i, a in enumerate(args) if a in ("--model", "-m")]:
+        for verb, name in (("configure", topology.job_queue(model)), ("read", topology.job_queue(model)),
+                           ("read", topology.control_log), ("write", topology.status_exchange),
+                           ("write", "amq.default")):
+            assert re.search(granted[verb], name), f"{url.username} may not {verb} {name}"
+
+
+def test_the_worker_reads_its_broker_password_from_the_mounted_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HOTSWAP_AMQP_PASSWORD_FILE as worker.yaml sets it: the worker's resolve_url puts the file's
+    content (a Secret's, without its trailing newline) in the URL."""
+    _, container, settings = worker()
+    assert password_file(container).parent.name == "amqp"
+    secret = tmp_path / password_file(container).name
+    secret.write_text("from-the-secret\n")
+    monkeypatch.setenv("HOTSWAP_AMQP_PASSWORD_FILE", str(secret))
+    resolved = resolve_url(settings.amqp_url)
+    assert (resolved.user, resolved.password) == (urlsplit(settings.amqp_url).username, "from-the-secret")
+
+
+def test_keda_reads_the_queue_as_its_own_user_in_the_workers_vhost() -> None:
+    """KEDA's trigger reaches the workers' broker and vhost, as a user of its own that may open the
+    vhost and nothing more: protocol amqp reads a queue's length by a passive declare, which RabbitMQ
+    checks no permission for (test_rabbitmq_permissions.py holds that on the real broker)."""
+    (trigger,) = one("ScaledObject")["spec"]["triggers"]
+    _, _, settings = worker()
+    workers, keda = urlsplit(settings.amqp_url), urlsplit(keda_broker_url())
+    assert (keda.scheme, keda.hostname, keda.port) == (workers.scheme, workers.hostname, workers.port)
+    assert trigger["metadata"]["protocol"] == "amqp", "the http protocol needs a management-tagged user"
+    assert trigger["metadata"]["vhostName"] == vhost_of(keda) == vhost_of(workers)
+    assert keda.username and keda.username != workers.username, "KEDA borrows the workers' credentials"
+    granted = grants(keda.username, vhost_of(keda))
+    (user,) = [u for u in DEFINITIONS["users"] if u["name"] == keda.username]
+    assert user["tags"] == [], f"{keda.username} needs no tag"
+    names = {e["name"] for e in DEFINITIONS["exchanges"]} | {q["name"] for q in DEFINITIONS["queues"]}
+    names |= {"amq.default", trigger["metadata"]["queueName"]}
+    for verb, regex in granted.items():
+        allowed = sorted(n for n in names if re.search(regex, n))
+        assert not allowed, f"{keda.username} may {verb} {allowed}"

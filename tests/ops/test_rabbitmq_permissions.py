@@ -50,7 +50,7 @@ VHOST = "hotswap"
 TOPOLOGY = Topology("hotswap")
 #: The local/dev passwords the definitions' hashes were made from (ops/rabbitmq/README.md).
 PASSWORDS = {"hotswap-producer-a": "dev-producer-a", "hotswap-producer-b": "dev-producer-b",
-             "hotswap-worker": "dev-worker", "hotswap-operator": "dev-operator"}
+             "hotswap-worker": "dev-worker", "hotswap-operator": "dev-operator", "hotswap-scaler": "dev-scaler"}
 
 Act = Callable[[AbstractChannel], Awaitable[object]]
 
@@ -153,6 +153,12 @@ def consume_from(queue: str) -> Act:
     return act
 
 
+def get_from(queue: str) -> Act:
+    async def act(channel: AbstractChannel) -> object:
+        return await (await channel.get_queue(queue, ensure=False)).get(no_ack=True, fail=False)
+    return act
+
+
 # --- the file itself -------------------------------------------------------------------------------
 
 
@@ -243,6 +249,29 @@ async def test_a_worker_may_not_publish_jobs_nor_commands(imported: str) -> None
 async def test_an_operator_may_not_consume_jobs(imported: str, job_queue: str) -> None:
     said = await refusal(url_of(imported, "hotswap-operator"), consume_from(job_queue))
     assert f"queue '{job_queue}' in vhost 'hotswap'" in said
+
+
+async def test_the_scaler_reads_a_queue_length_and_nothing_else(imported: str, job_queue: str) -> None:
+    """KEDA's trigger (ops/k8s/scaledobject.yaml, protocol amqp) reads a queue's length by a passive
+    declare, which RabbitMQ checks no permission for: its user, with no grant, gets the length,
+    and may neither take a job, nor publish one, nor declare anything."""
+    connection = await aio_pika.connect(url_of(imported, "hotswap-worker"))
+    async with connection:  # a job waiting, put there as a worker may (the default exchange)
+        channel = await connection.channel()
+        await channel.default_exchange.publish(aio_pika.Message(b"{}"), routing_key=job_queue)
+    scaler = url_of(imported, "hotswap-scaler")
+    connection = await aio_pika.connect(scaler)
+    async with connection:
+        queue = await (await connection.channel()).declare_queue(job_queue, passive=True)
+        assert queue.declaration_result.message_count == 1
+    said = await refusal(scaler, get_from(job_queue))
+    assert f"queue '{job_queue}' in vhost 'hotswap'" in said
+    said = await refusal(scaler, consume_from(job_queue))
+    assert f"queue '{job_queue}' in vhost 'hotswap'" in said
+    said = await refusal(scaler, publish_to(TOPOLOGY.jobs_exchange, "shapes"))
+    assert "exchange 'hotswap.jobs' in vhost 'hotswap'" in said
+    said = await refusal(scaler, lambda channel: channel.declare_queue(f"{job_queue}.squatted", durable=True))
+    assert "in vhost 'hotswap'" in said
 
 
 async def test_nobody_may_delete_the_shared_exchanges(imported: str) -> None:

