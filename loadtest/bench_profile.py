@@ -35,8 +35,10 @@ def per_job(before: Profile, after: Profile, jobs: int) -> dict[str, float]:
     rows: dict[str, float] = {}
     steps_by_thread: dict[str, float] = {}
     for key, figures in after["steps"].items():
-        spent = figures["cpu_s"] - before["steps"].get(key, {"cpu_s": 0.0})["cpu_s"]
-        rows[key] = 1e6 * spent / jobs
+        earlier = before["steps"].get(key, {"cpu_s": 0.0, "count": 0})
+        if figures["count"] == earlier["count"]:
+            continue  # not run in this window (the control thread's validation before it)
+        rows[key] = 1e6 * (figures["cpu_s"] - earlier["cpu_s"]) / jobs
         thread = key.split("/", 1)[0]
         steps_by_thread[thread] = steps_by_thread.get(thread, 0.0) + rows[key]
     for thread, total in after["threads"].items():

@@ -207,8 +207,10 @@ def test_the_footprint_benchmark_compares_a_worker_with_a_bare_process(
 def test_a_profile_window_is_cpu_per_job_by_step_with_what_each_thread_spent_outside_them() -> None:
     from loadtest.bench_profile import per_job
 
-    before = {"steps": {"loop/parse": {"cpu_s": 1.0, "count": 10}}, "threads": {"loop": 5.0, "control": 2.0}}
-    after = {"steps": {"loop/parse": {"cpu_s": 1.002, "count": 20}, "inference/forward": {"cpu_s": 0.01, "count": 2}},
+    before = {"steps": {"loop/parse": {"cpu_s": 1.0, "count": 10}, "control/forward": {"cpu_s": 0.5, "count": 4}},
+              "threads": {"loop": 5.0, "control": 2.0}}
+    after = {"steps": {"loop/parse": {"cpu_s": 1.002, "count": 20}, "inference/forward": {"cpu_s": 0.01, "count": 2},
+                       "control/forward": {"cpu_s": 0.5, "count": 4}},
              "threads": {"loop": 5.010, "inference": 0.012, "control": 2.0}}
     rows = per_job(before, after, 10)
     assert rows["loop/parse"] == pytest.approx(200.0)
@@ -216,4 +218,4 @@ def test_a_profile_window_is_cpu_per_job_by_step_with_what_each_thread_spent_out
     assert rows["loop/(outside steps)"] == pytest.approx(800.0)
     assert rows["inference/forward"] == pytest.approx(1000.0)
     assert rows["inference/(outside steps)"] == pytest.approx(200.0)
-    assert "control/(all)" not in rows  # a thread the window did not use
+    assert "control/(all)" not in rows and "control/forward" not in rows  # what the window did not use
