@@ -74,3 +74,32 @@ def test_the_check_sees_a_forbidden_import(tmp_path: Path, monkeypatch: pytest.M
     doc.write_text(strict)
     monkeypatch.setattr(sys.modules[__name__], "ROOMS_DOC", doc)
     assert any("worker.runtime imports schemas" in v for v in violations())
+
+
+#: The calls that make or bind an AMQP entity, in aio-pika (channel, queue) and aiormq (raw channel).
+DECLARING = {"declare_queue", "declare_exchange", "queue_declare", "exchange_declare", "bind", "queue_bind",
+             "exchange_bind"}
+DECLARER = ROOT / "worker" / "declarer.py"
+
+
+def declarations_outside_the_declarer() -> list[str]:
+    """Every call declaring or binding an entity in the packages, but for the declarer's own and
+    passive declarations (which only check that an entity exists)."""
+    found = []
+    for top in sorted({r.split(".")[0] for r in allowed_imports()}):
+        for path in sorted((ROOT / top).rglob("*.py")):
+            if path == DECLARER:
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                        and node.func.attr in DECLARING
+                        and not any(k.arg == "passive" and isinstance(k.value, ast.Constant) and k.value.value
+                                    for k in node.keywords)):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.func.attr}")
+    return found
+
+
+def test_nothing_but_the_declarer_declares_an_amqp_entity() -> None:
+    """worker/declarer.py's promise ("nothing else declares"), held for the packages; tests may
+    still declare scratch queues of their own (a full reply queue, a spy on the status exchange)."""
+    assert declarations_outside_the_declarer() == []
