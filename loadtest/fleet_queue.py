@@ -6,8 +6,9 @@ exchange (quorum) or straight to the queue (classic); the worker side consumes w
 publishes a persistent, confirmed reply to `reply_to` and then acks, as `worker/consumer.py` does
 (and `loadtest/bench_raw.py`, bench 2's raw loop). A job counts once its reply is back.
 
-Quorum queues are declared by the worker's own declarer (`worker/declarer.py`) in a throwaway
-namespace; the classic queue, for comparison, is `<namespace>.classic`. All are deleted after.
+Every queue is declared by the worker's own declarer (`worker/declarer.py`) in a throwaway
+namespace: the quorum job queue, and for comparison the classic `<namespace>.classic`
+(`Declarer.fleet_bench_classic_queue`). All are deleted after.
 """
 
 from __future__ import annotations
@@ -100,14 +101,13 @@ async def _declare(channel: AbstractChannel, topology: Topology, kind: QueueKind
     if kind == "quorum":
         await Declarer(channel, topology).job_queue(MODEL, delivery_limit=3)
         return await Declarer(channel, topology).jobs_exchange(), MODEL
-    name = f"{topology.namespace}.classic"
-    await channel.declare_queue(name, durable=True)
-    return channel.default_exchange, name
+    queue = await Declarer(channel, topology).fleet_bench_classic_queue()
+    return channel.default_exchange, queue.name
 
 
 async def _delete(url: str, topology: Topology, kind: QueueKind) -> None:
     names = ([topology.job_queue(MODEL), topology.dead_letter_queue(MODEL)] if kind == "quorum"
-             else [f"{topology.namespace}.classic"])
+             else [topology.fleet_bench_classic_queue])
     connection = await connect(url, "hotswap-fleetbench cleanup", attempts=1)
     async with connection:
         channel = await connection.channel()

@@ -66,3 +66,9 @@ class Topology:
 
     def dead_letter_queue(self, model: str) -> str:
         return f"{self.namespace}.jobs.{model}.dead"
+
+    @property
+    def fleet_bench_classic_queue(self) -> str:
+        """The fleet bench's classic queue (`hotswap loadtest fleet-bounds`), measured beside a job
+        queue for comparison: no worker consumes it and nothing else publishes to it."""
+        return f"{self.namespace}.classic"

@@ -108,6 +108,12 @@ class Declarer:
         queue, _ = await self._queue(name, {**replicated, "x-expires": int(expires_s * 1000)})
         return queue
 
+    async def fleet_bench_classic_queue(self) -> AbstractQueue:
+        """The fleet bench's comparison queue: a durable classic queue, no arguments, on the node
+        that declared it, published to straight through the default exchange (no binding)."""
+        queue, _ = await self._queue(self.topology.fleet_bench_classic_queue, {})
+        return queue
+
     async def event_queue(self) -> AbstractQueue:
         """A private queue of every status event from now on, gone with its consumer."""
         # Named here rather than by the library (aio-pika makes `amq_<hex>` names itself), so that

@@ -26,6 +26,7 @@ from schemas.errors import ErrorCode
 from schemas.jobs import InlineImage, Job, JobError, JobResult
 from schemas.signing import KeyFiles
 from schemas.topology import Topology
+from worker.declarer import Declarer
 
 if TYPE_CHECKING:
     from conftest import HeldOut, StartWorker
@@ -167,13 +168,10 @@ async def test_a_dropped_job_is_lost_and_a_job_run_twice_is_duplicated(
         return job.model_dump_json(exclude_none=True).encode()
 
     async with Client(amqp_url, namespace=namespace, observer=accountant.received) as client:
-        # A queue the broker routes `other` jobs to, that no worker consumes: accepted, never answered.
+        # `other`'s job queue, as a worker would declare it, that no worker consumes: accepted, never answered.
         connection = await aio_pika.connect(amqp_url)
         async with connection:
-            channel = await connection.channel()
-            topology = Topology(namespace)
-            queue = await channel.declare_queue(topology.job_queue("other"), auto_delete=False)
-            await queue.bind(topology.jobs_exchange, routing_key="other")
+            await Declarer(await connection.channel(), Topology(namespace)).job_queue("other", delivery_limit=3)
         accountant.submitted("dropped", "dropped.png", "other")
         await client.publish_raw(body("dropped", "other"), model="other", job_id="dropped")
         # The same job published twice (same correlation id and reply queue): it runs twice.

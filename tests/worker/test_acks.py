@@ -10,7 +10,12 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
 
+from schemas.topology import Topology
 from worker.acks import AckRuns
+from worker.declarer import Declarer
+
+#: The model whose job queue the tests fill: one of their own, in the test's namespace.
+MODEL = "acks"
 
 
 @dataclass
@@ -33,11 +38,13 @@ class Deliveries:
 
 @pytest.fixture
 async def deliveries(amqp_url: str, namespace: str) -> AsyncIterator[Deliveries]:
-    """Eight messages taken unacked from a queue of their own, each registered with an AckRuns."""
+    """Eight messages taken unacked from a job queue of their own (a quorum queue, as the declarer
+    makes it for a worker: what AckRuns acks in production), each registered with an AckRuns."""
+    topology = Topology(namespace)
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel()
-        queue = await channel.declare_queue(f"{namespace}.acks")
+        queue = await Declarer(channel, topology).job_queue(MODEL, delivery_limit=3)
         for i in range(8):
             await channel.default_exchange.publish(aio_pika.Message(str(i).encode()), routing_key=queue.name)
         acks = AckRuns()
@@ -50,7 +57,9 @@ async def deliveries(amqp_url: str, namespace: str) -> AsyncIterator[Deliveries]
         try:
             yield Deliveries(connection, channel, queue, messages, acks)
         finally:
-            await (await connection.channel()).queue_delete(queue.name)
+            cleanup = await connection.channel()
+            for name in (topology.job_queue(MODEL), topology.dead_letter_queue(MODEL)):
+                await cleanup.queue_delete(name)
 
 
 async def test_jobs_answered_in_one_turn_take_one_ack_frame(deliveries: Deliveries) -> None:
