@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from aio_pika.abc import AbstractQueue
 
 from control.client import Client
 from schemas.errors import ErrorCode
+from worker.declarer import Declarer
+from worker.runtime.trivial_backend import write_trivial_model
 
 if TYPE_CHECKING:
     from conftest import HeldOut, Metric, ServeInProcess, StartWorker
@@ -74,3 +78,23 @@ async def test_readyz_says_why_not_while_stopping(
     assert "shutting down" in reasons
     start_worker("shapes@1.0.0")
     assert all(r.status == "ok" for r in await asyncio.gather(*jobs))
+
+
+async def test_ready_only_once_every_models_queue_is_consumed(
+    serve_in_process: ServeInProcess, client: Client, model_root: Path, bus_jpg: Path,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Queues are declared and bound one model after another (about 0.5 s apiece on a busy broker):
+    a worker ready after its first would send producers of the others NoRoute."""
+    write_trivial_model(model_root, "1.0.0", whole_image=True, name="other")
+    declare = Declarer.job_queue
+
+    async def slowly_for_other(self: Declarer, model: str, delivery_limit: int) -> AbstractQueue:
+        if model == "other":
+            await asyncio.sleep(1.0)
+        return await declare(self, model, delivery_limit)
+
+    monkeypatch.setattr(Declarer, "job_queue", slowly_for_other)
+    await serve_in_process("trivial@1.0.0", "other@1.0.0")  # returns once /readyz would say ready
+    results = await asyncio.gather(*(client.submit(bus_jpg, model=m) for m in ("trivial", "other")))
+    assert [(r.status, r.model) for r in results] == [("ok", "trivial"), ("ok", "other")]
