@@ -51,7 +51,11 @@ def submit(
     conf: Annotated[float, typer.Option(min=0, max=1)] = 0.25,
     timeout: Annotated[float, typer.Option(help="seconds to wait for each result")] = 60.0,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON result per line")] = False,
-    annotate: Annotated[Path | None, typer.Option(help="save images with boxes drawn here")] = None,
+    annotate: Annotated[Path | None, typer.Option(help=(
+        "save each image here with its result drawn: boxes and labels for every task that finds objects, "
+        "plus instance masks as overlays (segment), keypoints and skeleton (pose), the five landmarks "
+        "(face-detection), part masks with a legend (human-parsing); a classifier's classes are only printed"
+    ))] = None,
     amqp_url: AmqpUrl = None,
     namespace: Namespace = "hotswap",
 ) -> None:

@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 
 import aio_pika
 import aiohttp
+import numpy as np
 import pytest
 import ultralytics
 from prometheus_client.parser import text_string_to_metric_families
@@ -128,6 +129,69 @@ def reference_yolo(version_dir: Path) -> Any:
     network.names, network.args = dict(manifest.classes), yolo.model.args
     yolo.model = network.eval()
     return yolo
+
+
+def sort_best_first(boxes: np.ndarray, scores: np.ndarray, *more: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Detections in one order, whatever order a model listed them in: best score first, ties by
+    the box's top-left corner; `more` (landmarks, say) follows its detections."""
+    order = np.lexsort((boxes[:, 1], boxes[:, 0], -scores))
+    return boxes[order], scores[order], *(m[order] for m in more)
+
+
+def modelscope_pipeline(version_dir: Path, tmp_path: Path) -> Any:
+    """modelscope's own pipeline on a zoo version's files, as its documentation builds one: a local
+    directory with configuration.json and pytorch_model.pt (under `tmp_path`). Written here with
+    safetensors and torch alone, not with the backend's code it is compared with."""
+    import torch
+    from modelscope.pipelines import pipeline
+    from safetensors.torch import load_file
+
+    manifest = Manifest.model_validate_json((version_dir / "manifest.json").read_bytes())
+    config = json.loads(json.dumps(manifest.architecture))
+    model_dir = tmp_path / f"in-process-{manifest.name}-{manifest.version}"
+    model_dir.mkdir()
+    tensors = load_file(version_dir / manifest.artifact)
+    if config["pipeline"]["type"] == "m2fp-image-human-parsing":
+        config["model"]["pretrained"] = True  # M2FP reads {"model": state dict} only when told to
+        torch.save({"model": tensors}, model_dir / "pytorch_model.pt")
+    else:
+        torch.save(tensors, model_dir / "pytorch_model.pt")
+    (model_dir / "configuration.json").write_text(json.dumps(config))
+    return pipeline(config["task"], model=str(model_dir.resolve()), device="cpu")
+
+
+def facenet_mtcnn() -> Any:
+    """facenet-pytorch's own `MTCNN` with the zoo's cascade settings, on its own package data (its
+    published weights): none of our code is involved. It takes RGB."""
+    from facenet_pytorch import MTCNN
+
+    from control.zoo_mtcnn import ARCHITECTURE
+
+    return MTCNN(keep_all=True, select_largest=False, device="cpu", min_face_size=ARCHITECTURE["min_face_size"],
+                 thresholds=ARCHITECTURE["thresholds"], factor=ARCHITECTURE["factor"])
+
+
+#: `best_first`: `sort_best_first`, detections (and what follows them) in one order.
+BestFirst = Callable[..., tuple[np.ndarray, ...]]
+#: `modelscope_reference`: modelscope's `pipeline` (untyped) on a version's files, in a scratch directory.
+ModelscopeReference = Callable[[Path, Path], Any]
+#: `mtcnn_reference`: facenet-pytorch's `MTCNN` (untyped) as the zoo's faces-mtcnn configures it.
+MtcnnReference = Callable[[], Any]
+
+
+@pytest.fixture(scope="session")
+def best_first() -> BestFirst:
+    return sort_best_first
+
+
+@pytest.fixture(scope="session")
+def modelscope_reference() -> ModelscopeReference:
+    return modelscope_pipeline
+
+
+@pytest.fixture(scope="session")
+def mtcnn_reference() -> MtcnnReference:
+    return facenet_mtcnn
 
 
 class Trojan:

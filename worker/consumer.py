@@ -42,6 +42,7 @@ class JobConsumer:
         self.metrics = metrics
         self._channel: AbstractChannel | None = None
         self._consumers: list[tuple[AbstractQueue, str]] = []
+        self._models = 0  # how many queues `start` consumes
         self._in_flight: set[asyncio.Task[None]] = set()
         self.acks = AckRuns()
         self._idle = asyncio.Event()
@@ -50,7 +51,10 @@ class JobConsumer:
 
     @property
     def consuming(self) -> bool:
-        return bool(self._consumers)
+        """Every model's queue is consumed. Not with only some: each queue is declared and bound as
+        its turn comes (about 0.5 s apiece on a busy broker), and a job for a model whose queue is
+        not bound yet goes back to its producer unrouted (NoRoute), from a worker that said ready."""
+        return bool(self._consumers) and len(self._consumers) >= self._models
 
     @property
     def in_flight(self) -> int:
@@ -62,6 +66,7 @@ class JobConsumer:
         await channel.set_qos(prefetch_count=self.settings.prefetch)
         self._channel = channel
         declarer = Declarer(channel, self.settings.topology)
+        self._models = len(models)
         for model in models:
             queue = await declarer.job_queue(model, self.settings.delivery_limit)
             tag = await queue.consume(partial(self._on_message, model))

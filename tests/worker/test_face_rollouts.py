@@ -33,17 +33,29 @@ def _assert_ok(report: WaitReport, workers: set[str]) -> None:
     assert set(report.workers) == workers and report.ok, (report.missing, report.failures)
 
 
-async def test_faces_update_rollback_and_refusal_under_load(
+#: What each worker reports for 0.9.0-broken, whose classification head has another layout's shape.
+BROKEN_REASON = ("failed: faces/0.9.0-broken: modelscope could not load model.safetensors: ",
+                 "size mismatch for classification_headers.3.weight")
+
+
+async def test_faces_refusal_update_and_rollback_under_load(
     start_worker: StartWorker, operator: Operator, load: StartLoad, photos: list[Path]
 ) -> None:
     start_worker("faces@1.0.0", name="a"), start_worker("faces@1.0.0", name="b")
     running = load(concurrency=4, images=photos, model="faces")
     await running.wait_for(20)
-    _assert_ok(await operator.publish_and_wait("faces", Update(version="2.0.0"), timeout_s=120), {"a", "b"})
-    await running.wait_for(len(running.results) + 20)
+    # While 1.0.0 serves: the broken version is refused by each worker with its error, and 1.0.0 serves on.
+    before = len(running.results)
     broken = await operator.publish_and_wait("faces", Update(version="0.9.0-broken"), timeout_s=120)
     assert not broken.ok and set(broken.failures) == {"a", "b"}, broken.failures
-    print(f"0.9.0-broken refused: {broken.failures}")
+    for worker, reason in broken.failures.items():
+        assert reason.startswith(BROKEN_REASON[0]) and BROKEN_REASON[1] in reason, (worker, reason)
+    await running.wait_for(len(running.results) + 20)
+    during = [result for _, result in running.results[before:]]
+    assert len(during) >= 20 and all(r.status == "ok" and r.version == "1.0.0" for r in during), \
+        Counter((r.status, r.version) for r in during)
+
+    _assert_ok(await operator.publish_and_wait("faces", Update(version="2.0.0"), timeout_s=120), {"a", "b"})
     await running.wait_for(len(running.results) + 20)
     _assert_ok(await operator.publish_and_wait("faces", Rollback(), timeout_s=120), {"a", "b"})
     await running.wait_for(len(running.results) + 20)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from aio_pika.abc import AbstractQueue
 
 from control.client import Client
 from schemas.errors import ErrorCode
+from worker.declarer import Declarer
+from worker.runtime.trivial_backend import write_trivial_model
 
 if TYPE_CHECKING:
     from conftest import HeldOut, Metric, ServeInProcess, StartWorker
@@ -107,3 +111,23 @@ async def test_profile_counts_each_step_of_every_job_in_its_thread(
     assert count("loop/batch") == 6 + batches
     assert after["threads"]["loop"] > before["threads"]["loop"]
     assert after["threads"]["inference"] > 0
+
+
+async def test_ready_only_once_every_models_queue_is_consumed(
+    serve_in_process: ServeInProcess, client: Client, model_root: Path, bus_jpg: Path,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Queues are declared and bound one model after another (about 0.5 s apiece on a busy broker):
+    a worker ready after its first would send producers of the others NoRoute."""
+    write_trivial_model(model_root, "1.0.0", whole_image=True, name="other")
+    declare = Declarer.job_queue
+
+    async def slowly_for_other(self: Declarer, model: str, delivery_limit: int) -> AbstractQueue:
+        if model == "other":
+            await asyncio.sleep(1.0)
+        return await declare(self, model, delivery_limit)
+
+    monkeypatch.setattr(Declarer, "job_queue", slowly_for_other)
+    await serve_in_process("trivial@1.0.0", "other@1.0.0")  # returns once /readyz would say ready
+    results = await asyncio.gather(*(client.submit(bus_jpg, model=m) for m in ("trivial", "other")))
+    assert [(r.status, r.model) for r in results] == [("ok", "trivial"), ("ok", "other")]

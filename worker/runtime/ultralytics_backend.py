@@ -194,9 +194,15 @@ class UltralyticsBackend:
         self._manifest = manifest
 
     def warm_up(self) -> None:
-        # Twice: TorchScript's profiling executor optimises the graph on its second run.
-        for _ in range(2):
-            self.predict([blank_image(self._loaded_manifest().input_size)], InferenceParams())
+        size = self._loaded_manifest().input_size
+        try:
+            # Twice: TorchScript's profiling executor optimises the graph on its second run.
+            for _ in range(2):
+                self.predict([blank_image(size)], InferenceParams())
+        except BackendError:
+            raise
+        except Exception as exc:  # a layer made for another input shape shows at the first forward
+            raise BackendError(f"ultralytics' first forward failed: {exc}") from exc
 
     def predict(self, images: Sequence[Image], params: InferenceParams) -> list[Prediction]:
         manifest = self._loaded_manifest()

@@ -1,24 +1,27 @@
 """The modelscope backend on real modelscope networks (seeded, biased: control/zoo_faces.py), held
 to modelscope's own pipeline run in-process on the same model directory."""
 
-import json
+from __future__ import annotations
+
 import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 
 from control.zoo_faces import build_faces
 from schemas.jobs import InferenceParams
-from schemas.manifest import Manifest
 from worker.runtime.backend import BackendError, create_backend
 from worker.runtime.images import ImageLimits, decode_image
 from worker.runtime.masks import decode_masks, encode_masks
 from worker.runtime.repository import ModelRepository
 from worker.runtime.validation import ValidationFailed, check_calibration, check_requirements
+
+if TYPE_CHECKING:
+    from conftest import BestFirst, ModelscopeReference
 
 REPO = Path(__file__).resolve().parents[3]
 LIMITS = ImageLimits(max_bytes=10**8, max_pixels=10**8)
@@ -53,44 +56,18 @@ def calibration_images(repository: ModelRepository, model: str, version: str) ->
     return [decode_image((entry.path / i.file).read_bytes(), LIMITS) for i in entry.manifest.calibration.images]
 
 
-def in_process_pipeline(version_dir: Path, tmp_path: Path) -> Any:
-    """modelscope's own pipeline on the version's files, as its documentation builds one: a local
-    directory with configuration.json and pytorch_model.pt. Written here with safetensors and
-    torch alone, not with the backend's code it is compared with."""
-    import torch
-    from modelscope.pipelines import pipeline
-    from safetensors.torch import load_file
-
-    manifest = Manifest.model_validate_json((version_dir / "manifest.json").read_bytes())
-    config = json.loads(json.dumps(manifest.architecture))
-    model_dir = tmp_path / "in-process"
-    model_dir.mkdir()
-    tensors = load_file(version_dir / manifest.artifact)
-    if config["pipeline"]["type"] == "m2fp-image-human-parsing":
-        config["model"]["pretrained"] = True  # M2FP reads {"model": state dict} only when told to
-        torch.save({"model": tensors}, model_dir / "pytorch_model.pt")
-    else:
-        torch.save(tensors, model_dir / "pytorch_model.pt")
-    (model_dir / "configuration.json").write_text(json.dumps(config))
-    return pipeline(config["task"], model=str(model_dir.resolve()), device="cpu")
-
-
-def by_box(boxes: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    order = np.lexsort((boxes[:, 1], boxes[:, 0], -scores))
-    return boxes[order], scores[order]
-
-
-def test_ulfd_equals_in_process_pipeline(faces: ModelRepository, tmp_path: Path) -> None:
+def test_ulfd_equals_in_process_pipeline(faces: ModelRepository, tmp_path: Path,
+                                        modelscope_reference: ModelscopeReference, best_first: BestFirst) -> None:
     backend = loaded(faces, "faces", "1.0.0")
-    reference = in_process_pipeline(faces.get("faces", "1.0.0").path, tmp_path)
+    reference = modelscope_reference(faces.get("faces", "1.0.0").path, tmp_path)
     images = calibration_images(faces, "faces", "1.0.0")
     ours = backend.predict(images, InferenceParams(conf=0.0, max_det=1000))
     for image, prediction in zip(images, ours, strict=True):
         theirs = reference(image)
-        boxes, scores = by_box(np.asarray(theirs["boxes"], np.float32).reshape(-1, 4),
-                               np.asarray(theirs["scores"], np.float32))
+        boxes, scores = best_first(np.asarray(theirs["boxes"], np.float32).reshape(-1, 4),
+                                   np.asarray(theirs["scores"], np.float32))
         assert len(prediction) == len(boxes) > 0
-        mine, my_scores = by_box(prediction.boxes, prediction.scores)
+        mine, my_scores = best_first(prediction.boxes, prediction.scores)
         assert np.allclose(mine, boxes, atol=1e-3) and np.allclose(my_scores, scores, atol=1e-3)
         assert prediction.keypoints is None and set(prediction.class_ids.tolist()) == {0}
     backend.release()
@@ -163,25 +140,27 @@ def test_worker_without_modelscope_gets_the_install_hint() -> None:
 
 
 @pytest.mark.slow
-def test_mogface_equals_in_process_pipeline(large: ModelRepository, tmp_path: Path) -> None:
+def test_mogface_equals_in_process_pipeline(large: ModelRepository, tmp_path: Path,
+                                           modelscope_reference: ModelscopeReference, best_first: BestFirst) -> None:
     backend = loaded(large, "mogface", "1.0.0")
-    reference = in_process_pipeline(large.get("mogface", "1.0.0").path, tmp_path)
+    reference = modelscope_reference(large.get("mogface", "1.0.0").path, tmp_path)
     image = calibration_images(large, "mogface", "1.0.0")[0]
     (ours,) = backend.predict([image], InferenceParams(conf=0.0, max_det=1000))
     theirs = reference(image)
-    boxes, scores = by_box(np.asarray(theirs["boxes"], np.float32).reshape(-1, 4),
-                           np.asarray(theirs["scores"], np.float32))
-    mine, my_scores = by_box(ours.boxes, ours.scores)
+    boxes, scores = best_first(np.asarray(theirs["boxes"], np.float32).reshape(-1, 4),
+                               np.asarray(theirs["scores"], np.float32))
+    mine, my_scores = best_first(ours.boxes, ours.scores)
     assert len(ours) == len(boxes) > 0
     assert np.allclose(mine, boxes, atol=1e-3) and np.allclose(my_scores, scores, atol=1e-3)
     backend.release()
 
 
 @pytest.mark.slow
-def test_parsing_masks_equal_in_process_pipeline(large: ModelRepository, tmp_path: Path) -> None:
+def test_parsing_masks_equal_in_process_pipeline(large: ModelRepository, tmp_path: Path,
+                                                 modelscope_reference: ModelscopeReference) -> None:
     entry = large.get("parsing", "1.0.0")
     backend = loaded(large, "parsing", "1.0.0")
-    reference = in_process_pipeline(entry.path, tmp_path)
+    reference = modelscope_reference(entry.path, tmp_path)
     image = calibration_images(large, "parsing", "1.0.0")[0]
     (ours,) = backend.predict([image], InferenceParams())
     theirs = reference(image)

@@ -1,11 +1,13 @@
 """The MTCNN backend with its published weights (control/zoo_mtcnn.py), held to facenet-pytorch's own
 `MTCNN` run in-process on the same photos, and to the faces that are really in them."""
 
+from __future__ import annotations
+
 import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -18,6 +20,9 @@ from worker.runtime.backend import BackendError, create_backend
 from worker.runtime.images import ImageLimits, decode_image
 from worker.runtime.repository import ModelRepository, sha256_of
 from worker.runtime.validation import check_calibration
+
+if TYPE_CHECKING:
+    from conftest import BestFirst, MtcnnReference
 
 REPO = Path(__file__).resolve().parents[3]
 LIMITS = ImageLimits(max_bytes=10**8, max_pixels=10**8)
@@ -53,17 +58,9 @@ def loaded(zoo: ModelRepository) -> Any:
     return backend
 
 
-def best_first(boxes: np.ndarray, scores: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, ...]:
-    order = np.lexsort((boxes[:, 1], boxes[:, 0], -scores))
-    return boxes[order], scores[order], points[order]
-
-
-def test_equals_facenet_pytorch_mtcnn_in_process(zoo: ModelRepository, photos: dict[str, np.ndarray]) -> None:
-    from facenet_pytorch import MTCNN
-
-    # facenet-pytorch's own networks, reading its own package data: none of our code is involved.
-    reference = MTCNN(keep_all=True, select_largest=False, device="cpu", min_face_size=ARCHITECTURE["min_face_size"],
-                      thresholds=ARCHITECTURE["thresholds"], factor=ARCHITECTURE["factor"])
+def test_equals_facenet_pytorch_mtcnn_in_process(zoo: ModelRepository, photos: dict[str, np.ndarray],
+                                                 mtcnn_reference: MtcnnReference, best_first: BestFirst) -> None:
+    reference = mtcnn_reference()
     backend = loaded(zoo)
     for name, image in photos.items():
         (ours,) = backend.predict([image], InferenceParams(conf=0.0, max_det=1000))
