@@ -5,10 +5,8 @@ modelscope's `pipeline` or facenet-pytorch's `MTCNN`, built by the test from the
 (tests/conftest.py) without the worker's loading code. Boxes, scores and keypoints within 1e-3,
 masks identical. Detection through the pool: tests/worker/test_job_path.py.
 
-MogFace through the pool is slow (~33 s here, most of it its load and calibration). M2FP's parsing
-masks are held to modelscope's pipeline at the backend (tests/worker/runtime/test_modelscope_backend.py,
-`test_parsing_masks_equal_in_process_pipeline`) and not through the pool: that would add another
-~37 s on this machine, and the wire's part masks are the same `to_wire` and RLE as segment masks."""
+The large models, MogFace and M2FP, are compared here only (their load and calibration are most of
+a test: ~33 s and ~37 s on this machine), and so run once each in the suite."""
 
 from __future__ import annotations
 
@@ -23,7 +21,7 @@ from pycocotools import mask as coco_mask
 from control.client import Client
 from schemas.jobs import InferenceParams, JobResult
 from schemas.manifest import Manifest
-from schemas.outputs import FaceOutput, PoseOutput, Rle, SegmentOutput
+from schemas.outputs import FaceOutput, ParsingOutput, PoseOutput, Rle, SegmentOutput
 from worker.runtime.images import ImageLimits, decode_image
 
 if TYPE_CHECKING:
@@ -147,6 +145,27 @@ async def test_mogface_through_the_pool_equals_in_process(
     _assert_ok(faces, "mogface", "1.0.0")
     found = modelscope_reference(mogface, tmp_path)(decode_image(image.read_bytes(), LIMITS))
     assert _same_faces(faces, found["boxes"], found["scores"], None, "mogface", best_first) > 0
+
+
+@pytest.mark.slow
+async def test_parsing_through_the_pool_equals_in_process(
+    serve_in_process: ServeInProcess, client: Client, zoo: Path, tmp_path: Path,
+    modelscope_reference: ModelscopeReference,
+) -> None:
+    parsing = zoo / "parsing" / "1.0.0"
+    assert parsing.is_dir(), "the large zoo: hotswap zoo build --large"
+    image = _first_calibration_image(parsing)
+    await serve_in_process("parsing@1.0.0")
+    parsed = await client.submit(image, model="parsing")
+    _assert_ok(parsed, "parsing", "1.0.0")
+    assert isinstance(parsed.output, ParsingOutput), parsed.output
+    theirs = modelscope_reference(parsing, tmp_path)(decode_image(image.read_bytes(), LIMITS))
+    expected = {label: np.asarray(mask) > 0.5 for label, mask in zip(theirs["labels"], theirs["masks"], strict=True)
+                if label != "Background"}
+    names = [part.class_name for part in parsed.output.parts]
+    assert names and sorted(names) == sorted(expected)
+    for name, mask in zip(names, _decoded([part.mask for part in parsed.output.parts]), strict=True):
+        assert mask.shape == expected[name].shape and np.array_equal(mask, expected[name]), f"parsing: {name} differs"
 
 
 def _first_calibration_image(version_dir: Path) -> Path:

@@ -16,7 +16,6 @@ from control.zoo_faces import build_faces
 from schemas.jobs import InferenceParams
 from worker.runtime.backend import BackendError, create_backend
 from worker.runtime.images import ImageLimits, decode_image
-from worker.runtime.masks import decode_masks, encode_masks
 from worker.runtime.repository import ModelRepository
 from worker.runtime.validation import ValidationFailed, check_calibration, check_requirements
 
@@ -139,37 +138,4 @@ def test_worker_without_modelscope_gets_the_install_hint() -> None:
     assert done.stdout.strip().endswith("; install it with  pip install 'hotswap[modelscope]'"), done.stdout
 
 
-@pytest.mark.slow
-def test_mogface_equals_in_process_pipeline(large: ModelRepository, tmp_path: Path,
-                                           modelscope_reference: ModelscopeReference, best_first: BestFirst) -> None:
-    backend = loaded(large, "mogface", "1.0.0")
-    reference = modelscope_reference(large.get("mogface", "1.0.0").path, tmp_path)
-    image = calibration_images(large, "mogface", "1.0.0")[0]
-    (ours,) = backend.predict([image], InferenceParams(conf=0.0, max_det=1000))
-    theirs = reference(image)
-    boxes, scores = best_first(np.asarray(theirs["boxes"], np.float32).reshape(-1, 4),
-                               np.asarray(theirs["scores"], np.float32))
-    mine, my_scores = best_first(ours.boxes, ours.scores)
-    assert len(ours) == len(boxes) > 0
-    assert np.allclose(mine, boxes, atol=1e-3) and np.allclose(my_scores, scores, atol=1e-3)
-    backend.release()
-
-
-@pytest.mark.slow
-def test_parsing_masks_equal_in_process_pipeline(large: ModelRepository, tmp_path: Path,
-                                                 modelscope_reference: ModelscopeReference) -> None:
-    entry = large.get("parsing", "1.0.0")
-    backend = loaded(large, "parsing", "1.0.0")
-    reference = modelscope_reference(entry.path, tmp_path)
-    image = calibration_images(large, "parsing", "1.0.0")[0]
-    (ours,) = backend.predict([image], InferenceParams())
-    theirs = reference(image)
-    assert ours.parts is not None and len(ours.parts.class_ids) > 0
-    names = [entry.manifest.classes[int(c)] for c in ours.parts.class_ids]
-    expected = {label: np.asarray(mask) > 0.5 for label, mask in zip(theirs["labels"], theirs["masks"], strict=True)
-                if label != "Background"}
-    assert sorted(names) == sorted(expected)
-    wire = decode_masks(encode_masks(ours.parts.masks), image.shape[:2])
-    for name, mask in zip(names, wire, strict=True):
-        assert np.array_equal(mask, expected[name]), name
-    backend.release()
+# MogFace and M2FP against their in-process pipelines: through the pool, tests/worker/test_task_equality.py.
