@@ -1,8 +1,10 @@
-"""The job processor's own rules, on a whole worker in the test's event loop."""
+"""The job processor's own rules, on a whole worker in the test's event loop: called with deliveries
+directly (no broker between), and through the broker where the rule is about jobs in flight."""
 
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -10,21 +12,22 @@ import pytest
 
 from control.client import Client
 from schemas.control import Shadow
+from schemas.errors import ErrorCode
+from schemas.jobs import InlineImage, Job
 from worker.app import Worker
+from worker.jobs import Delivery
 from worker.runtime.desired import DesiredState
 from worker.runtime.trivial_backend import write_trivial_model
 
 if TYPE_CHECKING:
     from conftest import HeldOut, ServeInProcess
 
-pytestmark = pytest.mark.slow
-
-
 def dropped(worker: Worker, reason: str) -> float:
     return sum(sample.value for family in worker.metrics.registry.collect() for sample in family.samples
                if sample.name == "hotswap_shadow_dropped_total" and sample.labels["reason"] == reason)
 
 
+@pytest.mark.slow
 async def test_shadow_work_is_bounded_and_dropped_before_it_delays_primary_jobs(
     serve_in_process: ServeInProcess, client: Client, heldout: list[HeldOut], tmp_path: Path
 ) -> None:
@@ -57,3 +60,48 @@ async def test_shadow_work_is_bounded_and_dropped_before_it_delays_primary_jobs(
         while processor.shadows_in_flight:
             await asyncio.sleep(0.01)
     assert processor.pixels.held == 0
+
+
+def _job(heldout: HeldOut, **fields: object) -> bytes:
+    job = Job(job_id=str(fields.pop("job_id", "j1")), model=str(fields.pop("model", "trivial")),
+              image=InlineImage(data=heldout.path.read_bytes()), **fields)
+    return job.model_dump_json().encode()
+
+
+def _delivery(body: bytes, *, reply_to: str | None = "replies", attempt: int = 1) -> Delivery:
+    return Delivery(body=body, queue_model="trivial", reply_to=reply_to, correlation_id="corr", attempt=attempt)
+
+
+async def test_the_processor_answers_each_delivery_with_its_outcome(
+    serve_in_process: ServeInProcess, heldout: list[HeldOut]
+) -> None:
+    """The processor alone, called with deliveries (no broker between): what each outcome says."""
+    worker = await serve_in_process("trivial@1.0.0", "trivial@2.0.0")
+    processor = worker.processor
+    assert processor is not None
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    cases: list[tuple[Delivery, ErrorCode | None, bool]] = [
+        (_delivery(_job(heldout[0]), attempt=3), None, False),
+        (_delivery(_job(heldout[0], version="2.0.0")), None, False),  # pinned, whichever is active
+        (_delivery(b"{not json"), ErrorCode.INVALID_JSON, True),
+        (_delivery(b'{"job_id": "j2", "model": "trivial"}'), ErrorCode.MISSING_IMAGE, True),
+        (_delivery(_job(heldout[0]), reply_to=None), ErrorCode.MISSING_REPLY_TO, True),
+        (_delivery(_job(heldout[0], model="nobody")), ErrorCode.UNKNOWN_MODEL, False),
+        (_delivery(_job(heldout[0], version="9.9.9")), ErrorCode.UNKNOWN_VERSION, False),
+        (_delivery(_job(heldout[0], deadline=past)), ErrorCode.EXPIRED, False),
+    ]
+    outcomes = [await processor.process(delivery) for delivery, _, _ in cases]
+    for (delivery, code, dead_letter), outcome in zip(cases, outcomes, strict=True):
+        result = outcome.result
+        assert (result.error.code if result.error else None) == code, result
+        assert outcome.dead_letter is dead_letter, (code, outcome)
+        assert outcome.reply_to == delivery.reply_to
+        assert result.attempt == delivery.attempt and result.worker_id == worker.settings.worker_id
+    ok, pinned = outcomes[0].result, outcomes[1].result
+    assert (ok.status, ok.model, ok.version) == ("ok", "trivial", worker.status().models["trivial"].active)
+    assert ok.image is not None and (ok.image.width, ok.image.height) == (128, 128)
+    assert len(ok.detections) == 1 and ok.detections[0].box.x2 == 128  # the trivial model's whole-image box
+    assert pinned.version == "2.0.0"
+    assert outcomes[2].result.job_id == "corr"  # unparsable: the correlation id names it
+    assert outcomes[3].result.job_id == "j2"  # parsed far enough to read its id
+    assert processor.stats.done == 2 and processor.stats.failed == len(cases) - 2
