@@ -87,3 +87,9 @@ def row(state: dict[str, Any], worker: str, model: str) -> dict[str, Any] | None
 
 def entry(state: dict[str, Any], summary: str) -> dict[str, Any] | None:
     return next((u for u in state["updates"] if u["summary"] == summary), None)
+
+
+def cell(state: dict[str, Any], worker: str, model: str, column: str) -> Any:
+    """One column of a fleet row; None while the row is not there."""
+    found = row(state, worker, model)
+    return found[column] if found is not None else None

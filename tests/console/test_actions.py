@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
-from console_support import entry, get_state, http, row, running_console, sign_in, wait_for_state
+from console_support import cell, entry, get_state, http, row, running_console, sign_in, wait_for_state
 
 from control.operator import Operator
 from schemas.signing import KeyFiles
@@ -32,15 +32,15 @@ async def test_update_rollback_and_traffic_from_the_forms(
                                 data={"model": "trivial", "version": "2.0.0"}) as update:
             assert update.status == 200, await update.text()
             assert (await update.json())["message"].startswith("published update for trivial as seq 1 (")
-        await wait_for_state(session, console.url, lambda s: row(s, "w-forms", "trivial")["active"] == "2.0.0")
+        await wait_for_state(session, console.url, lambda s: cell(s, "w-forms", "trivial", "active") == "2.0.0")
         async with session.post(console.url + "/api/rollback", headers=csrf, data={"model": "trivial"}) as back:
             assert back.status == 200, await back.text()
-        await wait_for_state(session, console.url, lambda s: row(s, "w-forms", "trivial")["active"] == "1.0.0")
+        await wait_for_state(session, console.url, lambda s: cell(s, "w-forms", "trivial", "active") == "1.0.0")
         async with session.post(console.url + "/api/traffic", headers=csrf,
                                 data={"model": "trivial", "weights": "1.0.0=75 2.0.0=25", "shadow": "2.0.0:10"}) as t:
             assert t.status == 200, await t.text()
         state = await wait_for_state(session, console.url,
-                                     lambda s: row(s, "w-forms", "trivial")["weights"] == {"1.0.0": 75, "2.0.0": 25})
+                                     lambda s: cell(s, "w-forms", "trivial", "weights") == {"1.0.0": 75, "2.0.0": 25})
         fleet = row(state, "w-forms", "trivial")
         assert fleet is not None and fleet["shadow"] == "2.0.0 10%"
         assert entry(state, "traffic 1.0.0 75%, 2.0.0 25%, shadow 2.0.0 10%") is not None
@@ -103,3 +103,30 @@ async def test_bad_input_gets_a_clear_message_and_changes_nothing(
         fleet = row(await get_state(session, console.url), "w-bad", "trivial")
     assert await operator.read_log() == []
     assert fleet is not None and fleet["active"] == "1.0.0" and fleet["last_seq"] == 0
+
+
+async def test_a_rollout_runs_from_the_console_and_its_abort_puts_traffic_back_on_stable(
+    serve_in_process: ServeInProcess, amqp_url: str, namespace: str, control_keys: KeyFiles, operator: Operator
+) -> None:
+    await serve_in_process("trivial@1.0.0", name="w-roll")
+    async with running_console(amqp_url, namespace, control_keys) as console, http() as session:
+        csrf = {"X-CSRF-Token": await sign_in(session, console.url)}
+        await wait_for_state(session, console.url, lambda s: row(s, "w-roll", "trivial") is not None)
+        form = {"model": "trivial", "version": "2.0.0", "stable": "1.0.0", "shadow": "0", "steps": "10,100",
+                "interval": "10m"}
+        async with session.post(console.url + "/api/rollout", headers=csrf, data=form) as started:
+            assert started.status == 202, await started.text()
+            assert (await started.json())["message"] == "rollout of trivial: 1.0.0 → 2.0.0 started"
+        await wait_for_state(session, console.url, lambda s: cell(s, "w-roll", "trivial", "weights") == {
+            "1.0.0": 90, "2.0.0": 10})
+        async with session.post(console.url + "/api/rollout", headers=csrf, data=form) as again:
+            assert again.status == 409 and "running from this console already" in (await again.json())["error"]
+        async with session.post(console.url + "/api/rollout/abort", headers=csrf, data={"model": "trivial"}) as abort:
+            assert abort.status == 200, await abort.text()
+        state = await wait_for_state(session, console.url,
+                                     lambda s: cell(s, "w-roll", "trivial", "weights") == {"1.0.0": 100})
+        (run,) = state["rollouts"]
+        said = "\n".join(run["lines"])
+        assert not run["running"] and "aborting (operator)" in said and "traffic back on 1.0.0" in said, said
+    kinds = [(c.action.kind, c.rollout.phase if c.rollout else None) for c in await operator.read_log()]
+    assert kinds[:2] == [("update", "preload"), ("traffic", "canary")] and kinds[-1][1] == "aborted", kinds

@@ -7,7 +7,7 @@ import contextlib
 import json
 from typing import TYPE_CHECKING, Any
 
-from console_support import entry, get_state, http, row, running_console, sign_in, wait_for_state
+from console_support import cell, entry, get_state, http, row, running_console, sign_in, wait_for_state
 
 from control import commands
 from control.operator import Operator
@@ -44,7 +44,7 @@ async def test_an_update_from_the_cli_shows_up_live_in_the_fleet_and_the_timelin
             commands.update, "trivial", "2.0.0", wait=True, timeout=30, as_json=True, amqp_url=amqp_url,
             namespace=namespace, key=control_keys.control_key, worker_key=control_keys.worker_public)
         state = await wait_for_state(session, console.url, lambda s: (e := entry(s, "update to 2.0.0")) is not None
-                                     and e["outcome"] == "done" and row(s, "w-cli", "trivial")["active"] == "2.0.0")
+                                     and e["outcome"] == "done" and cell(s, "w-cli", "trivial", "active") == "2.0.0")
         update = entry(state, "update to 2.0.0")
         assert update is not None and update["issuer"] and not update["issuer"].startswith("console:")
         (worker,) = update["workers"]
@@ -52,7 +52,7 @@ async def test_an_update_from_the_cli_shows_up_live_in_the_fleet_and_the_timelin
         assert worker["worker"] == "w-cli" and phases[-1] == "done"
         assert {"preload", "validate", "swap"} <= set(phases), phases
         async with asyncio.timeout(5):  # the stream told it too, without asking
-            while not any(entry(s, "update to 2.0.0") and row(s, "w-cli", "trivial")["active"] == "2.0.0"
+            while not any(entry(s, "update to 2.0.0") and cell(s, "w-cli", "trivial", "active") == "2.0.0"
                           for s in seen):
                 await asyncio.sleep(0.05)
         stream.cancel()

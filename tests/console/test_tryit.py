@@ -21,11 +21,15 @@ if TYPE_CHECKING:
     from conftest import ServeInProcess
 
 
-def _png(data_url: str) -> np.ndarray:
-    assert data_url.startswith("data:image/png;base64,")
-    image = cv2.imdecode(np.frombuffer(base64.b64decode(data_url.split(",", 1)[1]), np.uint8), cv2.IMREAD_COLOR)
+def _image(data: bytes) -> np.ndarray:
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     assert image is not None
     return image
+
+
+def _png(data_url: str) -> np.ndarray:
+    assert data_url.startswith("data:image/png;base64,")
+    return _image(base64.b64decode(data_url.split(",", 1)[1]))
 
 
 async def test_two_versions_side_by_side_each_drawn_with_its_timings(
@@ -45,7 +49,7 @@ async def test_two_versions_side_by_side_each_drawn_with_its_timings(
             results = (await response.json())["results"]
     assert [(r["asked"], r["result"]["version"], r["result"]["worker_id"]) for r in results] == [
         ("1.0.0", "1.0.0", "w-try"), ("2.0.0", "2.0.0", "w-try")]
-    plain = cv2.imdecode(np.frombuffer(bus_jpg.read_bytes(), np.uint8), cv2.IMREAD_COLOR)
+    plain = _image(bus_jpg.read_bytes())
     for r in results:
         result = JobResult.model_validate(r["result"])
         assert result.status == "ok" and result.timings.total_ms > 0
