@@ -125,7 +125,8 @@ async def security_headers(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:  # redirects and aiohttp's own 404s go out with them too
         _protect(exc.headers)
         raise
-    _protect(response.headers)
+    if not response.prepared:  # an event stream has sent its headers already
+        _protect(response.headers)
     return response
 
 

@@ -173,5 +173,4 @@ async def events(request: web.Request) -> web.StreamResponse:
 
 
 def run(settings: ConsoleSettings) -> None:
-    web.run_app(create_app(settings), host=settings.console_host, port=settings.console_port,
-                access_log=None, print=lambda line: print(line.replace("http://", "console on http://", 1)))
+    web.run_app(create_app(settings), host=settings.console_host, port=settings.console_port, access_log=None)
