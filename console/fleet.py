@@ -119,21 +119,30 @@ class FleetView:
         self._subscribers: set[asyncio.Queue[None]] = set()
         self._log_wanted = asyncio.Event()
         self.started = asyncio.Event()
+        self.stopping = asyncio.Event()
 
     async def run(self) -> None:
-        """Follow the status events, and the log for the commands they name; until cancelled."""
+        """Follow the status events, and the log for the commands they name; until `stop()`.
+
+        Stopped rather than cancelled: a read of the log cancelled halfway (aio-pika's channel
+        open or close cut off) has left its connection unusable here, and the close waiting for
+        ever; stopping lets a read in progress finish first."""
         async with self.operator.events() as events, asyncio.TaskGroup() as tasks:
             tasks.create_task(self._follow_log())
             self._log_wanted.set()  # the history, once
             self.started.set()
-            while True:
+            while not self.stopping.is_set():
                 try:
-                    event = await asyncio.wait_for(events.get(), 1.0)
+                    event = await asyncio.wait_for(events.get(), 0.25)  # an asyncio queue: safe to cut off
                 except TimeoutError:
                     event = None
                 if event is not None:
                     self.observe(event)
                 self._prune()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._log_wanted.set()
 
     def observe(self, event: Progress | Heartbeat) -> None:
         now = self.clock()
@@ -171,6 +180,8 @@ class FleetView:
         while True:
             await self._log_wanted.wait()
             self._log_wanted.clear()
+            if self.stopping.is_set():
+                return
             try:
                 self.add_commands(await self.operator.read_log(timeout_s=10))
             except Exception as exc:  # the timeline waits for the next try; the fleet goes on

@@ -72,7 +72,11 @@ def create_app(settings: ConsoleSettings) -> web.Application:
             yield
             app[STOPPING].set()
             await changes.close()
-            following.cancel()
+            view.stop()
+            try:
+                await asyncio.wait_for(asyncio.shield(following), 15)
+            except TimeoutError:  # a read of the log that never ends: cut off after all
+                following.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await following
 
