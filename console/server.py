@@ -109,7 +109,8 @@ def _render(name: str, title: str, session: Session | None, **values: str) -> st
     body = (STATIC / f"{name}.html").read_text()
     for key, value in values.items():
         body = body.replace(f"{{{{{key}}}}}", value)
-    who = "signed in" if session else "read-only viewer: <a href=\"/login\">sign in</a> to change anything"
+    who = ("signed in" if session else "" if name == "login"
+           else "read-only viewer: <a href=\"/login\">sign in</a> to change anything")
     return (shell.replace("{{page}}", name).replace("{{title}}", title).replace("{{who}}", who)
             .replace("{{csrf}}", session.csrf if session else "").replace("{{body}}", body))
 
