@@ -16,6 +16,7 @@ COPY schemas schemas
 COPY worker worker
 COPY control control
 COPY loadtest loadtest
+COPY console console
 # As the Makefile does: the modelscope extra, and MTCNN's published weights without the wheel's
 # stale pins (torch<2.3, numpy<2), which pip would honour by downgrading torch.
 RUN /opt/hotswap/bin/pip install '.[modelscope]' \

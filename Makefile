@@ -29,14 +29,15 @@ zoo: setup
 demo: zoo
 	$(VENV)/bin/hotswap demo --root $(ZOO)
 
-# tests/ops run promtool and a real Prometheus, and a producer that is not Python (amqp-tools):
+# tests/ops run promtool and a real Prometheus, and a producer that is not Python (amqp-tools);
+# tests/console a headless Chromium through its driver (chromium, chromium-driver):
 # installed from Debian's packages when missing, where we are root and have apt-get. Elsewhere it
 # says so here, and those tests fail saying so too.
-APT_TOOLS := promtool:prometheus amqp-publish:amqp-tools
+APT_TOOLS := promtool:prometheus amqp-publish:amqp-tools chromium:chromium chromedriver:chromium-driver
 tools:
 	@missing=""; for pair in $(APT_TOOLS); do command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
 	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -q && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; } || echo "not installed:$$missing (apt-get install$$missing): tests/ops will fail"
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; } || echo "not installed:$$missing (apt-get install$$missing): tests/ops and tests/console will fail"
 # The broker's own exporter (queue depth, dead-letter queues), which the dashboard and alerts read.
 	@! command -v rabbitmq-plugins >/dev/null || rabbitmq-plugins -q is_enabled rabbitmq_prometheus >/dev/null 2>&1 || \
 	  rabbitmq-plugins -q enable rabbitmq_prometheus || echo "rabbitmq_prometheus not enabled: the queue-depth queries are checked for syntax only"
@@ -54,7 +55,7 @@ bench: zoo
 	$(VENV)/bin/hotswap loadtest bench
 
 lint: setup
-	$(VENV)/bin/ruff check schemas worker control loadtest tests
+	$(VENV)/bin/ruff check schemas worker control loadtest console tests
 	$(VENV)/bin/mypy
 
 schema: setup

@@ -54,11 +54,14 @@ def side_by_side(image_path: Path, results: Sequence[JobResult], out_dir: Path) 
     return out
 
 
-def annotated(image_path: Path, result: JobResult) -> Canvas:
-    """The image, scaled up if small, with the result drawn on it."""
-    image = cv2.imdecode(np.fromfile(str(image_path), np.uint8), cv2.IMREAD_COLOR)
+def annotated(image_path: Path | bytes, result: JobResult) -> Canvas:
+    """The image (a file, or its encoded bytes: the web console's uploads), scaled up if small, with
+    the result drawn on it."""
+    encoded = np.frombuffer(image_path, np.uint8) if isinstance(image_path, bytes) else np.fromfile(
+        str(image_path), np.uint8)
+    image = cv2.imdecode(encoded, cv2.IMREAD_COLOR)
     if image is None:
-        raise ValueError(f"{image_path} is not an image")
+        raise ValueError(f"{'the upload' if isinstance(image_path, bytes) else image_path} is not an image")
     scale = max(1.0, MIN_CANVAS / min(image.shape[:2]))
     height, width = image.shape[:2]
     canvas: Canvas = np.ascontiguousarray(image, dtype=np.uint8)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -16,19 +15,16 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from control.actions import explain, issuer, published, traffic_action, update_action
 from control.client import DEFAULT_AMQP_URL
 from control.operator import Operator, WaitReport
 from schemas.control import (
     Action,
-    ArtifactRef,
     Heartbeat,
     OnDemand,
     Progress,
     Rollback,
-    Shadow,
-    Traffic,
     Unload,
-    Update,
 )
 from schemas.rollout import RolloutMark
 from schemas.signing import Signer, Verifier, generate_keys
@@ -78,13 +74,11 @@ def update(
     worker_key: WorkerKeyPath = DEFAULT_WORKER_KEY,
 ) -> None:
     """Roll out a new version on every worker: preload → validate → swap → cleanup."""
-    if (artifact is None) != (sha256 is None):
-        raise typer.BadParameter("--artifact and --sha256 go together")
-    activate = "canary" if canary is not None else "standby" if standby else "now"
-    action = Update(
-        version=version, activate=activate, canary_percent=canary, new_contract=new_contract,
-        artifact=ArtifactRef(uri=artifact, sha256=sha256) if artifact and sha256 else None,
-    )
+    try:
+        action = update_action(version, artifact=artifact, sha256=sha256, canary=canary, standby=standby,
+                               new_contract=new_contract)
+    except ValueError as exc:
+        raise typer.BadParameter(explain(exc)) from exc
     _send(model, action, wait, timeout, as_json, amqp_url, namespace, key, worker_key)
 
 
@@ -109,14 +103,9 @@ def traffic(
 ) -> None:
     """Split traffic between versions (sticky by routing key), optionally shadowing one."""
     try:
-        split = {v: float(p) for v, _, p in (w.partition("=") for w in weights)}
-        shadow_spec = None
-        if shadow:
-            name, _, percent = shadow.partition(":")
-            shadow_spec = Shadow(version=name, percent=float(percent))
+        action = traffic_action(weights, shadow)
     except ValueError as exc:
-        raise typer.BadParameter(f"weights look like 1.0.0=90 2.0.0=10, shadow like 2.0.0:20 ({exc})") from exc
-    action = Traffic(weights=split, shadow=shadow_spec)
+        raise typer.BadParameter(explain(exc)) from exc
     _send(model, action, wait, timeout, as_json, amqp_url, namespace, key, worker_key)
 
 
@@ -264,15 +253,13 @@ def _send(
         raise typer.Exit(2)
     signer = Signer.from_file(key)
     workers = _worker_verifier(worker_key) if wait else None
-    issuer = f"{os.environ.get('USER', 'operator')}@{os.uname().nodename}"
 
     async def run() -> WaitReport | None:
-        async with Operator(_url(amqp_url), namespace=namespace, signer=signer, issuer=issuer,
+        async with Operator(_url(amqp_url), namespace=namespace, signer=signer, issuer=issuer(),
                             workers=workers) as op:
             if wait:
                 return await op.publish_and_wait(model, action, timeout_s=timeout)
-            command = await op.publish(model, action)
-            console.print(f"published {action.kind} for {model} as seq {command.seq} ({command.command_id})")
+            console.print(published(model, await op.publish(model, action)))
             return None
 
     report = asyncio.run(run())

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 from typing import Annotated
 
 import typer
 
+from control.actions import issuer
 from control.commands import (
     DEFAULT_KEY,
     DEFAULT_WORKER_KEY,
@@ -23,7 +23,7 @@ from control.commands import (
     console,
 )
 from control.operator import Operator
-from control.rollout import Outcome, Rollout, RolloutError, last_step
+from control.rollout import Outcome, Rollout, RolloutError, Say, last_step
 from schemas.rollout import RolloutPlan
 from schemas.signing import Signer
 
@@ -80,22 +80,18 @@ def rollout(
     if not key.is_file():
         console.print(f"[red]no signing key at {key}[/red]: `hotswap keys generate`, or --key / HOTSWAP_CONTROL_KEY")
         raise typer.Exit(2)
-    interval_s = duration_s(interval)
-    timeout_s = duration_s(step_timeout) if step_timeout else max(4 * interval_s, 60.0)
-    limits = {"shadow_percent": shadow, "steps": steps_of(steps), "interval_s": interval_s,
-              "step_timeout_s": timeout_s, "min_samples": min_samples, "min_agreement": min_agreement,
-              "max_error_rate": max_error_rate, "max_latency_ratio": max_latency_ratio,
-              "latency_slack_ms": latency_slack, "confidence": confidence}
+    limits = plan_limits(shadow=shadow, steps=steps, interval=interval, step_timeout=step_timeout,
+                         min_samples=min_samples, min_agreement=min_agreement, max_error_rate=max_error_rate,
+                         max_latency_ratio=max_latency_ratio, latency_slack=latency_slack, confidence=confidence)
     signer, workers = Signer.from_file(key), _worker_verifier(worker_key)
-    issuer = f"{os.environ.get('USER', 'operator')}@{os.uname().nodename}"
 
     async def run() -> Outcome:
-        async with Operator(_url(amqp_url), namespace=namespace, signer=signer, issuer=issuer,
+        async with Operator(_url(amqp_url), namespace=namespace, signer=signer, issuer=issuer(),
                             workers=workers) as op:
             if resume or abort:
-                return await _continue(op, model, abort, settle)
+                return await continue_rollout(op, model, abort, settle, console.print)
             assert version is not None
-            base = stable or await _active_version(op, model, settle)
+            base = stable or await active_version(op, model, settle)
             plan = RolloutPlan.model_validate({"stable": base, "candidate": version, **limits})
             return await Rollout(op, model, plan, say=console.print, settle_s=settle).run()
 
@@ -113,20 +109,34 @@ def rollout(
         raise typer.Exit(1)
 
 
-async def _continue(op: Operator, model: str, abort: bool, settle: float) -> Outcome:
+def plan_limits(
+    *, shadow: float, steps: str, interval: str, step_timeout: str | None, min_samples: int, min_agreement: float,
+    max_error_rate: float, max_latency_ratio: float, latency_slack: float, confidence: float,
+) -> dict[str, object]:
+    """A plan's limits from the options as typed (the web console's form sends the same texts)."""
+    interval_s = duration_s(interval)
+    timeout_s = duration_s(step_timeout) if step_timeout else max(4 * interval_s, 60.0)
+    return {"shadow_percent": shadow, "steps": steps_of(steps), "interval_s": interval_s,
+            "step_timeout_s": timeout_s, "min_samples": min_samples, "min_agreement": min_agreement,
+            "max_error_rate": max_error_rate, "max_latency_ratio": max_latency_ratio,
+            "latency_slack_ms": latency_slack, "confidence": confidence}
+
+
+async def continue_rollout(op: Operator, model: str, abort: bool, settle: float, say: Say) -> Outcome:
+    """`--resume` or `--abort`: from the model's last rollout step in the log."""
     newest = last_step(await op.read_log(), model)
     mark = newest.rollout
     assert mark is not None
-    console.print(f"rollout {mark.rollout_id} of {model}: {mark.plan.stable} → {mark.plan.candidate}, "
-                  f"last step {mark.phase} #{mark.step} (seq {newest.seq})")
-    runner = Rollout(op, model, mark.plan, rollout_id=mark.rollout_id, say=console.print, settle_s=settle)
+    say(f"rollout {mark.rollout_id} of {model}: {mark.plan.stable} → {mark.plan.candidate}, "
+        f"last step {mark.phase} #{mark.step} (seq {newest.seq})")
+    runner = Rollout(op, model, mark.plan, rollout_id=mark.rollout_id, say=say, settle_s=settle)
     if abort:
         await runner.abort("operator", "aborted by the operator (hotswap rollout --abort)")
         return runner.outcome
     return await runner.run(start=(mark.phase, mark.step))
 
 
-async def _active_version(op: Operator, model: str, listen_s: float) -> str:
+async def active_version(op: Operator, model: str, listen_s: float) -> str:
     beats = await op.heartbeats(listen_s)
     active = {b.models[model].active for b in beats.values() if model in b.models}
     if len(active) != 1 or None in active:

@@ -128,6 +128,7 @@ class VersionStatus(_Wire):
     state: str
     reason: str | None = None
     weight: float = 0.0
+    in_flight: int = Field(0, ge=0, description="jobs running on this version now (the web console shows it)")
     on_demand: bool = Field(False, description="loaded on demand by a pinned job (takes pinned jobs only)")
     last_used: datetime | None = Field(None, description="on-demand versions: when a job last ran on it")
 

@@ -298,11 +298,13 @@ class ControlLoop:
         for deployment in self.manager.table.all():
             weights = deployment.weights or {deployment.active.version: 100.0}
             versions = {
-                name: VersionStatus(state=v.state.value, reason=v.reason, weight=weights.get(name, 0.0))
+                name: VersionStatus(state=v.state.value, reason=v.reason, weight=weights.get(name, 0.0),
+                                    in_flight=v.in_flight)
                 for name, v in deployment.loaded.items()
             }
             versions.update(
                 (name, VersionStatus(state=w.version.state.value, reason=w.version.reason, on_demand=True,
+                                     in_flight=w.version.in_flight,
                                      last_used=datetime.fromtimestamp(w.last_used, UTC)))
                 for name, w in deployment.on_demand.items()
             )
