@@ -28,6 +28,7 @@ from schemas.jobs import (
     Timings,
     parse_job,
 )
+from schemas.manifest import Manifest
 from schemas.outputs import TaskOutput
 from schemas.status import LastError
 from worker.admission import PixelBudget
@@ -357,8 +358,16 @@ class JobProcessor:
         )
 
 
-_timed_decode = STEPS.timed("decode", decode_pixels)  # in a decode thread
-_timed_to_wire = STEPS.timed("encode", to_wire)  # in a decode thread, for masks
+def _timed_decode(header: ImageHeader) -> Image:
+    # In a decode thread. `decode_pixels` is looked up at each call, not bound once: a test that
+    # replaces it (tests/worker/test_consumer.py) must reach this call too.
+    with STEPS.step("decode"):
+        return decode_pixels(header)
+
+
+def _timed_to_wire(prediction: Prediction, manifest: Manifest) -> tuple[list[Detection], TaskOutput]:
+    with STEPS.step("encode"):  # in a decode thread, for masks
+        return to_wire(prediction, manifest)
 
 
 def _log_answer(result: JobResult) -> None:

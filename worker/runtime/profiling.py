@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any, ParamSpec, TypeVar
-
-P = ParamSpec("P")
-R = TypeVar("R")
+from typing import Any
 
 _OFF: AbstractContextManager[None] = nullcontext()
 
@@ -32,13 +29,6 @@ class StepProfile:
     def step(self, name: str) -> AbstractContextManager[None]:
         """Time the block's CPU as step `name` (it must not await)."""
         return self._timed(name) if self.enabled else _OFF
-
-    def timed(self, name: str, function: Callable[P, R]) -> Callable[P, R]:
-        """`function`, its calls timed as step `name` when profiling: for work handed to a thread."""
-        def run(*args: P.args, **kwargs: P.kwargs) -> R:
-            with self.step(name):
-                return function(*args, **kwargs)
-        return run
 
     @contextmanager
     def _timed(self, name: str) -> Iterator[None]:
