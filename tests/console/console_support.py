@@ -93,3 +93,20 @@ def cell(state: dict[str, Any], worker: str, model: str, column: str) -> Any:
     """One column of a fleet row; None while the row is not there."""
     found = row(state, worker, model)
     return found[column] if found is not None else None
+
+
+@dataclass
+class SignedIn:
+    console: RunningConsole
+    session: aiohttp.ClientSession
+    csrf: dict[str, str]  # the header every POST of the session carries
+
+
+@asynccontextmanager
+async def signed_in_beside(amqp_url: str, namespace: str, keys: KeyFiles, worker: str,
+                           model: str = "trivial") -> AsyncIterator[SignedIn]:
+    """A console, a session signed in to it, once the fleet shows `worker` serving `model`."""
+    async with running_console(amqp_url, namespace, keys) as console, http() as session:
+        csrf = {"X-CSRF-Token": await sign_in(session, console.url)}
+        await wait_for_state(session, console.url, lambda s: row(s, worker, model) is not None)
+        yield SignedIn(console, session, csrf)

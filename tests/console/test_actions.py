@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
-from console_support import cell, entry, get_state, http, row, running_console, sign_in, wait_for_state
+from console_support import cell, entry, get_state, row, signed_in_beside, wait_for_state
 
 from control.operator import Operator
 from schemas.signing import KeyFiles
@@ -25,9 +25,8 @@ async def test_update_rollback_and_traffic_from_the_forms(
     serve_in_process: ServeInProcess, amqp_url: str, namespace: str, control_keys: KeyFiles, operator: Operator
 ) -> None:
     await serve_in_process("trivial@1.0.0", name="w-forms")
-    async with running_console(amqp_url, namespace, control_keys) as console, http() as session:
-        csrf = {"X-CSRF-Token": await sign_in(session, console.url)}
-        await wait_for_state(session, console.url, lambda s: row(s, "w-forms", "trivial") is not None)
+    async with signed_in_beside(amqp_url, namespace, control_keys, "w-forms") as signed:
+        console, session, csrf = signed.console, signed.session, signed.csrf
         async with session.post(console.url + "/api/update", headers=csrf,
                                 data={"model": "trivial", "version": "2.0.0"}) as update:
             assert update.status == 200, await update.text()
@@ -64,9 +63,8 @@ async def test_the_cli_rules_refuse_with_the_cli_words_and_nothing_changes(
         "/api/rollout ": ({"version": "2.0.0", "stable": "1.0.0", "interval": "soon"}, "is not a duration"),
         "/api/rollout/abort": ({}, "no command for trivial in the control log"),
     }
-    async with running_console(amqp_url, namespace, control_keys) as console, http() as session:
-        csrf = {"X-CSRF-Token": await sign_in(session, console.url)}
-        await wait_for_state(session, console.url, lambda s: row(s, "w-rules", "trivial") is not None)
+    async with signed_in_beside(amqp_url, namespace, control_keys, "w-rules") as signed:
+        console, session, csrf = signed.console, signed.session, signed.csrf
         for path, (form, words) in refused.items():
             async with session.post(console.url + path.strip(), headers=csrf,
                                     data={"model": "trivial", **form}) as response:
@@ -82,18 +80,17 @@ async def test_bad_input_gets_a_clear_message_and_changes_nothing(
     tmp_path: Path
 ) -> None:
     await serve_in_process("trivial@1.0.0", name="w-bad")
-    async with running_console(amqp_url, namespace, control_keys) as console, http() as session:
-        csrf = await sign_in(session, console.url)
-        await wait_for_state(session, console.url, lambda s: row(s, "w-bad", "trivial") is not None)
-        async with session.post(console.url + "/api/try", headers={"X-CSRF-Token": csrf},
+    async with signed_in_beside(amqp_url, namespace, control_keys, "w-bad") as signed:
+        console, session, csrf = signed.console, signed.session, signed.csrf
+        async with session.post(console.url + "/api/try", headers=csrf,
                                 data=_upload("trivial", b"%PDF-1.4 not a picture")) as not_image:
             assert not_image.status == 400
             assert "is not an image the pool takes (not_an_image" in (await not_image.json())["error"]
-        async with session.post(console.url + "/api/try", headers={"X-CSRF-Token": csrf},
+        async with session.post(console.url + "/api/try", headers=csrf,
                                 data=_upload("nope", b"\x89PNG\r\n\x1a\n")) as unknown:
             assert unknown.status == 404
             assert (await unknown.json())["error"].startswith("unknown model 'nope': no live worker serves it")
-        async with session.post(console.url + "/api/update", headers={"X-CSRF-Token": csrf},
+        async with session.post(console.url + "/api/update", headers=csrf,
                                 data={"model": "nope", "version": "2.0.0"}) as unknown_update:
             assert unknown_update.status == 404 and "serving: trivial" in (await unknown_update.json())["error"]
         # What a page elsewhere makes the browser post: the form, no token (and SameSite=Strict
@@ -109,9 +106,8 @@ async def test_a_rollout_runs_from_the_console_and_its_abort_puts_traffic_back_o
     serve_in_process: ServeInProcess, amqp_url: str, namespace: str, control_keys: KeyFiles, operator: Operator
 ) -> None:
     await serve_in_process("trivial@1.0.0", name="w-roll")
-    async with running_console(amqp_url, namespace, control_keys) as console, http() as session:
-        csrf = {"X-CSRF-Token": await sign_in(session, console.url)}
-        await wait_for_state(session, console.url, lambda s: row(s, "w-roll", "trivial") is not None)
+    async with signed_in_beside(amqp_url, namespace, control_keys, "w-roll") as signed:
+        console, session, csrf = signed.console, signed.session, signed.csrf
         form = {"model": "trivial", "version": "2.0.0", "stable": "1.0.0", "shadow": "0", "steps": "10,100",
                 "interval": "10m"}
         async with session.post(console.url + "/api/rollout", headers=csrf, data=form) as started:
