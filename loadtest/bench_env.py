@@ -171,8 +171,11 @@ async def run_load(env: BenchEnv, namespace: str, shape: LoadShape, *, beside: B
     return LoadRun(accountant, runner.started_at, runner.stopped_at, report, cpu)
 
 
-def closed_loop(env: BenchEnv, model: str, seconds: float, concurrency: int = SATURATING) -> LoadShape:
-    return LoadShape(model=model, images=env.images, concurrency=concurrency, duration_s=seconds, grace_s=30.0)
+def closed_loop(env: BenchEnv, model: str, seconds: float, concurrency: int = SATURATING, *,
+                images: list[Path] | None = None) -> LoadShape:
+    """`concurrency` jobs always in flight, with `images` (default: the held-out PNGs)."""
+    return LoadShape(model=model, images=images or env.images, concurrency=concurrency, duration_s=seconds,
+                     grace_s=30.0)
 
 
 def open_loop(env: BenchEnv, model: str, rate: float, seconds: float, *, seed: int = 0) -> LoadShape:

@@ -4,7 +4,9 @@
    a closed loop, against ultralytics predict in a process of its own (batch 1, and the same batch
    size as the worker's: the ceiling), never both at once.
 2. One worker serving the trivial model against a raw aio-pika consume → reply → ack process,
-   both on the same quorum queue, fed by the same closed loop with the same images.
+   both on the same quorum queue, fed by the same closed loop with the same images: the held-out
+   PNGs (128 px, 39 kB), then PNGs of 16 × 16 pixels, whose parsing and decoding cost next to
+   nothing: what is left is the pool's own cost per job.
 
 Runs alternate (round 2 goes in the opposite order) and each figure is the mean of its rounds.
 """
@@ -45,6 +47,8 @@ CONCURRENCY = SATURATING
 MICRO = int(WorkerSettings.model_fields["max_batch"].default)
 MAX_WAIT_MS = float(WorkerSettings.model_fields["max_wait_ms"].default)
 PREFETCH = int(WorkerSettings.model_fields["prefetch"].default)
+#: Benchmark 2's small images: this many pixels a side.
+TINY_SIDE = 16
 
 
 @dataclass
@@ -139,22 +143,30 @@ def _seconds(env: BenchEnv) -> float:
     return 6.0 if env.quick else 10.0
 
 
-async def _measure_worker(env: BenchEnv, namespace: str, worker: WorkerProcess, model: str, series: Series) -> None:
+#: What one measured run sends: its series, and its images (None: the held-out PNGs).
+Measured = tuple["Series", list[Path] | None]
+
+
+async def _measure_worker(env: BenchEnv, namespace: str, worker: WorkerProcess, model: str,
+                          runs: list[Measured]) -> None:
+    """Start the worker, then measure each run in turn on it."""
     await env.start(worker)
     try:
         await warm_up(env, namespace, model)
         assert worker.process is not None
-        before: Totals = histogram_totals(worker.text("/metrics"))
-        profile = read_profile(worker) if env.profile else None
-        run, use = await measured_load(env, namespace, model, worker.process.pid, series.label)
-        means = worker_means(before, histogram_totals(worker.text("/metrics")))
-        if profile is not None:
-            series.profiles.append(_profiled(run, use, per_job(profile, read_profile(worker), _answered(run))))
+        for series, images in runs:
+            before: Totals = histogram_totals(worker.text("/metrics"))
+            profile = read_profile(worker) if env.profile else None
+            run, use = await measured_load(env, namespace, model, worker.process.pid, series.label,
+                                           closed_loop(env, model, _seconds(env), CONCURRENCY, images=images))
+            means = worker_means(before, histogram_totals(worker.text("/metrics")))
+            if profile is not None:
+                series.profiles.append(_profiled(run, use, per_job(profile, read_profile(worker), _answered(run))))
+            if run.lost or run.failed:
+                raise BenchError(f"{series.label}: {run.lost} lost, {run.failed} failed jobs")
+            series.add_run(run, use, means)
     finally:
         await env.stop(worker)
-    if run.lost or run.failed:
-        raise BenchError(f"{series.label}: {run.lost} lost, {run.failed} failed jobs")
-    series.add_run(run, use, means)
 
 
 def _answered(run: LoadRun) -> int:
@@ -194,7 +206,7 @@ async def pool_vs_inprocess(env: BenchEnv) -> BenchResult:
         worker = env.worker(namespace, f"b{max_batch}", ["shapes@1.0.0"],
                             env={"HOTSWAP_MAX_BATCH": str(max_batch), "HOTSWAP_MAX_WAIT_MS": str(MAX_WAIT_MS),
                                  "HOTSWAP_PREFETCH": str(PREFETCH)})
-        await _measure_worker(env, namespace, worker, "shapes", pool[max_batch])
+        await _measure_worker(env, namespace, worker, "shapes", [(pool[max_batch], None)])
 
     try:
         for round_ in range(_rounds(env)):
@@ -239,57 +251,85 @@ async def pool_vs_inprocess(env: BenchEnv) -> BenchResult:
 
 async def trivial_vs_raw(env: BenchEnv) -> BenchResult:
     result = BenchResult(2, "trivial model vs raw aio-pika loop")
-    raw = Series("raw aio-pika loop")
-    ours = Series("worker, trivial model")
+    raw, ours = Series("raw aio-pika loop"), Series("worker, trivial model")
+    raw_tiny = Series(f"raw aio-pika loop, {TINY_SIDE} px PNGs")
+    ours_tiny = Series(f"worker, trivial model, {TINY_SIDE} px PNGs")
     namespace = env.namespace("trivial")
     with tempfile.TemporaryDirectory(prefix="hotswap-bench-") as temp:
         root = Path(temp) / "models"
         write_trivial_model(root)
+        tiny = write_tiny_pngs(Path(temp) / "tiny")
 
-        async def raw_loop() -> None:
+        async def raw_loop(runs: list[Measured]) -> None:
             helper = HelperProcess(["loadtest.bench_raw", "--url", env.url, "--namespace", namespace,
                                     "--model", TRIVIAL_MODEL, "--prefetch", str(PREFETCH)],
                                    env.out / "logs" / f"{namespace}-raw.log")
             await helper.start()
             try:
                 await warm_up(env, namespace, TRIVIAL_MODEL)
-                run, use = await measured_load(env, namespace, TRIVIAL_MODEL, helper.pid, "raw")
+                for series, images in runs:
+                    run, use = await measured_load(env, namespace, TRIVIAL_MODEL, helper.pid, "raw",
+                                                   closed_loop(env, TRIVIAL_MODEL, _seconds(env), CONCURRENCY,
+                                                               images=images))
+                    if run.lost or run.failed:
+                        raise BenchError(f"{series.label}: {run.lost} lost, {run.failed} failed jobs")
+                    series.add_run(run, use, {})
+                    if env.profile:
+                        series.profiles.append(_profiled(run, use, {}))
             finally:
                 await helper.stop()
-            if run.lost or run.failed:
-                raise BenchError(f"raw loop: {run.lost} lost, {run.failed} failed jobs")
-            raw.add_run(run, use, {})
-            if env.profile:
-                raw.profiles.append(_profiled(run, use, {}))
 
-        async def worker_loop() -> None:
+        async def worker_loop(runs: list[Measured]) -> None:
             worker = env.worker(namespace, "trivial", [f"{TRIVIAL_MODEL}@1.0.0"], model_root=root)
-            await _measure_worker(env, namespace, worker, TRIVIAL_MODEL, ours)
+            await _measure_worker(env, namespace, worker, TRIVIAL_MODEL, runs)
 
         try:
             for round_ in range(_rounds(env)):
-                steps = [raw_loop, worker_loop]
-                for step in steps if round_ % 2 == 0 else steps[::-1]:
-                    await step()
+                images: list[Measured] = [(raw, None), (raw_tiny, tiny)]
+                mine: list[Measured] = [(ours, None), (ours_tiny, tiny)]
+                if round_ % 2:
+                    await worker_loop(mine[::-1])
+                    await raw_loop(images[::-1])
+                else:
+                    await raw_loop(images)
+                    await worker_loop(mine)
         finally:
             await env.cleanup(namespace, TRIVIAL_MODEL)
-    result.rows = [raw.row(), ours.row()]
+    result.rows = [s.row() for s in (raw, ours, raw_tiny, ours_tiny)]
     result.metrics = [
         Metric("worker(trivial) / raw loop", ratio(ours.rate, raw.rate), Goal(">=", 0.9)),
         Metric("worker CPU/job / raw loop's", ratio(mean(ours.server_cpu_ms), mean(raw.server_cpu_ms)),
                Goal("<=", 1.3)),
         # When the machine's cores are the limit, throughput goes as 1 / (all the CPU a job costs).
         Metric("CPU/job of server + broker + load gen: raw / worker", ratio(raw.total_cpu_ms, ours.total_cpu_ms)),
+        # With images that cost next to nothing, what is left is the pool's own cost per job.
+        Metric(f"{TINY_SIDE} px: worker(trivial) / raw loop", ratio(ours_tiny.rate, raw_tiny.rate)),
+        Metric(f"{TINY_SIDE} px: worker CPU/job / raw loop's",
+               ratio(mean(ours_tiny.server_cpu_ms), mean(raw_tiny.server_cpu_ms))),
     ]
-    result.figures = {"series": {s.label: s.to_json() for s in (raw, ours)}, "seconds_per_run": _seconds(env),
-                      "rounds": _rounds(env), "concurrency": CONCURRENCY}
+    result.figures = {"series": {s.label: s.to_json() for s in (raw, ours, raw_tiny, ours_tiny)},
+                      "seconds_per_run": _seconds(env), "rounds": _rounds(env), "concurrency": CONCURRENCY}
     result.notes.append(f"both consume the same quorum queue (prefetch {PREFETCH}), fed by a closed loop of "
-                        f"{CONCURRENCY} with the held-out PNGs inline; the raw loop replies a fixed result as the "
-                        "worker does (confirmed, mandatory, as persistent as the job), then acks")
+                        f"{CONCURRENCY} with the held-out PNGs inline, then with {TINY_SIDE} × {TINY_SIDE} px ones; "
+                        "the raw loop replies a fixed result as the worker does (confirmed, mandatory, as "
+                        "persistent as the job), then acks")
     result.notes.append(_phases_note(ours))
-    _producer_note(result, (raw, ours))
-    _add_profiles(env, result, [raw, ours])
+    _producer_note(result, (raw, ours, raw_tiny, ours_tiny))
+    _add_profiles(env, result, [raw, ours, raw_tiny, ours_tiny])
     return result
+
+
+def write_tiny_pngs(directory: Path, count: int = 16) -> list[Path]:
+    """PNGs of TINY_SIDE² random pixels (a few hundred bytes each): images that cost next to nothing."""
+    import cv2
+    import numpy as np
+
+    directory.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    paths = [directory / f"tiny-{n:02d}.png" for n in range(count)]
+    for path in paths:
+        cv2.imwrite(str(path), rng.integers(0, 256, (TINY_SIDE, TINY_SIDE, 3), dtype=np.uint8))
+    return paths
 
 
 def _phases_note(series: Series) -> str:

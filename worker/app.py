@@ -42,6 +42,7 @@ from worker.runtime.sources import SourcePolicy
 from worker.runtime.validation import LatencyBudget
 from worker.runtime.weights import ArtifactLoader
 from worker.status import StatusServer
+from worker.threads import LoopThreads
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,8 @@ class Worker:
         if settings.profile:
             STEPS.enabled = True  # process-wide: the backends' steps are timed too
         # One inference thread: torch parallelises inside it (settings.torch_threads).
-        self.inference_executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
-        self.decode_executor = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        self.inference_thread = LoopThreads(1, "inference")
+        self.decode_threads = LoopThreads(settings.decode_threads, "decode")
         # Loading and validating a new version must not queue behind (or take cores from) serving:
         # its thread runs at a lower CPU priority, so an update uses what serving leaves idle.
         self.control_executor = ThreadPoolExecutor(
@@ -118,10 +119,10 @@ class Worker:
         watchdog: asyncio.Task[None] | None = None
         try:
             await self._load_models(self.connection, keys)
-            batcher = MicroBatcher(self.inference_executor, self.settings.max_batch, self.settings.max_wait_ms,
+            batcher = MicroBatcher(self.inference_thread, self.settings.max_batch, self.settings.max_wait_ms,
                                    self.metrics, on_batch=self._batch_ran)
             self.processor = JobProcessor(
-                self.settings.worker_id, self.models.table, self.limits, self.decode_executor, batcher,
+                self.settings.worker_id, self.models.table, self.limits, self.decode_threads, batcher,
                 PixelBudget(self.settings.max_pixels_in_flight), http, self.metrics,
                 max_shadows=self.settings.max_shadow_in_flight, evidence=self.evidence,
             )
@@ -138,8 +139,8 @@ class Worker:
             self._set_connected(False)
             await http.close()
             await status.stop()
-            self.inference_executor.shutdown(wait=False, cancel_futures=True)
-            self.decode_executor.shutdown(wait=False, cancel_futures=True)
+            self.inference_thread.shutdown()
+            self.decode_threads.shutdown()
             self.control_executor.shutdown(wait=False, cancel_futures=True)
 
     def _control_keys(self) -> tuple[Verifier, Signer] | None:
@@ -181,7 +182,7 @@ class Worker:
 
     def _batch_ran(self, version: ModelVersion, size: int, ms: float) -> None:
         self.evidence.batch_ran(version.model, version.version, size, ms)
-        self.metrics.version_inference_seconds.labels(version.model, version.version).observe(ms / 1000)
+        self.metrics.version_inference_of(version.model, version.version).observe(ms / 1000)
 
     def _set_connected(self, connected: bool) -> None:
         # A robust connection never reports itself closed while it reconnects: track it here.

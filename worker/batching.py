@@ -13,7 +13,6 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from schemas.jobs import InferenceParams
@@ -22,6 +21,7 @@ from worker.runtime.backend import Image, ModelBackend
 from worker.runtime.lifecycle import ModelVersion
 from worker.runtime.predictions import Prediction
 from worker.runtime.profiling import STEPS
+from worker.threads import LoopThreads
 
 BatchKey = tuple[int, InferenceParams, tuple[int, ...]]
 
@@ -45,16 +45,16 @@ BatchObserver = Callable[[ModelVersion, int, float], None]
 
 
 class MicroBatcher:
-    def __init__(self, executor: Executor, max_batch: int, max_wait_ms: float, metrics: WorkerMetrics,
+    def __init__(self, threads: LoopThreads, max_batch: int, max_wait_ms: float, metrics: WorkerMetrics,
                  on_batch: BatchObserver | None = None) -> None:
-        self.executor = executor
+        self.threads = threads
         self.on_batch = on_batch
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
         self.metrics = metrics
         self._open: dict[BatchKey, _Batch] = {}
         self._due: dict[BatchKey, None] = {}  # waited long enough; run when the thread is free
-        self._busy = 0  # batches handed to the executor and not finished
+        self._busy = 0  # batches handed to the inference thread and not finished
         self._running: set[asyncio.Task[None]] = set()
         self._started: dict[int, float] = {}  # inference thread → when its current predict began
 
@@ -104,13 +104,11 @@ class MicroBatcher:
 
     async def _run(self, batch: _Batch) -> None:
         backend = batch.version.backend
-        self.metrics.batch_size.labels(batch.version.model).observe(len(batch.images))
+        self.metrics.batch_size_of(batch.version.model).observe(len(batch.images))
         try:
             if backend is None:
                 raise RuntimeError(f"{batch.version.model}/{batch.version.version} has no backend")
-            loop = asyncio.get_running_loop()
-            results, compute_ms = await loop.run_in_executor(
-                self.executor, self._predict, backend, batch.images, batch.params)
+            results, compute_ms = await self.threads.run(self._predict, backend, batch.images, batch.params)
         except Exception as exc:  # every job of the batch gets the error
             for future in batch.futures:
                 if not future.done():

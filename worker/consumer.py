@@ -148,7 +148,7 @@ class JobConsumer:
             self._in_flight.add(task)
             self._idle.clear()
             self._last_delivery_at = asyncio.get_running_loop().time()
-            self.metrics.in_flight.labels(model).inc()
+            self.metrics.in_flight_of(model).inc()
             self.acks.received(message)
         try:
             yield
@@ -159,7 +159,7 @@ class JobConsumer:
                 log.error("delivery %s from %s was left unsettled; requeueing it", message.delivery_tag, model)
                 await self._give_back(message)
             with STEPS.step("bookkeeping"):
-                self.metrics.in_flight.labels(model).dec()
+                self.metrics.in_flight_of(model).dec()
                 self._in_flight.discard(task)
                 if not self._in_flight:
                     self._idle.set()

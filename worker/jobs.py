@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -45,6 +44,7 @@ from worker.runtime.lifecycle import ModelVersion
 from worker.runtime.predictions import Prediction
 from worker.runtime.profiling import STEPS
 from worker.runtime.validation import evaluator_for
+from worker.threads import LoopThreads
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class JobProcessor:
         worker_id: str,
         deployments: DeploymentTable,
         limits: ImageLimits,
-        decode_executor: Executor,
+        decode_threads: LoopThreads,
         batcher: MicroBatcher,
         pixels: PixelBudget,
         http: aiohttp.ClientSession,
@@ -123,7 +123,7 @@ class JobProcessor:
         self.worker_id = worker_id
         self.deployments = deployments
         self.limits = limits
-        self.decode_executor = decode_executor
+        self.decode_threads = decode_threads
         self.batcher = batcher
         self.pixels = pixels
         self.http = http
@@ -241,8 +241,7 @@ class JobProcessor:
         if prediction.masks is None and prediction.parts is None:
             with STEPS.step("encode"):
                 return to_wire(prediction, version.loaded_manifest)
-        return await asyncio.get_running_loop().run_in_executor(
-            self.decode_executor, _timed_to_wire, prediction, version.loaded_manifest)
+        return await self.decode_threads.run(_timed_to_wire, prediction, version.loaded_manifest)
 
     async def _header(self, job: Job) -> ImageHeader:
         if isinstance(job.image, InlineImage):
@@ -254,7 +253,7 @@ class JobProcessor:
 
     async def _decode(self, header: ImageHeader, clock: _Clock) -> Image:
         started = time.perf_counter()
-        image = await asyncio.get_running_loop().run_in_executor(self.decode_executor, _timed_decode, header)
+        image = await self.decode_threads.run(_timed_decode, header)
         clock.decode_ms = (time.perf_counter() - started) * 1000
         return image
 
@@ -287,8 +286,7 @@ class JobProcessor:
                 theirs = await self.batcher.predict(shadow, image, job.params)
                 # Mask IoU over whole images is milliseconds of numpy: off the event loop.
                 evaluator = evaluator_for(primary.loaded_manifest)
-                ratio = await asyncio.get_running_loop().run_in_executor(
-                    self.decode_executor, evaluator.agreement, prediction, theirs)
+                ratio = await self.decode_threads.run(evaluator.agreement, prediction, theirs)
                 self.metrics.shadow_agreement.labels(job.model, primary.version, shadow.version).observe(ratio)
                 self.evidence.shadowed(job.model, primary.version, shadow.version, ratio)
             except Exception as exc:  # a shadow failure is recorded, never the producer's problem
@@ -342,15 +340,15 @@ class JobProcessor:
         _log_answer(result)
         code = result.error.code if result.error else None
         model = result.model or delivery.queue_model
-        self.metrics.jobs.labels(model, result.version or "", result.status, code or "").inc()
+        self.metrics.jobs_of(model, result.version or "", result.status, code or "").inc()
         timings = result.timings
-        phases = self.metrics.phase_seconds
+        phases = self.metrics.phase_of
         if timings.queue_wait_ms is not None:
-            phases.labels(model, "queue_wait").observe(timings.queue_wait_ms / 1000)
+            phases(model, "queue_wait").observe(timings.queue_wait_ms / 1000)
         if result.status == "ok":
-            phases.labels(model, "decode").observe(timings.decode_ms / 1000)
-            phases.labels(model, "inference").observe(timings.inference_ms / 1000)
-        phases.labels(model, "total").observe(timings.total_ms / 1000)
+            phases(model, "decode").observe(timings.decode_ms / 1000)
+            phases(model, "inference").observe(timings.inference_ms / 1000)
+        phases(model, "total").observe(timings.total_ms / 1000)
         return Outcome(
             result=result,
             reply_to=delivery.reply_to or None,

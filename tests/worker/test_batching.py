@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +14,7 @@ from worker.runtime.backend import create_backend
 from worker.runtime.images import ImageLimits, decode_image
 from worker.runtime.lifecycle import ModelVersion
 from worker.runtime.repository import ModelRepository
+from worker.threads import LoopThreads
 
 if TYPE_CHECKING:
     from conftest import HeldOut
@@ -41,8 +41,8 @@ async def test_concurrent_jobs_share_batches_and_get_single_image_answers(
     version: ModelVersion, heldout: list[HeldOut], bus_jpg: Path
 ) -> None:
     metrics = WorkerMetrics()
-    with ThreadPoolExecutor(1) as executor:
-        batcher = MicroBatcher(executor, max_batch=8, max_wait_ms=20, metrics=metrics)
+    with LoopThreads(1, "inference") as threads:
+        batcher = MicroBatcher(threads, max_batch=8, max_wait_ms=20, metrics=metrics)
         images = [decode_image(h.path.read_bytes(), LIMITS) for h in heldout[:16]]
         photo = decode_image(bus_jpg.read_bytes(), LIMITS)
         params = InferenceParams(conf=0.1)
@@ -58,8 +58,8 @@ async def test_concurrent_jobs_share_batches_and_get_single_image_answers(
 
 async def test_batch_of_one_when_batching_is_off(version: ModelVersion, heldout: list[HeldOut]) -> None:
     metrics = WorkerMetrics()
-    with ThreadPoolExecutor(1) as executor:
-        batcher = MicroBatcher(executor, max_batch=1, max_wait_ms=0, metrics=metrics)
+    with LoopThreads(1, "inference") as threads:
+        batcher = MicroBatcher(threads, max_batch=1, max_wait_ms=0, metrics=metrics)
         image = decode_image(heldout[0].path.read_bytes(), LIMITS)
         await asyncio.gather(*(batcher.predict(version, image, InferenceParams()) for _ in range(5)))
     assert batch_sizes(metrics) == (5, 5)
@@ -67,8 +67,8 @@ async def test_batch_of_one_when_batching_is_off(version: ModelVersion, heldout:
 
 async def test_a_failing_batch_fails_each_of_its_jobs(heldout: list[HeldOut]) -> None:
     broken = ModelVersion("shapes", "x")  # no backend: predicting must fail, not hang
-    with ThreadPoolExecutor(1) as executor:
-        batcher = MicroBatcher(executor, max_batch=4, max_wait_ms=5, metrics=WorkerMetrics())
+    with LoopThreads(1, "inference") as threads:
+        batcher = MicroBatcher(threads, max_batch=4, max_wait_ms=5, metrics=WorkerMetrics())
         image = decode_image(heldout[0].path.read_bytes(), LIMITS)
         results = await asyncio.gather(
             *(batcher.predict(broken, image, InferenceParams()) for _ in range(3)), return_exceptions=True
