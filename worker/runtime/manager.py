@@ -26,7 +26,7 @@ from worker.runtime.backend import blank_image, create_backend
 from worker.runtime.deployment import Deployment, DeploymentTable
 from worker.runtime.desired import DesiredState
 from worker.runtime.lifecycle import ModelVersion, VersionState
-from worker.runtime.memory import memory_in_use
+from worker.runtime.memory import freeze_before_first_version, memory_in_use
 from worker.runtime.on_demand import LoadRefused, OnDemandPool
 from worker.runtime.repository import ModelRepository, RepositoryError
 from worker.runtime.validation import (
@@ -198,6 +198,7 @@ class ModelManager:
                 check_contract(entry.manifest, baseline.manifest if baseline else None, new_contract)
                 artifact = await self._run(self.repository.verified_artifact, entry)
                 backend = create_backend(entry.manifest.backend, self.device, self.loader, task=entry.manifest.task)
+                freeze_before_first_version()  # the backend's libraries are imported by now
                 await self._run(backend.load, artifact, entry.manifest)
                 version.backend = backend
             version.advance(VersionState.VALIDATING)
