@@ -27,7 +27,7 @@ def rss_bytes() -> int:
 
 def freeze_before_first_version() -> None:
     """Take what the process holds before its first model version out of the cyclic collector's
-    sight (`gc.freeze`): the libraries, about 255,000 objects once torch and ultralytics are in.
+    sight (`gc.freeze`): the libraries, about 240,000 objects once torch and ultralytics are in.
 
     A full collection walks every tracked object with the GIL held: 180 ms in a worker on this
     project's machine, and each cleanup runs them (so that a freed version's memory comes back
