@@ -285,13 +285,13 @@ async def trivial_vs_raw(env: BenchEnv) -> BenchResult:
 
         try:
             for round_ in range(_rounds(env)):
-                images: list[Measured] = [(raw, None), (raw_tiny, tiny)]
+                theirs: list[Measured] = [(raw, None), (raw_tiny, tiny)]
                 mine: list[Measured] = [(ours, None), (ours_tiny, tiny)]
                 if round_ % 2:
                     await worker_loop(mine[::-1])
-                    await raw_loop(images[::-1])
+                    await raw_loop(theirs[::-1])
                 else:
-                    await raw_loop(images)
+                    await raw_loop(theirs)
                     await worker_loop(mine)
         finally:
             await env.cleanup(namespace, TRIVIAL_MODEL)

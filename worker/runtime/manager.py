@@ -198,7 +198,7 @@ class ModelManager:
                 check_contract(entry.manifest, baseline.manifest if baseline else None, new_contract)
                 artifact = await self._run(self.repository.verified_artifact, entry)
                 backend = create_backend(entry.manifest.backend, self.device, self.loader, task=entry.manifest.task)
-                freeze_before_first_version()  # the backend's libraries are imported by now
+                await self._run(freeze_before_first_version)  # the backend's libraries are imported by now
                 await self._run(backend.load, artifact, entry.manifest)
                 version.backend = backend
             version.advance(VersionState.VALIDATING)
