@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import suppress
 from functools import partial
 
 import aio_pika
@@ -132,16 +131,11 @@ class JobConsumer:
                 return
 
     async def _on_message(self, model: str, message: AbstractIncomingMessage) -> None:
-        async with self._handling(model, message):
-            outcome = await self.processor.process(_delivery(message, model))
-            await self._settle(message, outcome, model)
-
-    @asynccontextmanager
-    async def _handling(self, model: str, message: AbstractIncomingMessage) -> AsyncIterator[None]:
-        """In-flight bookkeeping, and the promise that the delivery settles (invariant 9): if a bug
-        lets anything escape, or leaves the delivery neither acked nor rejected, the job goes back
-        to its queue, whose delivery limit ends the retries. Unsettled, it would hold a prefetch
-        slot until the channel closes and break every ack run above it."""
+        """Answer one delivery, with the promise that it settles (invariant 9): if a bug lets
+        anything escape, or leaves the delivery neither acked nor rejected, the job goes back to
+        its queue, whose delivery limit ends the retries. Unsettled, it would hold a prefetch slot
+        until the channel closes and break every ack run above it. (Plain try/finally, not a
+        context manager: this runs for every job.)"""
         task = asyncio.current_task()
         assert task is not None
         with STEPS.step("bookkeeping"):
@@ -151,7 +145,8 @@ class JobConsumer:
             self.metrics.in_flight_of(model).inc()
             self.acks.received(message)
         try:
-            yield
+            outcome = await self.processor.process(_delivery(message, model))
+            await self._settle(message, outcome, model)
         except Exception:
             log.exception("handling delivery %s from %s failed", message.delivery_tag, model)
         finally:

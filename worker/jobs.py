@@ -164,6 +164,8 @@ class JobProcessor:
             message = "the message has no reply_to property, so its result has nowhere to go"
             result = self._error(job.job_id, delivery, clock, job, None, ErrorCode.MISSING_REPLY_TO, message)
             return self._finish(result, delivery)
+        if job.job_id == delivery.correlation_id:  # named so already (clients publish it as the correlation id)
+            return await self._serve(job, delivery, clock)
         with log_context(job_id=job.job_id):
             return await self._serve(job, delivery, clock)
 
@@ -253,7 +255,7 @@ class JobProcessor:
 
     async def _decode(self, header: ImageHeader, clock: _Clock) -> Image:
         started = time.perf_counter()
-        image = await self.decode_threads.run(_timed_decode, header)
+        image = _timed_decode(header) if header.cheap else await self.decode_threads.run(_timed_decode, header)
         clock.decode_ms = (time.perf_counter() - started) * 1000
         return image
 
@@ -357,8 +359,9 @@ class JobProcessor:
 
 
 def _timed_decode(header: ImageHeader) -> Image:
-    # In a decode thread. `decode_pixels` is looked up at each call, not bound once: a test that
-    # replaces it (tests/worker/test_consumer.py) must reach this call too.
+    # In a decode thread, or on the loop for a cheap image. `decode_pixels` is looked up at each
+    # call, not bound once: a test that replaces it (tests/worker/test_consumer.py) must reach
+    # this call too.
     with STEPS.step("decode"):
         return decode_pixels(header)
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from control.cli import app
+from control.client import Client
 from control.operator import WaitReport
 from loadtest.bench import BenchSetupError, bench_document, check_zoo, parse_only
 from loadtest.bench_core import (
@@ -31,6 +33,8 @@ from loadtest.bench_core import (
     visible_after_ms,
     worker_means,
 )
+from loadtest.bench_env import HelperProcess
+from loadtest.bench_throughput import TINY_SIDE, write_tiny_pngs
 from loadtest.records import JobRecord
 from schemas.control import Command, Progress, Rollback
 from schemas.jobs import InferenceParams
@@ -38,6 +42,9 @@ from schemas.manifest import Manifest
 from worker.runtime.backend import BackendError, create_backend
 from worker.runtime.repository import ModelRepository
 from worker.runtime.trivial_backend import TrivialBackend, trivial_artifact, write_trivial_model
+
+if TYPE_CHECKING:
+    from conftest import HeldOut
 
 
 def test_goals_judge_values_and_leave_missing_ones_unjudged() -> None:
@@ -219,3 +226,28 @@ def test_a_profile_window_is_cpu_per_job_by_step_with_what_each_thread_spent_out
     assert rows["inference/forward"] == pytest.approx(1000.0)
     assert rows["inference/(outside steps)"] == pytest.approx(200.0)
     assert "control/(all)" not in rows and "control/forward" not in rows  # what the window did not use
+
+
+@pytest.mark.parametrize("decode", [False, True], ids=["transport only", "decoding"])
+async def test_the_raw_loops_answer_through_the_broker_as_the_worker_does(
+    amqp_url: str, namespace: str, client: Client, heldout: list[HeldOut], tmp_path: Path, decode: bool
+) -> None:
+    """Benchmark 2's baselines: a real consume → reply → ack loop on the worker's queue; the decoding
+    one reads each job and its image, and answers with the worker's result fields."""
+    loop = HelperProcess(["loadtest.bench_raw", "--url", amqp_url, "--namespace", namespace, "--model", "trivial",
+                          *(["--decode"] if decode else [])], tmp_path / "raw.log")
+    await loop.start()
+    try:
+        results = [await client.submit(held.path, model="trivial") for held in heldout[:2]]
+        tiny = write_tiny_pngs(tmp_path / "tiny", count=1)[0]
+        results.append(await client.submit(tiny, model="trivial"))
+    finally:
+        assert await loop.stop() == 0
+    assert all((r.status, r.model, r.worker_id) == ("ok", "trivial", "raw") for r in results)
+    if not decode:
+        assert all(r.image is None and r.version is None for r in results)
+        return
+    assert [(r.image.width, r.image.height) if r.image else None for r in results] == [(128, 128), (128, 128),
+                                                                                        (TINY_SIDE, TINY_SIDE)]
+    assert all(r.version == "1.0.0" and r.detections == [] and r.timings.decode_ms > 0 for r in results)
+    assert all(r.timings.queue_wait_ms is not None for r in results)

@@ -4,19 +4,26 @@ directly (no broker between), and through the broker where the rule is about job
 from __future__ import annotations
 
 import asyncio
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import cv2
+import numpy as np
 import pytest
 
+import worker.jobs as jobs_module
+import worker.runtime.images as images_module
 from control.client import Client
 from schemas.control import Shadow
 from schemas.errors import ErrorCode
 from schemas.jobs import InlineImage, Job
 from worker.app import Worker
 from worker.jobs import Delivery
+from worker.runtime.backend import Image
 from worker.runtime.desired import DesiredState
+from worker.runtime.images import ImageHeader
 from worker.runtime.trivial_backend import write_trivial_model
 
 if TYPE_CHECKING:
@@ -105,3 +112,30 @@ async def test_the_processor_answers_each_delivery_with_its_outcome(
     assert outcomes[2].result.job_id == "corr"  # unparsable: the correlation id names it
     assert outcomes[3].result.job_id == "j2"  # parsed far enough to read its id
     assert processor.stats.done == 2 and processor.stats.failed == len(cases) - 2
+
+
+async def test_small_images_are_decoded_on_the_loop_and_the_others_in_a_decode_thread(
+    serve_in_process: ServeInProcess, heldout: list[HeldOut], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Handing a decode to a thread and back costs more than decoding a 64 × 64 image."""
+    worker = await serve_in_process("trivial@1.0.0")
+    processor = worker.processor
+    assert processor is not None
+    decoded_in: list[str] = []
+    decode = images_module.decode_pixels
+
+    def recorded(header: ImageHeader) -> Image:
+        decoded_in.append(threading.current_thread().name)
+        return decode(header)
+
+    monkeypatch.setattr(jobs_module, "decode_pixels", recorded)
+    sizes = [(64, 64), (64, 65)]
+    paths = [tmp_path / f"{w}x{h}.png" for w, h in sizes]
+    for path, (width, height) in zip(paths, sizes, strict=True):
+        cv2.imwrite(str(path), np.full((height, width, 3), 200, np.uint8))
+    for path in (*paths, heldout[0].path):
+        body = Job(job_id="j", model="trivial", image=InlineImage(data=path.read_bytes())).model_dump_json().encode()
+        assert (await processor.process(_delivery(body))).result.status == "ok"
+    loop_thread, *others = decoded_in
+    assert loop_thread == threading.current_thread().name  # the test's loop is the worker's
+    assert len(others) == 2 and all(name.startswith("decode_") for name in others), decoded_in

@@ -3,8 +3,9 @@
 PIL reads the header (format, size: the limits apply before any pixel is decoded); OpenCV decodes
 the pixels, as ultralytics' own loader does, in one call that releases the GIL (4× faster than
 PIL on a JPEG photo, 20 % on a small PNG). When OpenCV refuses the data, PIL decodes it instead,
-so a damaged image gets the specific reason PIL gives. Decoding runs in a thread pool; fetching
-(`worker.fetch`) runs on the event loop.
+so a damaged image gets the specific reason PIL gives. Decoding runs in a thread pool, except for
+small images (`ImageHeader.cheap`), which cost less to decode where they are than to hand to a
+thread; fetching (`worker.fetch`) runs on the event loop.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ _OPENERS = (
 # Our own pixel limit applies before decoding; PIL's guard would only warn below 2× its default.
 PILImage.MAX_IMAGE_PIXELS = None
 
+# Handing a decode to a thread and its pixels back costs the two threads 50-100 µs of CPU on a
+# busy 2-vCPU VM (wake-ups of parked threads); decoding an image of at most 64 × 64 pixels and
+# 16 KiB costs 3-40 µs (OpenCV, PNG or JPEG), so such images are decoded where they are.
+# The README's Performance section has the measurements.
+CHEAP_PIXELS = 64 * 64
+CHEAP_BYTES = 16 * 1024
+
 
 @dataclass(frozen=True)
 class ImageLimits:
@@ -53,6 +61,11 @@ class ImageHeader:
     def pixels(self) -> int:
         width, height = self.picture.size
         return int(width * height)
+
+    @property
+    def cheap(self) -> bool:
+        """Cheaper to decode in the calling thread than to hand to another."""
+        return self.pixels <= CHEAP_PIXELS and len(self.data) <= CHEAP_BYTES
 
 
 def decode_image(data: bytes, limits: ImageLimits) -> Image:

@@ -4,10 +4,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from schemas.errors import ErrorCode, JobFailure
-from worker.runtime.images import ImageLimits, decode_image
+from worker.runtime.images import ImageHeader, ImageLimits, decode_image, read_header
 
 LIMITS = ImageLimits(max_bytes=2_000_000, max_pixels=4_000_000, fetch_timeout_s=2.0)
 
@@ -92,3 +92,16 @@ def test_zero_sized_png_header_is_empty_or_invalid() -> None:
     png = bytearray(encode("PNG", size=(1, 1)))
     png[16:24] = (0).to_bytes(4, "big") * 2  # IHDR width and height
     assert rejected(bytes(png)) in {ErrorCode.EMPTY_IMAGE, ErrorCode.NOT_AN_IMAGE}
+
+
+def test_only_small_images_are_cheap_enough_to_decode_where_they_are() -> None:
+    def header(data: bytes) -> ImageHeader:
+        return read_header(data, LIMITS)
+
+    assert header(encode("PNG", size=(64, 64))).cheap and header(encode("JPEG", size=(32, 128))).cheap
+    assert not header(encode("PNG", size=(65, 64))).cheap
+    padded = io.BytesIO()  # few pixels, many bytes: a text chunk of 20 kB
+    info = PngImagePlugin.PngInfo()
+    info.add_text("padding", "x" * 20_000)
+    Image.new("RGB", (8, 8)).save(padded, format="PNG", pnginfo=info)
+    assert not header(padded.getvalue()).cheap
