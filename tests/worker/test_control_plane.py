@@ -19,7 +19,7 @@ import pytest
 from control.client import Client
 from control.operator import Operator, WaitReport
 from schemas.control import Heartbeat, Progress, Rollback, Shadow, Traffic, Update
-from schemas.jobs import JobResult
+from schemas.jobs import InferenceParams, JobResult
 from schemas.signing import Signer, generate_keys
 from worker.outputs import score_results
 
@@ -65,7 +65,10 @@ async def test_update_under_load_switches_each_worker_once_and_improves(
     start_worker: StartWorker, operator: Operator, load: StartLoad, heldout: list[HeldOut]
 ) -> None:
     start_worker("shapes@1.0.0", name="a"), start_worker("shapes@1.0.0", name="b")
-    running = load(concurrency=8)
+    # At confidence 0.5 the versions differ plainly on the held-out images (recall 0.58 against
+    # 0.72, measured); at the default 0.25 both find 85 of its 100 objects, and which version
+    # looked better depended on which images each happened to serve.
+    running = load(concurrency=8, params=InferenceParams(conf=0.5))
     await running.wait_for(100)
     report = await operator.publish_and_wait("shapes", Update(version="2.0.0"))
     assert_ok(report, {"a", "b"})
@@ -77,11 +80,12 @@ async def test_update_under_load_switches_each_worker_once_and_improves(
     for worker in ("a", "b"):
         assert_switched_once(running, worker, ["1.0.0", "2.0.0"])
     truth = {h.path: h.expected for h in heldout}
-    rates = {
-        version: score_results("detect", ((truth[p], r) for p, r in running.results if r.version == version)).recall
-        for version in ("1.0.0", "2.0.0")
-    }
-    print(f"held-out recall by version under load: {rates}")
+    answers = {version: {p: r for p, r in running.results if r.version == version} for version in ("1.0.0", "2.0.0")}
+    both = answers["1.0.0"].keys() & answers["2.0.0"].keys()  # the same images for each
+    assert len(both) >= len(heldout) // 2, f"only {len(both)} images were served by both versions"
+    rates = {version: score_results("detect", ((truth[p], served[p]) for p in both)).recall
+             for version, served in answers.items()}
+    print(f"held-out recall by version under load, on the {len(both)} images both served: {rates}")
     assert rates["2.0.0"] > rates["1.0.0"]
 
 
