@@ -2,7 +2,8 @@
 
     1  pool vs in-process predict          pool(batch 1) ≥ 0.9 × in-process batch 1, pool(micro-batch) ≥ 0.9 ×
                                            in-process at the same batch size (and ≥ 1.5 × batch 1)
-    2  trivial model vs raw aio-pika loop  worker ≥ 0.9 × raw; worker CPU per job ≤ 1.3 × the raw loop's
+    2  trivial model vs raw aio-pika loop  worker ≥ 0.9 × a raw loop that decodes each job's image; worker CPU
+                                           per job ≤ 1.3 × that loop's (128 px and 16 px PNGs)
     3  p99 during 10 updates + 10 rollbacks  ≤ 1.25 × steady p99; 0 lost, 0 failed
     4  RSS over 50 update/cleanup cycles   after 50 ≤ 1.1 × after 1
     5  rolling restart vs hot update       failed, lost, latency spike of each (hot update's ≤ 1.5 × steady)
