@@ -164,9 +164,9 @@ class JobProcessor:
             message = "the message has no reply_to property, so its result has nowhere to go"
             result = self._error(job.job_id, delivery, clock, job, None, ErrorCode.MISSING_REPLY_TO, message)
             return self._finish(result, delivery)
-        if job.job_id == delivery.correlation_id:  # named so already (clients publish it as the correlation id)
-            return await self._serve(job, delivery, clock)
-        with log_context(job_id=job.job_id):
+        # Lines already name the job when its id is the correlation id (clients publish it so):
+        # a field of None adds nothing, and costs nothing.
+        with log_context(job_id=None if job.job_id == delivery.correlation_id else job.job_id):
             return await self._serve(job, delivery, clock)
 
     async def _serve(self, job: Job, delivery: Delivery, clock: _Clock) -> Outcome:

@@ -52,7 +52,8 @@ class LogContext:
         self._token: contextvars.Token[Mapping[str, object]] | None = None
 
     def __enter__(self) -> None:
-        self._token = _CONTEXT.set({**_CONTEXT.get(), **self._fields})
+        if self._fields:  # nothing to add: the context stays as it is
+            self._token = _CONTEXT.set({**_CONTEXT.get(), **self._fields})
 
     def __exit__(self, *exc_info: object) -> None:
         if self._token is not None:
