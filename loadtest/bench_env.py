@@ -110,6 +110,9 @@ class LoadRun:
     stopped_at: float
     report: dict[str, Any]
     producer_cpu_s: float  # this process's CPU time over the run (publishing, results, accounting)
+    #: The share of the machine's CPU time that went to work over the run (everything on it: the
+    #: workers, the broker, this process): how loaded "70 % of capacity" really left it.
+    machine_busy: float | None = None
 
     @property
     def records(self) -> list[JobRecord]:
@@ -145,7 +148,7 @@ async def run_load(env: BenchEnv, namespace: str, shape: LoadShape, *, beside: B
     async with Client(env.url, namespace=namespace, observer=accountant.received, connection_name=name,
                       reply_queue_ttl_s=300) as client:
         runner = Runner(client, accountant, shape, console=env.console, show_progress=False)
-        cpu = time.process_time()
+        cpu, machine = time.process_time(), machine_cpu_ticks()
         alongside = asyncio.create_task(beside(runner, events)) if beside is not None else None
         if alongside is not None:  # what runs beside the load broke: the load ends with it
 
@@ -165,10 +168,11 @@ async def run_load(env: BenchEnv, namespace: str, shape: LoadShape, *, beside: B
                     await alongside
         await runner.drain()
         cpu = time.process_time() - cpu
+        busy = busy_share(machine, machine_cpu_ticks())
     assert runner.started_at is not None and runner.stopped_at is not None
     report = build_report(accountant, started_at=runner.started_at, stopped_at=runner.stopped_at, events=events,
                           checks=[], run={"namespace": namespace, "loop": shape.loop, "tag": tag})
-    return LoadRun(accountant, runner.started_at, runner.stopped_at, report, cpu)
+    return LoadRun(accountant, runner.started_at, runner.stopped_at, report, cpu, busy)
 
 
 def closed_loop(env: BenchEnv, model: str, seconds: float, concurrency: int = SATURATING, *,
@@ -199,6 +203,21 @@ def cpu_seconds_of(stat_path: str) -> float:
     with open(stat_path) as stat:
         fields = stat.read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu_ticks() -> tuple[int, int]:
+    """Clock ticks of all the machine's CPUs so far, from /proc/stat: (busy, all). Idle and I/O
+    wait are not busy; time the hypervisor gave to other guests (steal) is in all only."""
+    with open("/proc/stat") as stat:
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in stat.readline().split()[1:9])
+    busy = user + nice + system + irq + softirq
+    return busy, busy + idle + iowait + steal
+
+
+def busy_share(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """The share of the machine's CPU time between two `machine_cpu_ticks` that went to work."""
+    busy, total = after[0] - before[0], after[1] - before[1]
+    return busy / total if total > 0 else None
 
 
 def thread_cpu_seconds(pid: int) -> dict[int, float]:

@@ -50,7 +50,9 @@ class Change:
             "way": self.label, "offered jobs/s": rate, "change s": self.ended - self.started,
             "jobs": self.run.report["summary"]["submitted"], "failed": self.run.failed, "lost": self.run.lost,
             "steady p99 ms": spike.steady_p99_ms, "worst 1-s p99 ms": spike.worst_bucket_p99_ms,
-            "spike ×": spike.ratio, "versions after": ", ".join(f"{v}: {n}" for v, n in sorted(after.items(),
+            "spike ×": spike.ratio,
+            "machine CPU busy": None if self.run.machine_busy is None else f"{self.run.machine_busy:.0%}",
+            "versions after": ", ".join(f"{v}: {n}" for v, n in sorted(after.items(),
                                                                                              key=str)),
         }
 

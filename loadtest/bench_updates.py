@@ -56,7 +56,8 @@ def phase_row(label: str, run: LoadRun, rate: float, p99: float | None = None) -
     s = run.report["summary"]
     return {"phase": label, "offered jobs/s": rate, "jobs": s["submitted"], "jobs/s": s["throughput_jobs_per_s"],
             "p50 ms": run.latency("p50"), "p99 ms": run.latency("p99") if p99 is None else p99,
-            "max ms": run.latency("max"), "lost": s["lost"], "failed": s["failed"]}
+            "max ms": run.latency("max"), "lost": s["lost"], "failed": s["failed"],
+            "machine CPU busy": None if run.machine_busy is None else f"{run.machine_busy:.0%}"}
 
 
 async def p99_during_updates(env: BenchEnv) -> BenchResult:
@@ -114,6 +115,7 @@ async def p99_during_updates(env: BenchEnv) -> BenchResult:
                Goal("<=", 100), unit="ms"),
     ]
     result.figures = {"capacity_jobs_per_s": capacity, "rate": rate, "steady": steady.report["summary"],
+                      "machine_busy": {"steady": steady.machine_busy, "updates": changing.machine_busy},
                       "updates": changing.report["summary"], "rollback_visible_ms": rollbacks,
                       "commands": [(label, outcome) for label, _, outcome in ctx.commands],
                       "checks": [vars(c) for c in checks], "events": changing.report["events"],

@@ -35,6 +35,7 @@ from worker.peers import FleetArtifacts, advertised_url
 from worker.runtime.artifacts import ArtifactCache
 from worker.runtime.images import ImageLimits
 from worker.runtime.lifecycle import ModelVersion
+from worker.runtime.load_slots import LoadSlots
 from worker.runtime.manager import ModelManager, ModelSpec
 from worker.runtime.profiling import STEPS
 from worker.runtime.repository import ModelRepository
@@ -74,6 +75,7 @@ class Worker:
             LatencyBudget(factor=settings.latency_budget_factor, cpu_time=settings.device == "cpu"), self.metrics,
             ArtifactCache(settings.artifact_cache, SourcePolicy(settings.artifact_sources)),
             ArtifactLoader(allow_pickle=settings.allow_pickle),
+            LoadSlots(settings.load_slot_dir, settings.load_slots, settings.load_slot_wait_s),
         )
         self.limits = ImageLimits(
             max_bytes=settings.max_image_bytes,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -114,6 +115,15 @@ class WorkerSettings(BaseSettings):
     peer_wait_s: float = Field(120.0, ge=0, description="longest a worker waits for peers before the source")
     peer_uploads: int = Field(4, ge=1, le=256, description="artifacts a worker sends to peers at once; more get 503")
     keep_standby: int = Field(1, ge=0, le=16, description="earlier versions kept warm for rollback")
+    load_slots: int = Field(
+        1, ge=0, le=256, description="versions this host's workers preload and validate at once; the others wait "
+        "their turn (0: no limit; worker.runtime.load_slots)"
+    )
+    load_slot_dir: Path = Field(
+        Path(tempfile.gettempdir()), description="where the load slots' lock files are: a directory every worker "
+        "of the host shares"
+    )
+    load_slot_wait_s: float = Field(60.0, ge=0, description="longest a load waits for a slot; then it goes ahead")
     heartbeat_interval_s: float = Field(2.0, gt=0)
     latency_budget_factor: float = Field(1.5, gt=0, description="new p50 ≤ factor × active p50")
     control_nice: int = Field(

@@ -26,6 +26,7 @@ from worker.runtime.backend import blank_image, create_backend
 from worker.runtime.deployment import Deployment, DeploymentTable
 from worker.runtime.desired import DesiredState
 from worker.runtime.lifecycle import ModelVersion, VersionState
+from worker.runtime.load_slots import LoadSlots, Slot
 from worker.runtime.memory import freeze_before_first_version, memory_in_use
 from worker.runtime.on_demand import LoadRefused, OnDemandPool
 from worker.runtime.repository import ModelRepository, RepositoryError
@@ -96,10 +97,13 @@ class ModelManager:
         metrics: LifecycleMetrics | None = None,
         artifacts: ArtifactCache | None = None,
         loader: ArtifactLoader | None = None,
+        slots: LoadSlots | None = None,
     ) -> None:
         self.repository = repository
         self.artifacts = artifacts
         self.loader = loader or ArtifactLoader()
+        #: The host's load slots (None: this manager's loads never wait for one).
+        self.slots = slots
         self.metrics = metrics
         self.device = device
         self.executor = control_executor
@@ -185,6 +189,7 @@ class ModelManager:
         version = version or ModelVersion(model, name)
         started = time.perf_counter()
         await progress(model, name, "preload")
+        slot: Slot | None = None
         try:
             with self._timed(model, "preload"):
                 if ref is None:
@@ -196,6 +201,10 @@ class ModelManager:
                 version.manifest = entry.manifest
                 check_requirements(entry.manifest)
                 check_contract(entry.manifest, baseline.manifest if baseline else None, new_contract)
+                # The fetch above is I/O and may be long: only what costs the host CPU (and device
+                # memory) takes turns with the host's other workers.
+                if self.slots is not None:
+                    slot = await self.slots.acquire(f"{model}/{name}")
                 artifact = await self._run(self.repository.verified_artifact, entry)
                 backend = create_backend(entry.manifest.backend, self.device, self.loader, task=entry.manifest.task)
                 await self._run(freeze_before_first_version)  # the backend's libraries are imported by now
@@ -219,6 +228,9 @@ class ModelManager:
             if version.backend is not None:
                 await self._run(_release, version)
             raise LoadFailed(version) from exc
+        finally:
+            if slot is not None:
+                slot.release()
         log.info("%s/%s ready (loaded and validated in %.2f s)", model, name, time.perf_counter() - started,
                  extra={"model": model, "version": name})
         return version
