@@ -27,12 +27,12 @@ FROM ${PYTHON_IMAGE}
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 \
  && rm -rf /var/lib/apt/lists/*
-# A numeric user, so that Kubernetes' runAsNonRoot can verify it; /models and the key directories
-# belong to it, so named volumes mounted there start out writable by it.
+# A numeric user, so that Kubernetes' runAsNonRoot can verify it; /models, the key directories and
+# the load slots' directory belong to it, so named volumes mounted there start out writable by it.
 RUN groupadd --gid 10001 hotswap \
  && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin hotswap \
- && mkdir -p /models /keys /operator-keys \
- && chown hotswap:hotswap /models /keys /operator-keys
+ && mkdir -p /models /keys /operator-keys /run/hotswap-load \
+ && chown hotswap:hotswap /models /keys /operator-keys /run/hotswap-load
 COPY --from=build /opt/hotswap /opt/hotswap
 ENV PATH=/opt/hotswap/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -51,13 +51,19 @@ class LoadSlots:
         if self.slots <= 0:
             return Slot(None, 0.0)
         started = time.monotonic()
-        while (fd := self._try_each()) is None:
+        try:
+            fd = self._try_each()
+        except OSError as exc:  # no shared directory to take turns in: a load must not fail for that
+            log.warning("%s: the load slots in %s cannot be used (%s); loading without one", what, self.directory, exc)
+            return Slot(None, 0.0)
+        while fd is None:
             waited = time.monotonic() - started
             if waited >= self.wait_s:
                 log.warning("%s: every load slot of this host was still held after %.0f s (HOTSWAP_LOAD_SLOTS=%d, "
                             "in %s); loading without one", what, waited, self.slots, self.directory)
                 return Slot(None, waited)
             await asyncio.sleep(POLL_S)
+            fd = self._try_each()
         waited = time.monotonic() - started
         if waited >= 0.1:
             log.info("%s: waited %.2f s for a load slot (another worker of this host was loading)", what, waited)
@@ -66,7 +72,7 @@ class LoadSlots:
     def _try_each(self) -> int | None:
         self.directory.mkdir(parents=True, exist_ok=True)
         for n in range(self.slots):
-            fd = os.open(self.directory / f"hotswap-load-{n}.lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o666)
+            fd = _open(self.directory / f"hotswap-load-{n}.lock")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -74,3 +80,13 @@ class LoadSlots:
                 continue
             return fd
         return None
+
+
+def _open(path: Path) -> int:
+    # Read-only: flock needs no more, so a file another user of the host created (0644) still
+    # serves. Created only when missing: in a sticky directory such as /tmp the kernel refuses
+    # O_CREAT on another user's file (fs.protected_regular).
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)

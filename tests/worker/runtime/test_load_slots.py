@@ -96,3 +96,13 @@ async def test_a_manager_loads_a_version_only_in_a_slot_and_gives_it_back(tmp_pa
     after = await asyncio.wait_for(LoadSlots(slots, 1, 60.0).acquire("next"), 1.0)
     assert after.fd is not None, "the manager kept its slot after the load"
     after.release()
+
+
+async def test_a_slot_directory_that_cannot_be_used_loses_the_turns_not_the_load(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "a file").write_text("")
+    with caplog.at_level(logging.WARNING, logger="worker.runtime.load_slots"):
+        slot = await LoadSlots(tmp_path / "a file" / "slots", 1, 60.0).acquire("shapes/2.0.0")
+    assert slot.fd is None
+    assert "shapes/2.0.0: the load slots in" in caplog.text and "cannot be used" in caplog.text
