@@ -261,6 +261,18 @@ async def refused_results(amqp_url: str, namespace: str, image: bytes) -> AsyncI
         yield
 
 
+async def dead_letters(amqp_url: str, namespace: str, count: int, timeout_s: float = 60.0) -> None:
+    """Until the shapes dead-letter queue holds `count` messages."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        name = Topology(namespace).dead_letter_queue("shapes")
+        deadline = time.monotonic() + timeout_s
+        while (held := (await channel.declare_queue(name, passive=True)).declaration_result.message_count or 0) < count:
+            assert time.monotonic() < deadline, f"{held} of {count} dead letters in {name}"
+            await asyncio.sleep(0.2)
+
+
 @contextlib.asynccontextmanager
 async def observe(
     start_worker: StartWorker, operator: Operator, client: Client, load: StartLoad, heldout: list[HeldOut],
@@ -298,6 +310,10 @@ async def observe(
             await asyncio.sleep(SCRAPE_S * 3)  # the alerts see the failure, at an interval of 1 s
             results = await running.stop()
         observed.answered_ok = len(results)
+        # The refused job is tried until the broker dead-letters it; a try that straddled the last
+        # scrape would count as answered and not yet as unconfirmed. Its tries are over once it is
+        # a dead letter beside the malformed jobs.
+        await dead_letters(amqp_url, namespace, observed.dead_lettered + 1)
         await asyncio.sleep(SCRAPE_S * 3)  # a scrape after the last job, and a rule evaluation
         observed.ended = time.time()
         yield observed
