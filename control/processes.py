@@ -55,13 +55,15 @@ class WorkerProcess:
         has logged that it is ready (and every 0.2 s besides): a start is timed to ~10 ms
         (benchmark 7 times it) without a stream of requests to a worker busy loading."""
         deadline = time.monotonic() + timeout_s
-        asked_at = 0.0
+        asked_at, read_to, written = 0.0, self._log_start, ""
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise WorkerStartFailed(f"worker exited with {self.process.returncode}:\n{self.log_tail()}")
-            with self.log_path.open("rb") as log:  # only what this start wrote
-                log.seek(self._log_start)
-                written = log.read().decode(errors="replace")
+            with self.log_path.open("rb") as log:  # what this start wrote since the last look
+                log.seek(read_to)
+                new = log.read()
+            read_to += len(new)
+            written += new.decode(errors="replace")
             if not self.url:
                 found = _LISTENING.search(written)
                 self.url = found.group(1) if found else ""

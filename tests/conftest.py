@@ -420,6 +420,27 @@ class RoundTrip(Protocol):
     def __call__(self, connection: aio_pika.abc.AbstractConnection, body: bytes) -> Awaitable[bytes]: ...
 
 
+class DeadLetters(Protocol):
+    """`dead_letters`: waits until the model's dead-letter queue holds exactly `count` messages
+    (read by a passive declare on `channel`); TimeoutError after `timeout_s`."""
+
+    def __call__(self, channel: aio_pika.abc.AbstractChannel, namespace: str, model: str, count: int,
+                 timeout_s: float = 10.0) -> Awaitable[None]: ...
+
+
+@pytest.fixture(scope="session")
+def dead_letters() -> DeadLetters:
+    return _dead_letters
+
+
+async def _dead_letters(channel: aio_pika.abc.AbstractChannel, namespace: str, model: str, count: int,
+                        timeout_s: float = 10.0) -> None:
+    queue = Topology(namespace).dead_letter_queue(model)
+    async with asyncio.timeout(timeout_s):
+        while (await channel.declare_queue(queue, passive=True)).declaration_result.message_count != count:
+            await asyncio.sleep(0.1)
+
+
 @pytest.fixture(scope="session")
 def round_trip() -> RoundTrip:
     return _round_trip

@@ -28,7 +28,7 @@ from control.operator import Operator
 from worker.metrics import WorkerMetrics
 
 if TYPE_CHECKING:
-    from conftest import HeldOut, StartLoad, StartWorker
+    from conftest import DeadLetters, HeldOut, StartLoad, StartWorker
 
 GRAFANA = Path(__file__).resolve().parents[2] / "ops" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "hotswap.json"
@@ -139,13 +139,13 @@ async def check_expressions(o: Observed, board: dict[str, Any]) -> None:
 @pytest.mark.slow
 async def test_prometheus_scrapes_two_workers_and_every_dashboard_query_returns_data(
     start_worker: StartWorker, operator: Operator, client: Client, load: StartLoad, heldout: list[HeldOut],
-    amqp_url: str, namespace: str, tmp_path: Path,
+    amqp_url: str, namespace: str, tmp_path: Path, dead_letters: DeadLetters,
 ) -> None:
     """A real Prometheus over two running workers (test_prometheus.observe): what a dashboard needs
     is there (test_prometheus's checks), and so is what this dashboard asks."""
     board = dashboard()
     async with observe(start_worker, operator, client, load, heldout, amqp_url, namespace,
-                       tmp_path / "prometheus") as observed:
+                       tmp_path / "prometheus", dead_letters) as observed:
         for check in check_everything_prometheus_saw():
             await check(observed)
         check_exposition(observed)

@@ -36,7 +36,7 @@ from schemas.topology import Topology
 from worker.metrics import WorkerMetrics
 
 if TYPE_CHECKING:
-    from conftest import HeldOut, StartLoad, StartWorker
+    from conftest import DeadLetters, HeldOut, StartLoad, StartWorker
 
 REPO = Path(__file__).resolve().parents[2]
 OPS = REPO / "ops" / "prometheus"
@@ -261,22 +261,10 @@ async def refused_results(amqp_url: str, namespace: str, image: bytes) -> AsyncI
         yield
 
 
-async def dead_letters(amqp_url: str, namespace: str, count: int, timeout_s: float = 60.0) -> None:
-    """Until the shapes dead-letter queue holds `count` messages."""
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        name = Topology(namespace).dead_letter_queue("shapes")
-        deadline = time.monotonic() + timeout_s
-        while (held := (await channel.declare_queue(name, passive=True)).declaration_result.message_count or 0) < count:
-            assert time.monotonic() < deadline, f"{held} of {count} dead letters in {name}"
-            await asyncio.sleep(0.2)
-
-
 @contextlib.asynccontextmanager
 async def observe(
     start_worker: StartWorker, operator: Operator, client: Client, load: StartLoad, heldout: list[HeldOut],
-    amqp_url: str, namespace: str, directory: Path,
+    amqp_url: str, namespace: str, directory: Path, dead_letters: DeadLetters,
 ) -> AsyncIterator[Observed]:
     """Two workers scraped by a real Prometheus while jobs flow: bad jobs, a refused result, an
     update to 2.0.0, then 1.0.0 as its shadow, more bad jobs, an update that fails. Yields once
@@ -313,7 +301,8 @@ async def observe(
         # The refused job is tried until the broker dead-letters it; a try that straddled the last
         # scrape would count as answered and not yet as unconfirmed. Its tries are over once it is
         # a dead letter beside the malformed jobs.
-        await dead_letters(amqp_url, namespace, observed.dead_lettered + 1)
+        async with await aio_pika.connect(amqp_url) as connection:
+            await dead_letters(await connection.channel(), namespace, "shapes", observed.dead_lettered + 1, 60.0)
         await asyncio.sleep(SCRAPE_S * 3)  # a scrape after the last job, and a rule evaluation
         observed.ended = time.time()
         yield observed

@@ -24,7 +24,7 @@ from schemas.jobs import JobResult
 from schemas.topology import Topology
 
 if TYPE_CHECKING:
-    from conftest import HeldOut, ServeInProcess
+    from conftest import DeadLetters, HeldOut, ServeInProcess
 
 pytestmark = pytest.mark.slow
 
@@ -114,7 +114,8 @@ async def settled_queue(queue: str, timeout_s: float = 30.0) -> tuple[int, int]:
 
 
 async def test_thousands_of_hostile_messages_leave_the_worker_ready_and_nothing_unacked(
-    serve_in_process: ServeInProcess, client: Client, heldout: list[HeldOut], namespace: str, amqp_url: str
+    serve_in_process: ServeInProcess, client: Client, heldout: list[HeldOut], namespace: str, amqp_url: str,
+    dead_letters: DeadLetters,
 ) -> None:
     worker = await serve_in_process("trivial@1.0.0", max_image_pixels=4_000_000)
     good_png = heldout[0].path.read_bytes()
@@ -150,10 +151,7 @@ async def test_thousands_of_hostile_messages_leave_the_worker_ready_and_nothing_
 
         good = await asyncio.wait_for(client.submit(heldout[1].path, model="trivial"), 10)
         assert good.status == "ok" and good.detections
-        async with asyncio.timeout(10):  # each is rejected right after its result is confirmed
-            while (await channel.declare_queue(topology.dead_letter_queue("trivial"), passive=True)
-                   ).declaration_result.message_count != dead_expected:
-                await asyncio.sleep(0.1)
+        await dead_letters(channel, namespace, "trivial", dead_expected)  # each right after its result is confirmed
     wrong = Counter(
         (kind, str(error.code if error else "ok"))
         for key, (kind, codes) in expected.items() if (error := results[key].error) is None or error.code not in codes

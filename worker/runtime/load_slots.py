@@ -41,7 +41,7 @@ class Slot:
 class LoadSlots:
     """`slots` files named `hotswap-load-<n>.lock` in `directory`; `slots` 0: loads never wait."""
 
-    def __init__(self, directory: Path, slots: int, wait_s: float) -> None:
+    def __init__(self, directory: Path = Path(), slots: int = 0, wait_s: float = 0.0) -> None:
         self.directory = directory
         self.slots = slots
         self.wait_s = wait_s
@@ -50,36 +50,53 @@ class LoadSlots:
         """A free slot, waiting for one up to `wait_s`; tried on the event loop, never blocking it."""
         if self.slots <= 0:
             return Slot(None, 0.0)
-        started = time.monotonic()
         try:
-            fd = self._try_each()
+            files = self._open_each()
         except OSError as exc:  # no shared directory to take turns in: a load must not fail for that
             log.warning("%s: the load slots in %s cannot be used (%s); loading without one", what, self.directory, exc)
             return Slot(None, 0.0)
-        while fd is None:
-            waited = time.monotonic() - started
-            if waited >= self.wait_s:
-                log.warning("%s: every load slot of this host was still held after %.0f s (HOTSWAP_LOAD_SLOTS=%d, "
-                            "in %s); loading without one", what, waited, self.slots, self.directory)
-                return Slot(None, waited)
-            await asyncio.sleep(POLL_S)
-            fd = self._try_each()
+        started, held = time.monotonic(), None
+        try:
+            while (held := _lock_one(files)) is None:
+                waited = time.monotonic() - started
+                if waited >= self.wait_s:
+                    log.warning("%s: every load slot of this host was still held after %.0f s "
+                                "(HOTSWAP_LOAD_SLOTS=%d, in %s); loading without one",
+                                what, waited, self.slots, self.directory)
+                    return Slot(None, waited)
+                await asyncio.sleep(POLL_S)
+        finally:
+            for fd in files:
+                if fd != held:
+                    os.close(fd)
         waited = time.monotonic() - started
         if waited >= 0.1:
             log.info("%s: waited %.2f s for a load slot (another worker of this host was loading)", what, waited)
-        return Slot(fd, waited)
+        return Slot(held, waited)
 
-    def _try_each(self) -> int | None:
+    def _open_each(self) -> list[int]:
+        """The slots' files, opened once per wait (the wait then tries their locks only)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        for n in range(self.slots):
-            fd = _open(self.directory / f"hotswap-load-{n}.lock")
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+        files: list[int] = []
+        try:
+            for n in range(self.slots):
+                files.append(_open(self.directory / f"hotswap-load-{n}.lock"))
+        except OSError:
+            for fd in files:
                 os.close(fd)
-                continue
-            return fd
-        return None
+            raise
+        return files
+
+
+def _lock_one(files: list[int]) -> int | None:
+    """The first of `files` whose exclusive lock this call took, None when every one is held."""
+    for fd in files:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue
+        return fd
+    return None
 
 
 def _open(path: Path) -> int:

@@ -102,8 +102,8 @@ class ModelManager:
         self.repository = repository
         self.artifacts = artifacts
         self.loader = loader or ArtifactLoader()
-        #: The host's load slots (None: this manager's loads never wait for one).
-        self.slots = slots
+        #: The host's load slots (by default none: this manager's loads never wait for one).
+        self.slots = slots or LoadSlots()
         self.metrics = metrics
         self.device = device
         self.executor = control_executor
@@ -189,7 +189,7 @@ class ModelManager:
         version = version or ModelVersion(model, name)
         started = time.perf_counter()
         await progress(model, name, "preload")
-        slot: Slot | None = None
+        slot = Slot(None, 0.0)
         try:
             with self._timed(model, "preload"):
                 if ref is None:
@@ -203,8 +203,7 @@ class ModelManager:
                 check_contract(entry.manifest, baseline.manifest if baseline else None, new_contract)
                 # The fetch above is I/O and may be long: only what costs the host CPU (and device
                 # memory) takes turns with the host's other workers.
-                if self.slots is not None:
-                    slot = await self.slots.acquire(f"{model}/{name}")
+                slot = await self.slots.acquire(f"{model}/{name}")
                 artifact = await self._run(self.repository.verified_artifact, entry)
                 backend = create_backend(entry.manifest.backend, self.device, self.loader, task=entry.manifest.task)
                 await self._run(freeze_before_first_version)  # the backend's libraries are imported by now
@@ -229,8 +228,7 @@ class ModelManager:
                 await self._run(_release, version)
             raise LoadFailed(version) from exc
         finally:
-            if slot is not None:
-                slot.release()
+            slot.release()
         log.info("%s/%s ready (loaded and validated in %.2f s)", model, name, time.perf_counter() - started,
                  extra={"model": model, "version": name})
         return version
