@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,10 +45,17 @@ class Load:
         self.jobs = self.submitted
 
     async def wait_for(self, count: int, timeout_s: float = 60.0) -> None:
+        await self.wait_until(lambda: len(self.answered) >= count, f"{count} answers", timeout_s)
+
+    async def wait_until(self, condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
-        while len(self.answered) < count:
-            assert time.monotonic() < deadline, f"load stalled at {len(self.answered)} answers"
+        while not condition():
+            assert time.monotonic() < deadline, f"no {what} in {timeout_s:.0f} s: {len(self.answered)} answers"
             await asyncio.sleep(0.02)
+
+    def first_answer_by(self, worker_id: str, after: float) -> float | None:
+        """When `worker_id` first answered after `after` (monotonic), or None."""
+        return next((at for at, r in self.answered if at > after and r.worker_id == worker_id), None)
 
     def assert_every_job_answered_once(self) -> list[JobResult]:
         assert not self.errors, f"{len(self.errors)} jobs lost, e.g. {self.errors[0]!r}"
