@@ -52,13 +52,16 @@ class Family:
 # Each run kept under about two minutes on two CPU cores. Calibration recall as built (ultralytics
 # 8.4.190, torch 2.14): shapes-seg by mask IoU >= 0.5 at conf 0.1 (at 0.25): 1.0.0 0.50 (0.23),
 # 2.0.0 0.82 (0.73), 0.9.0-bad 0.05 (0.00); shapes-pose by box IoU and OKS >= 0.5 at 0.25: 0.64.
+# Training is deterministic on one machine, not across CPUs: built on an AMD EPYC (2026-12-07)
+# shapes-seg 1.0.0 found 0.36 (8 of 22) at 0.1, 2.0.0 0.86, 0.9.0-bad 0.00. Its minimum of 0.25
+# keeps the bad version out and the good ones in on both.
 FAMILIES: tuple[Family, ...] = (
     Family("shapes-seg", "segment", "yolov8n-seg.yaml", (
         Recipe("1.0.0", None, epochs=10, optimizer="AdamW", lr0=0.004, warmup_epochs=1.0),
         Recipe("2.0.0", "1.0.0", epochs=16, optimizer="AdamW", lr0=0.004, warmup_epochs=1.0),
         # Stops right after warm-up: a real model that segments next to nothing.
         Recipe("0.9.0-bad", "2.0.0", epochs=2, optimizer="AdamW", lr0=0.004, warmup_epochs=1.0),
-    ), min_recall=0.4, conf=0.1),
+    ), min_recall=0.25, conf=0.1),
     Family("shapes-pose", "pose", "yolov8n-pose.yaml", (
         Recipe("1.0.0", None, epochs=14, optimizer="AdamW", lr0=0.004, warmup_epochs=1.0),
     ), min_recall=0.5),
