@@ -80,23 +80,46 @@ def test_unknown_backend_is_named() -> None:
 
 def test_versions_of_one_architecture_share_one_trace(zoo: Path, heldout: list[HeldOut]) -> None:
     """TorchScript never frees what a trace registers: a worker loading version after version must
-    trace each architecture once, and every version still computes with its own weights."""
-    from worker.runtime import tracing
+    trace each architecture once, and every version still computes with its own weights. The
+    networks are built once per architecture too (a copy of a template for every later load)."""
+    from worker.runtime import tracing, ultralytics_networks
 
     repository = ModelRepository(zoo)
     image = decode_image(heldout[0].path.read_bytes(), LIMITS)
-    answers, templates = {}, []
+    answers, templates, built = {}, [], []
     for name in ("1.0.0", "2.0.0", "1.0.0"):
         entry = repository.get("shapes", name)
         model = create_backend("ultralytics", "cpu")
         model.load(repository.verified_artifact(entry), entry.manifest)
         templates.append(len(tracing._templates))
+        built.append(len(ultralytics_networks._templates))
         (answers[name],) = model.predict([image], InferenceParams(conf=0.1))
         model.release()
     assert templates[0] >= 1 and templates[1:] == [templates[0]] * 2, f"traced again: {templates}"
+    assert built[0] >= 1 and built[2] == built[1], f"built again: {built}"
     boxes = {name: [(int(c), round(float(b[0]), 1)) for c, b in zip(found.class_ids, found.boxes, strict=True)]
              for name, found in answers.items()}
     assert boxes["1.0.0"] != boxes["2.0.0"], "two versions sharing a trace answered alike: weights not loaded"
+
+
+def test_a_built_network_is_a_copy_of_its_architectures_template(zoo: Path) -> None:
+    """Each build hands out its own network: weights loaded into one (or a fuse, which rewrites its
+    layers) never reach the next build or the template."""
+    import torch
+
+    from worker.runtime.ultralytics_networks import build_network
+
+    manifest = ModelRepository(zoo).get("shapes", "2.0.0").manifest
+    assert manifest.architecture is not None
+    first = build_network(manifest.architecture, "detect")
+    before = {name: t.clone() for name, t in first.state_dict().items()}
+    with torch.no_grad():
+        for parameter in first.parameters():
+            parameter.fill_(0.5)
+    first.fuse(verbose=False)
+    second = build_network(manifest.architecture, "detect")
+    assert second is not first
+    assert all(torch.equal(t, before[name]) for name, t in second.state_dict().items())
 
 
 def test_a_trace_that_disagrees_with_its_network_is_refused() -> None:
