@@ -108,10 +108,18 @@ class Spike:
     steady_p99_ms: float | None
     worst_bucket_p99_ms: float | None
     buckets: int  # 1-s buckets in the change window that had answers
+    #: The same statistic without a change: the worst p99 of the whole buckets before it. The
+    #: worst of a few buckets is higher than a pooled p99 even when nothing happens.
+    steady_worst_bucket_p99_ms: float | None = None
 
     @property
     def ratio(self) -> float | None:
         return ratio(self.worst_bucket_p99_ms, self.steady_p99_ms)
+
+    @property
+    def bucket_ratio(self) -> float | None:
+        """The change's worst bucket against the steady part's worst bucket."""
+        return ratio(self.worst_bucket_p99_ms, self.steady_worst_bucket_p99_ms)
 
 
 def latency_spike(records: Sequence[JobRecord], t0: float, change_start: float, change_end: float, *,
@@ -122,9 +130,11 @@ def latency_spike(records: Sequence[JobRecord], t0: float, change_start: float, 
     steady = latency_p99(records, answered_from=steady_from, answered_to=change_start)
     first = int((change_start - t0) // bucket_s)
     last = int((change_end + after_s - t0) // bucket_s)
-    worst = [b["p99_ms"] for b in timeline(list(records), t0, bucket_s)
-             if first <= int(b["t_s"] / bucket_s) <= last and b["p99_ms"] is not None]
-    return Spike(steady, max(worst, default=None), len(worst))
+    buckets = [b for b in timeline(list(records), t0, bucket_s) if b["p99_ms"] is not None]
+    worst = [b["p99_ms"] for b in buckets if first <= int(b["t_s"] / bucket_s) <= last]
+    before = [b["p99_ms"] for b in buckets if b["t_s"] + bucket_s <= change_start - t0
+              and (steady_from is None or b["t_s"] >= steady_from - t0)]
+    return Spike(steady, max(worst, default=None), len(worst), max(before, default=None))
 
 
 def visible_after_ms(report: WaitReport, phase: str = "swap") -> float | None:

@@ -95,7 +95,22 @@ def test_latency_spike_compares_the_worst_bucket_of_the_change_with_the_steady_p
     assert spike.steady_p99_ms == pytest.approx(10.0)
     assert spike.worst_bucket_p99_ms == pytest.approx(80.0)  # the 300 ms jobs are outside the window
     assert spike.ratio == pytest.approx(8.0)
+    assert spike.steady_worst_bucket_p99_ms == pytest.approx(10.0)  # buckets 1-5 s; the 6th is the change's
+    assert spike.bucket_ratio == pytest.approx(8.0)
     assert latency_spike([], t0, t0, t0).ratio is None
+
+
+def test_the_spikes_reference_is_the_worst_whole_bucket_before_the_change() -> None:
+    """One slow job in the steady part moves its worst bucket far more than its pooled p99; the
+    first second (warming up) and the bucket the change starts in are not the steady part's."""
+    t0 = 1000.0
+    records = [_record(i, t0 + i * 0.1, 40.0 if i == 25 else 10.0) for i in range(60)]  # one slow job at 2.5 s
+    records += [_record(90, t0 + 0.5, 300.0)]  # answered in the first second: left out
+    records += [_record(100 + i, t0 + 6.5 + i * 0.1, 80.0) for i in range(10)]  # the change, from 6.5 s
+    spike = latency_spike(records, t0, change_start=t0 + 6.5, change_end=t0 + 7.0, steady_from=t0 + 1.0)
+    assert spike.steady_p99_ms is not None and spike.steady_p99_ms < 30.0
+    assert spike.steady_worst_bucket_p99_ms is not None and 35.0 < spike.steady_worst_bucket_p99_ms < 50.0
+    assert spike.bucket_ratio == pytest.approx(80.0 / spike.steady_worst_bucket_p99_ms)
 
 
 def test_worker_means_come_from_the_difference_of_two_metrics_snapshots() -> None:
