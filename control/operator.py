@@ -27,6 +27,7 @@ from types import TracebackType
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
+from pamqp.common import FieldTable
 
 from schemas.control import Action, Command, Heartbeat, Progress
 from schemas.rollout import RolloutMark
@@ -41,6 +42,8 @@ FINAL_PHASES = frozenset({"done", "failed", "refused"})
 MAX_EVENT_AGE_S = 60.0
 #: Between tries of reading the control log while the cluster recovers.
 _RETRY_PAUSE_S = 1.0
+#: How long reading on from an offset waits for its marker before it reads the log from the start.
+_READ_ON_WAIT_S = 5.0
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,12 @@ class Operator:
         #: How long `publish_and_wait` listens at least: a little over the workers' heartbeat interval.
         self.settle_s = settle_s
         self.rejected_events: Counter[str] = Counter()
+        #: The control log as read so far, and the stream offset the next read starts from: a
+        #: command is read (and its signature checked) once per operator, not once per publish.
+        self._history: list[Command] = []
+        self._read_from: int | None = None
+        self._entries_read = 0  # log entries the broker delivered to this operator (tests watch it)
+        self._reading = asyncio.Lock()  # two reads at once (the console's requests) would add twice
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._control: AbstractExchange | None = None
@@ -122,6 +131,10 @@ class Operator:
         closed the whole connection with INTERNAL_ERROR right after the node was killed): the read
         is tried again, on the connection reconnected to another node, until `timeout_s`."""
         deadline = time.monotonic() + timeout_s
+        async with self._reading:
+            return await self._read_log_retrying(deadline)
+
+    async def _read_log_retrying(self, deadline: float) -> list[Command]:
         while True:
             try:
                 return await self._read_log_once(max(deadline - time.monotonic(), _RETRY_PAUSE_S))
@@ -134,32 +147,55 @@ class Operator:
                 await asyncio.sleep(_RETRY_PAUSE_S)
 
     async def _read_log_once(self, timeout_s: float) -> list[Command]:
+        """Reads on from where the last read ended, up to a marker published now: what was in the
+        log when the read began, and nothing twice."""
         assert self._connection is not None and self._control is not None and self.signer is not None
         verifier = self.signer.verifier()
         marker = uuid.uuid4().hex
-        commands: list[Command] = []
+        entries: dict[int, Command | None] = {}  # by stream offset: deliveries may be handled out of order
+        end: list[int] = []
         done = asyncio.Event()
         channel = await self._connection.channel()
 
         async def on_message(message: AbstractIncomingMessage) -> None:
+            offset = (message.headers or {}).get("x-stream-offset")
             await message.ack()
+            if not isinstance(offset, int):  # a stream always says; anything else is not the log
+                return
             if message.type == SYNC_TYPE:
                 if message.message_id == marker:
+                    end.append(offset)
                     done.set()
                 return
-            with contextlib.suppress(Refused):  # forged or broken entries are not part of the history
-                commands.append(verifier.open(message.body))
+            try:
+                entries[offset] = verifier.open(message.body)
+            except Refused:  # forged or broken entries are not part of the history
+                entries[offset] = None
 
+        start: FieldTable = FROM_THE_START if self._read_from is None else {"x-stream-offset": self._read_from}
         try:
             await channel.set_qos(prefetch_count=256)
             _, queue = await Declarer(channel, self.topology).control()
-            await queue.consume(on_message, arguments=FROM_THE_START)
+            await queue.consume(on_message, arguments=start)
             await self._control.publish(aio_pika.Message(b"", type=SYNC_TYPE, message_id=marker), routing_key="")
-            await asyncio.wait_for(done.wait(), timeout_s)
+            await asyncio.wait_for(done.wait(), timeout_s if self._read_from is None else _READ_ON_WAIT_S)
+        except TimeoutError:
+            if self._read_from is None or timeout_s <= _READ_ON_WAIT_S:
+                raise
+            # Reading on waits for entries past the last offset seen; a log deleted and made anew
+            # since has none there yet, and the marker went to its start.
+            log.warning("the control log did not reach its end from offset %d: reading it from the start",
+                        self._read_from)
+            self._history, self._read_from = [], None
+            return await self._read_log_once(timeout_s - _READ_ON_WAIT_S)
         finally:
             with contextlib.suppress(Exception):  # already closed with its connection
                 await channel.close()
-        return commands
+        before = [offset for offset in sorted(entries) if offset < end[0]]
+        self._entries_read += len(before)
+        self._history += [c for offset in before if (c := entries[offset]) is not None]
+        self._read_from = end[0] + 1
+        return list(self._history)
 
     async def publish(
         self, model: str, action: Action, *, seq: int | None = None, rollout: RolloutMark | None = None
