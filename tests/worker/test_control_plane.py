@@ -14,6 +14,7 @@ from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pytest
 
 from control.client import Client
@@ -61,14 +62,15 @@ def assert_switched_once(running: BackgroundLoad, worker: str, order: list[str])
     assert served == set(order), (worker, served)
 
 
-async def test_update_under_load_switches_each_worker_once_and_improves(
-    start_worker: StartWorker, operator: Operator, load: StartLoad, heldout: list[HeldOut]
+async def test_update_under_load_switches_each_worker_once_to_the_new_versions_answers(
+    start_worker: StartWorker, operator: Operator, load: StartLoad, heldout: list[HeldOut], zoo: Path,
+    reference: Reference,
 ) -> None:
     start_worker("shapes@1.0.0", name="a"), start_worker("shapes@1.0.0", name="b")
-    # At confidence 0.5 the versions differ plainly on the held-out images (recall 0.58 against
-    # 0.72, measured); at the default 0.25 both find 85 of its 100 objects, and which version
-    # looked better depended on which images each happened to serve.
-    running = load(concurrency=8, params=InferenceParams(conf=0.5))
+    # At confidence 0.5 the versions answer plainly differently on the held-out images; at the
+    # default 0.25 both find about 95 of its 100 objects.
+    params = InferenceParams(conf=0.5)
+    running = load(concurrency=8, params=params)
     await running.wait_for(100)
     report = await operator.publish_and_wait("shapes", Update(version="2.0.0"))
     assert_ok(report, {"a", "b"})
@@ -79,14 +81,26 @@ async def test_update_under_load_switches_each_worker_once_and_improves(
     await running.stop()
     for worker in ("a", "b"):
         assert_switched_once(running, worker, ["1.0.0", "2.0.0"])
-    truth = {h.path: h.expected for h in heldout}
-    answers = {version: {p: r for p, r in running.results if r.version == version} for version in ("1.0.0", "2.0.0")}
-    both = answers["1.0.0"].keys() & answers["2.0.0"].keys()  # the same images for each
+    # Each answer is the one its version gives in-process (ultralytics alone): the label and the
+    # model behind it changed together. Which version finds more depends on the CPU the zoo was
+    # trained on (training is deterministic on one machine only), so that is printed, not assumed.
+    yolos = {version: reference(zoo / "shapes" / version) for version in ("1.0.0", "2.0.0")}
+    theirs: dict[tuple[Path, str], Any] = {}
+    for path, result in running.results:
+        key = (path, result.version or "")
+        if key not in theirs:
+            theirs[key] = yolos[key[1]].predict(str(path), imgsz=128, conf=params.conf, verbose=False)[0].boxes
+        ours = np.array([[d.box.x1, d.box.y1, d.box.x2, d.box.y2] for d in result.detections]).reshape(-1, 4)
+        assert [d.class_id for d in result.detections] == theirs[key].cls.numpy().astype(int).tolist(), key
+        assert np.allclose(ours, theirs[key].xyxy.numpy(), atol=1e-3), key
+    both = {p for p, v in theirs if v == "1.0.0"} & {p for p, v in theirs if v == "2.0.0"}
     assert len(both) >= len(heldout) // 2, f"only {len(both)} images were served by both versions"
-    rates = {version: score_results("detect", ((truth[p], served[p]) for p in both)).recall
-             for version, served in answers.items()}
+    assert any(len(theirs[p, "1.0.0"]) != len(theirs[p, "2.0.0"]) for p in both), "the versions answer alike"
+    truth = {h.path: h.expected for h in heldout}
+    rates = {version: score_results("detect", ((truth[p], r) for p, r in running.results
+                                               if p in both and r.version == version)).recall
+             for version in ("1.0.0", "2.0.0")}
     print(f"held-out recall by version under load, on the {len(both)} images both served: {rates}")
-    assert rates["2.0.0"] > rates["1.0.0"]
 
 
 async def test_warm_rollback_is_a_swap_without_loading(
