@@ -173,24 +173,27 @@ class Operator:
                 entries[offset] = None
 
         start: FieldTable = FROM_THE_START if self._read_from is None else {"x-stream-offset": self._read_from}
+        reading_on = self._read_from is not None and timeout_s > _READ_ON_WAIT_S
         try:
             await channel.set_qos(prefetch_count=256)
             _, queue = await Declarer(channel, self.topology).control()
             await queue.consume(on_message, arguments=start)
             await self._control.publish(aio_pika.Message(b"", type=SYNC_TYPE, message_id=marker), routing_key="")
-            await asyncio.wait_for(done.wait(), timeout_s if self._read_from is None else _READ_ON_WAIT_S)
-        except TimeoutError:
-            if self._read_from is None or timeout_s <= _READ_ON_WAIT_S:
-                raise
-            # Reading on waits for entries past the last offset seen; a log deleted and made anew
-            # since has none there yet, and the marker went to its start.
-            log.warning("the control log did not reach its end from offset %d: reading it from the start",
-                        self._read_from)
-            self._history, self._read_from = [], None
-            return await self._read_log_once(timeout_s - _READ_ON_WAIT_S)
+            try:
+                await asyncio.wait_for(done.wait(), _READ_ON_WAIT_S if reading_on else timeout_s)
+            except TimeoutError:
+                if not reading_on:
+                    raise
         finally:
             with contextlib.suppress(Exception):  # already closed with its connection
                 await channel.close()
+        if not done.is_set():
+            # Reading on waits for entries past the last offset seen; a log deleted and made anew
+            # since has none there yet, and the marker went to its start.
+            log.warning("the control log did not reach its end from offset %s: reading it from the start",
+                        self._read_from)
+            self._history, self._read_from = [], None
+            return await self._read_log_once(timeout_s - _READ_ON_WAIT_S)
         before = [offset for offset in sorted(entries) if offset < end[0]]
         self._entries_read += len(before)
         self._history += [c for offset in before if (c := entries[offset]) is not None]

@@ -107,6 +107,8 @@ _REFERENCE_TASKS = {"detect": ("DetectionModel", "yolov8n.yaml"), "segment": ("S
 
 #: `reference`: an in-process ultralytics `YOLO` (untyped) on a zoo version's weights.
 Reference = Callable[[Path], Any]
+#: `same_as_reference`: asserts a detect result holds what ultralytics' `Boxes` of that image hold.
+SameAsReference = Callable[[JobResult, Any, object], None]
 #: `trojan`: writes a trojaned checkpoint at a path, with the marker its payload creates.
 WriteTrojan = Callable[[Path, Path], Path]
 
@@ -215,6 +217,18 @@ def write_trojan(path: Path, marker: Path) -> Path:
 @pytest.fixture(scope="session")
 def reference() -> Reference:
     return reference_yolo
+
+
+def assert_same_as_reference(result: JobResult, theirs: Any, what: object) -> None:
+    """The same classes in the same order, boxes within 0.001 px (`theirs`: ultralytics' `Boxes`)."""
+    ours = np.array([[d.box.x1, d.box.y1, d.box.x2, d.box.y2] for d in result.detections]).reshape(-1, 4)
+    assert np.allclose(ours, theirs.xyxy.numpy(), atol=1e-3), what
+    assert [d.class_id for d in result.detections] == theirs.cls.numpy().astype(int).tolist(), what
+
+
+@pytest.fixture(scope="session")
+def same_as_reference() -> SameAsReference:
+    return assert_same_as_reference
 
 
 @pytest.fixture(scope="session")

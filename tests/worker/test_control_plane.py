@@ -14,7 +14,6 @@ from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pytest
 
 from control.client import Client
@@ -30,6 +29,7 @@ if TYPE_CHECKING:
         HeldOut,
         Metric,
         Reference,
+        SameAsReference,
         ServeInProcess,
         StartLoad,
         StartWorker,
@@ -64,7 +64,7 @@ def assert_switched_once(running: BackgroundLoad, worker: str, order: list[str])
 
 async def test_update_under_load_switches_each_worker_once_to_the_new_versions_answers(
     start_worker: StartWorker, operator: Operator, load: StartLoad, heldout: list[HeldOut], zoo: Path,
-    reference: Reference,
+    reference: Reference, same_as_reference: SameAsReference,
 ) -> None:
     start_worker("shapes@1.0.0", name="a"), start_worker("shapes@1.0.0", name="b")
     # At confidence 0.5 the versions answer plainly differently on the held-out images; at the
@@ -90,9 +90,7 @@ async def test_update_under_load_switches_each_worker_once_to_the_new_versions_a
         key = (path, result.version or "")
         if key not in theirs:
             theirs[key] = yolos[key[1]].predict(str(path), imgsz=128, conf=params.conf, verbose=False)[0].boxes
-        ours = np.array([[d.box.x1, d.box.y1, d.box.x2, d.box.y2] for d in result.detections]).reshape(-1, 4)
-        assert [d.class_id for d in result.detections] == theirs[key].cls.numpy().astype(int).tolist(), key
-        assert np.allclose(ours, theirs[key].xyxy.numpy(), atol=1e-3), key
+        same_as_reference(result, theirs[key], key)
     both = {p for p, v in theirs if v == "1.0.0"} & {p for p, v in theirs if v == "2.0.0"}
     assert len(both) >= len(heldout) // 2, f"only {len(both)} images were served by both versions"
     assert any(len(theirs[p, "1.0.0"]) != len(theirs[p, "2.0.0"]) for p in both), "the versions answer alike"

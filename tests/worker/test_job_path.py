@@ -24,7 +24,7 @@ from schemas.topology import Topology
 from worker.outputs import score_results
 
 if TYPE_CHECKING:
-    from conftest import HeldOut, Metric, Reference, ServeInProcess
+    from conftest import HeldOut, Metric, Reference, SameAsReference, ServeInProcess
 
 
 def png(size: tuple[int, int], noise: bool = False) -> bytes:
@@ -39,7 +39,8 @@ def png(size: tuple[int, int], noise: bool = False) -> bytes:
 
 
 async def test_held_out_images_come_back_right_and_equal_in_process_predict(
-    serve_in_process: ServeInProcess, client: Client, heldout: list[HeldOut], zoo: Path, reference: Reference
+    serve_in_process: ServeInProcess, client: Client, heldout: list[HeldOut], zoo: Path, reference: Reference,
+    same_as_reference: SameAsReference,
 ) -> None:
     await serve_in_process("shapes@2.0.0")
     results = await asyncio.gather(*(client.submit(item.path, model="shapes") for item in heldout))
@@ -47,10 +48,7 @@ async def test_held_out_images_come_back_right_and_equal_in_process_predict(
     for item, result in zip(heldout, results, strict=True):
         assert (result.status, result.model, result.version) == ("ok", "shapes", "2.0.0")
         assert result.image is not None and (result.image.width, result.image.height) == (128, 128)
-        theirs = yolo.predict(str(item.path), imgsz=128, verbose=False)[0].boxes
-        ours = np.array([[d.box.x1, d.box.y1, d.box.x2, d.box.y2] for d in result.detections]).reshape(-1, 4)
-        assert np.allclose(ours, theirs.xyxy.numpy(), atol=1e-3), item.path
-        assert [d.class_id for d in result.detections] == theirs.cls.numpy().astype(int).tolist()
+        same_as_reference(result, yolo.predict(str(item.path), imgsz=128, verbose=False)[0].boxes, item.path)
     score = score_results("detect", ((item.expected, result) for item, result in zip(heldout, results, strict=True)))
     assert score.recall >= 0.6, f"recall {score} on held-out shapes"  # 0.69 when built here
 

@@ -13,21 +13,18 @@ copy against the eager network before it may serve. The template keeps one set o
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
 import logging
-import threading
 import warnings
 from typing import TYPE_CHECKING, Any
+
+from worker.runtime.templates import Templates
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
 
-_templates: dict[str, torch.jit.ScriptModule] = {}
-_lock = threading.Lock()
+_templates: Templates[torch.jit.ScriptModule] = Templates()
 
 
 class TraceMismatch(RuntimeError):
@@ -40,13 +37,12 @@ def traced(network: torch.nn.Module, example: torch.Tensor, architecture: object
     `architecture` names what the trace bakes in besides the weights' shapes (a model's
     configuration, its strides): networks with equal ones share a template.
     """
-    key = _key(network, example, architecture)
-    with _lock:
-        template = _templates.get(key)
-        if template is None:
-            template = _templates[key] = _trace(network, example)
-            log.info("traced a new architecture (%d in this process)", len(_templates))
-        module = copy.deepcopy(template)
+    def trace() -> torch.jit.ScriptModule:
+        module = _trace(network, example)
+        log.info("traced a new architecture (%d before it in this process)", len(_templates))
+        return module
+
+    module = _templates.copy_of(_described(network, example, architecture), trace)
     module.load_state_dict(network.state_dict())
     _check(module, network, example)
     return module
@@ -80,7 +76,6 @@ def _outputs(output: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Ten
     return output if isinstance(output, tuple) else (output,)
 
 
-def _key(network: torch.nn.Module, example: torch.Tensor, architecture: object) -> str:
+def _described(network: torch.nn.Module, example: torch.Tensor, architecture: object) -> list[Any]:
     weights: list[Any] = [(name, list(t.shape), str(t.dtype)) for name, t in network.state_dict().items()]
-    described = [type(network).__qualname__, architecture, weights, list(example.shape[1:]), str(example.device)]
-    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
+    return [type(network).__qualname__, architecture, weights, list(example.shape[1:]), str(example.device)]

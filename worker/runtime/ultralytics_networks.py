@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import ast
 import copy
-import hashlib
-import json
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from schemas.manifest import ArtifactFormat, Manifest
 from worker.runtime.backend import BackendError
+from worker.runtime.templates import Templates
 from worker.runtime.weights import ArtifactLoader
 
 if TYPE_CHECKING:
@@ -70,8 +68,7 @@ def load_network(artifact: Path, manifest: Manifest, loader: ArtifactLoader) -> 
     return network.eval()
 
 
-_templates: dict[str, Network] = {}
-_lock = threading.Lock()
+_templates: Templates[Network] = Templates()
 
 
 def build_network(architecture: dict[str, Any], task: str) -> Network:
@@ -82,15 +79,14 @@ def build_network(architecture: dict[str, Any], task: str) -> Network:
     check_architecture(architecture)
     if tasks.guess_model_task(architecture) != task:
         raise BackendError(f"the architecture's head is not a {task} head")
-    key = hashlib.sha256(json.dumps([architecture, task], sort_keys=True).encode()).hexdigest()
-    with _lock:
-        template = _templates.get(key)
-        if template is None:
-            model_class = getattr(tasks, TASKS[task][0])
-            # parse_model writes into the config it is given: the manifest's stays as it was.
-            template = _templates[key] = model_class(copy.deepcopy(architecture), verbose=False)
-            template.task = task
-        return copy.deepcopy(template)
+
+    def build() -> Network:
+        # parse_model writes into the config it is given: the manifest's stays as it was.
+        network = getattr(tasks, TASKS[task][0])(copy.deepcopy(architecture), verbose=False)
+        network.task = task
+        return network
+
+    return _templates.copy_of([architecture, task], build)
 
 
 def yolo_around(network: Network, manifest: Manifest) -> YOLO:
