@@ -233,7 +233,7 @@ def _data_yaml(work: Path, family: Family) -> Path:
 
 @contextmanager
 def _locked(root: Path) -> Iterator[None]:
-    # Not the detect family's lock: build_zoo calls this after releasing it, and a second flock
+    # Not the detect family's lock: build_zoo trains both beside each other, and a second flock
     # of that file from this process would wait for itself.
     import fcntl
 

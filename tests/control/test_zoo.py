@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -117,6 +119,37 @@ def test_build_zoo_builds_the_task_families_too(tmp_path: Path, trained: list[st
     dirs = zoo.build_zoo(tmp_path, force=True, progress=say.append)
     assert calls == [(tmp_path.resolve(), {"force": True, "progress": say.append})]
     assert dirs[-1] == tasks_dir and [d.name for d in dirs[:-1]] == trained
+
+
+def test_build_zoo_trains_the_task_families_beside_the_detect_family(
+        tmp_path: Path, trained: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    tasks_started = threading.Event()
+    train_detect = zoo._train  # the fixture's stub
+
+    def build_tasks(root: Path, **_: Any) -> list[Path]:
+        tasks_started.set()
+        return []
+
+    def train_once_tasks_train(recipe: zoo.Recipe, data_yaml: str, project: str) -> zoo.Trained:
+        assert tasks_started.wait(10), "the task families waited for the detect family to finish"
+        return train_detect(recipe, data_yaml, project)
+
+    monkeypatch.setattr(zoo_tasks, "build_tasks", build_tasks)
+    monkeypatch.setattr(zoo, "_train", train_once_tasks_train)
+    zoo.build_zoo(tmp_path)
+    assert trained == ["1.0.0", "2.0.0", "0.9.0-bad"]
+
+
+@pytest.mark.parametrize(("cores", "threads"), [(1, 1), (2, 1), (4, 2), (32, 8)])
+def test_a_training_child_takes_its_share_of_the_cores(cores: int, threads: int,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from ultralytics.utils import torch_utils
+
+    monkeypatch.setattr(torch_utils, "NUM_THREADS", torch_utils.NUM_THREADS)  # restored afterwards
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setenv("YOLO_OFFLINE", "1")
+    zoo._child_init({"YOLO_OFFLINE": "1"})
+    assert threads == torch_utils.NUM_THREADS
 
 
 def test_build_writes_valid_versions_and_caches(tmp_path: Path, trained: list[str]) -> None:
