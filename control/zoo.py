@@ -393,15 +393,15 @@ def build_zoo(root: Path, *, force: bool = False, progress: Progress | None = No
 
     say = progress or (lambda _message: None)
     root = root.resolve()
-    build_faces(root, force=force, progress=say, large=large)
-    build_mtcnn(root, force=force, progress=say)
-    # The detect line and the segment and pose lines train side by side, each in a child with its
-    # share of the cores (`_child_init`: one on two cores, what ultralytics gives a training alone
+    # The segment and pose lines train beside the rest, each training in a child with its share
+    # of the cores (`_child_init`: one on two cores, what ultralytics gives a training alone
     # there). A training loads its data in its compute thread, so one alone left a core idle;
     # measured on two cores, shapes-pose trained in 79 s alone and 82 s beside another, with the
     # same weights byte for byte.
     with ThreadPoolExecutor(1, thread_name_prefix="zoo-tasks") as side:
         tasks = side.submit(build_tasks, root, force=force, progress=progress)
+        build_faces(root, force=force, progress=say, large=large)
+        build_mtcnn(root, force=force, progress=say)
         detect = _build_detect(root, force, say)
         zoo_variants.build_variants(root, force=force, progress=say)  # 2.0.1 and 2.1.0-drift, from 2.0.0
         return [*detect, *tasks.result()]
