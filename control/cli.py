@@ -93,8 +93,8 @@ def zoo_build(
     force: Annotated[bool, typer.Option(help="rebuild versions that already exist")] = False,
     large: Annotated[bool, typer.Option(help="also build MogFace (~342 MB) and M2FP human parsing (~253 MB)")] = False,
 ) -> None:
-    """Train the demo YOLOv8n models on synthetic shapes (offline, about 3 minutes the first time), and
-    write the modelscope face detectors (seeded, seconds; --large about a minute more, 600 MB)."""
+    """Train the demo YOLOv8n models on synthetic shapes (offline, about 5 minutes on two cores the first
+    time), and write the modelscope face detectors (seeded, seconds; --large about a minute more, 600 MB)."""
     import time
 
     from control.zoo import build_zoo
