@@ -14,9 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -231,21 +229,6 @@ def _data_yaml(work: Path, family: Family) -> Path:
     return data_yaml
 
 
-@contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    # Not the detect family's lock: build_zoo trains both beside each other, and a second flock
-    # of that file from this process would wait for itself.
-    import fcntl
-
-    root.mkdir(parents=True, exist_ok=True)
-    with (root / ".zoo-tasks.lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def _sweep(root: Path) -> None:
     # Leftovers of a builder killed mid-way; safe to remove because we hold the lock.
     for family in FAMILIES:
@@ -261,7 +244,8 @@ def build_tasks(root: Path, *, force: bool = False, progress: Progress | None = 
     say = progress or (lambda _message: None)
     root = root.resolve()
     plan = [(f, r, root / f.name / r.version) for f in families for r in f.recipes]
-    with _locked(root):
+    # Not the detect family's lock: build_zoo trains both side by side.
+    with zoo._locked(root / ".tasks"):
         _sweep(root)
         todo = [(f, r, d) for f, r, d in plan if force or not is_built(d, f, r)]
         if todo:
