@@ -79,7 +79,7 @@ async def families_vs_inprocess(env: BenchEnv) -> BenchResult:
                             "(mogface and parsing: `hotswap zoo build --large`)")
     result.notes.append("one worker, HOTSWAP_MAX_BATCH=1, a closed loop of 4 jobs in flight (2 for heavy models: "
                         "one decoding while one runs); in-process: the version's backend on pre-decoded images, "
-                        "one at a time")
+                        "one at a time, the worker's setting for freed memory")
     return result
 
 

@@ -235,7 +235,8 @@ async def pool_vs_inprocess(env: BenchEnv) -> BenchResult:
     result.figures = {"series": {s.label: s.to_json() for s in (*inprocess.values(), *pool.values())},
                       "seconds_per_run": _seconds(env), "rounds": _rounds(env), "concurrency": CONCURRENCY}
     env.figures["single_worker_jobs_per_s"] = pool[MICRO].rate
-    result.notes.append(f"in-process: YOLO.predict on pre-decoded images, one torch thread, a process of its own; "
+    result.notes.append(f"in-process: YOLO.predict on pre-decoded images, one torch thread, the worker's setting for "
+                        f"freed memory, a process of its own; "
                         f"workers: one each, fed by a closed loop of {CONCURRENCY}, {_seconds(env):g} s per run, "
                         f"{_rounds(env)} round(s)")
     result.notes.append("busiest thread CPU: the share of a core that the process's busiest thread got (a "

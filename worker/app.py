@@ -37,6 +37,7 @@ from worker.runtime.images import ImageLimits
 from worker.runtime.lifecycle import ModelVersion
 from worker.runtime.load_slots import LoadSlots
 from worker.runtime.manager import ModelManager, ModelSpec
+from worker.runtime.memory import keep_freed_memory
 from worker.runtime.profiling import STEPS
 from worker.runtime.repository import ModelRepository
 from worker.runtime.sources import SourcePolicy
@@ -101,6 +102,7 @@ class Worker:
 
     async def run(self, *, handle_signals: bool = True) -> None:
         _limit_torch_threads(self.settings.torch_threads)
+        keep_freed_memory(self.settings.allocator_keep_mib * 2**20)
         loop = asyncio.get_running_loop()
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):

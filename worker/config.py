@@ -63,6 +63,10 @@ class WorkerSettings(BaseSettings):
     max_batch: int = Field(16, ge=1, le=256, description="jobs per inference batch at most")
     max_wait_ms: float = Field(5.0, ge=0, description="longest a job waits for its batch to fill")
     decode_threads: int = Field(2, ge=1, le=64)
+    allocator_keep_mib: int = Field(
+        256, ge=0, le=2047, description="freed memory the C heap keeps mapped for the next batch, per arena "
+        "(glibc; 0: its defaults, which give a batch's memory back and fault it in again)"
+    )
     profile: bool = Field(False, description="time the job path's steps in CPU (GET /profile; the bench's --profile)")
     grace_period_s: float = Field(30.0, ge=0)
     inference_timeout_s: float = Field(

@@ -27,7 +27,7 @@ from worker.runtime.deployment import Deployment, DeploymentTable
 from worker.runtime.desired import DesiredState
 from worker.runtime.lifecycle import ModelVersion, VersionState
 from worker.runtime.load_slots import LoadSlots, Slot
-from worker.runtime.memory import freeze_before_first_version, memory_in_use
+from worker.runtime.memory import freeze_before_first_version, memory_in_use, return_freed_memory
 from worker.runtime.on_demand import LoadRefused, OnDemandPool
 from worker.runtime.repository import ModelRepository, RepositoryError
 from worker.runtime.validation import (
@@ -292,3 +292,4 @@ def _release(version: ModelVersion) -> None:
         version.backend.release()
         version.backend = None
     gc.collect()
+    return_freed_memory()
