@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from worker.runtime.memory import keep_freed_memory
+from worker.runtime.memory import keep_freed_memory, return_freed_memory
 
 if TYPE_CHECKING:
     from worker.runtime.backend import ModelBackend
@@ -109,6 +109,7 @@ def warmed_backend(version_dir: Path, device: str, threads: int) -> ModelBackend
     backend = create_backend(entry.manifest.backend, device, task=entry.manifest.task)
     backend.load(repository.verified_artifact(entry), entry.manifest)
     backend.warm_up()
+    return_freed_memory()  # as a worker does once a version is ready
     return backend
 
 

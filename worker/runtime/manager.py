@@ -220,6 +220,9 @@ class ModelManager:
                     images = calibrated.images or [blank_image(entry.manifest.input_size)]
                     await self._run(check_latency, backend, other, images, self.budget)
             version.advance(VersionState.READY)
+            # The load's and validation's temporaries (weights read, traces, calibration batches)
+            # would stay mapped for the next batches (`keep_freed_memory`): they go back now.
+            await self._run(return_freed_memory)
         except Exception as exc:  # every failure is the version's reason; serving is untouched
             log.warning("%s/%s refused: %s", model, name, exc, extra={"model": model, "version": name})
             version.fail(str(exc))

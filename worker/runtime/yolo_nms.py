@@ -3,17 +3,22 @@
 `ultralytics.utils.nms.non_max_suppression` filters, converts and concatenates each image's
 candidates in a loop of a dozen tensor operations per image, each a Python-to-C++ round trip that
 takes the GIL back from the event loop. Here the filtering, the box conversion and the best class
-are batch-wide operations and only torchvision's NMS itself runs per image: 53 against 154 µs of
+are batch-wide operations and only the suppression itself runs per image: 53 against 154 µs of
 the inference thread per image at batch 16 (shapes 128 px, one thread; the README's Performance
 section). The arithmetic is the same operations on the same values, so the rows kept are
 bit-identical (tests hold them to ultralytics' function): the settings the predictors of the
 detect, segment and pose tasks use (best class only, class-aware, no class filter).
+
+The suppression is torchvision's CPU kernel, step for step, in float32 numpy (`greedy_nms`):
+importing torchvision (its CUDA build) adds 190 MiB to a process's resident memory, and without
+it ultralytics falls back to a pure-torch NMS that took 1.2 ms for 40 boxes (torchvision 15 µs).
 """
 
 from __future__ import annotations
 
+import numpy as np
+import numpy.typing as npt
 import torch
-import torchvision
 from ultralytics.utils.ops import xywh2xyxy
 
 #: ultralytics' per-class coordinate offset: boxes of different classes never overlap in NMS.
@@ -43,7 +48,28 @@ def batch_nms(predictions: torch.Tensor, conf: float, iou: float, max_det: int, 
         if len(image) > MAX_NMS:
             image = image[image[:, 4].argsort(descending=True)[:MAX_NMS]]
         if len(image):
-            keep = torchvision.ops.nms(image[:, :4] + image[:, 5:6] * MAX_WH, image[:, 4], iou)[:max_det]
-            image = image[keep]
+            boxes = (image[:, :4] + image[:, 5:6] * MAX_WH).numpy()
+            image = image[torch.from_numpy(greedy_nms(boxes, image[:, 4].numpy(), iou)[:max_det])]
         kept.append(image if len(image) else torch.zeros((0, 6 + extra), device=predictions.device))
     return kept
+
+
+def greedy_nms(boxes: npt.NDArray[np.float32], scores: npt.NDArray[np.float32], iou: float) -> npt.NDArray[np.int64]:
+    """Indices of the boxes (x1, y1, x2, y2) kept, best score first: what `torchvision.ops.nms`
+    answers on the CPU. The same float32 operations in the same order (its `nms_kernel`): scores
+    sorted stably, and a box suppressed by a kept one when their intersection over
+    (kept area + its area - intersection) exceeds `iou`."""
+    x1, y1, x2, y2 = boxes.T
+    areas = (x2 - x1) * (y2 - y1)
+    width = np.maximum(np.float32(0), np.minimum(x2[:, None], x2) - np.maximum(x1[:, None], x1))
+    height = np.maximum(np.float32(0), np.minimum(y2[:, None], y2) - np.maximum(y1[:, None], y1))
+    inter = width * height
+    # The ratio in float32, compared in double as C++ compares a float with the double threshold.
+    overlaps = (inter / (areas[:, None] + areas - inter)).astype(np.float64) > iou
+    suppressed = np.zeros(len(boxes), dtype=np.bool_)
+    kept = []
+    for i in np.argsort(-scores, kind="stable"):
+        if not suppressed[i]:
+            kept.append(i)
+            suppressed |= overlaps[i]
+    return np.asarray(kept, dtype=np.int64)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchvision
 from ultralytics.utils.nms import non_max_suppression
 
 from worker.runtime import yolo_nms
@@ -47,3 +48,33 @@ def test_an_image_with_more_candidates_than_nms_takes_keeps_the_most_confident(
     ours = batch_nms(predictions.clone(), 0.05, 0.7, 300)
     for mine, reference in zip(ours, theirs, strict=True):
         assert torch.equal(mine, reference)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_suppression_is_torchvisions(seed: int) -> None:
+    """`greedy_nms` against `torchvision.ops.nms` itself: clustered boxes, tied scores, thresholds
+    that float32 rounds down (0.7, 0.45) and up (0.1: its float32 is above it)."""
+    generator = torch.Generator().manual_seed(seed)
+    n = 60
+    centres = (torch.rand(6, 2, generator=generator) * 100)[torch.randint(0, 6, (n,), generator=generator)]
+    half = (5 + torch.rand(n, 2, generator=generator) * 20) / 2
+    boxes = torch.cat((centres - half, centres + half), 1)
+    scores = torch.randint(0, 12, (n,), generator=generator).float() / 12  # many ties
+    for iou in (0.7, 0.45, 0.5, 0.1, 0.9):
+        theirs = torchvision.ops.nms(boxes, scores, iou)
+        ours = yolo_nms.greedy_nms(boxes.numpy(), scores.numpy(), iou)
+        assert ours.tolist() == theirs.tolist(), iou
+
+
+def test_an_overlap_equal_to_the_threshold_in_float32_is_judged_as_torchvision_judges_it() -> None:
+    """0.1's float32 is above 0.1: a box inside another with a tenth of its area overlaps it by
+    exactly that float32 (10 / 100, correctly rounded), which exceeds the (double) threshold for
+    torchvision, and must for `greedy_nms` too."""
+    import numpy as np
+    import torchvision
+
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 1, 10]], dtype=np.float32)
+    scores = np.array([0.9, 0.8], dtype=np.float32)
+    theirs = torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores), 0.1).tolist()
+    assert theirs == [0], "torchvision keeps both: the case does not test the comparison"
+    assert yolo_nms.greedy_nms(boxes, scores, 0.1).tolist() == theirs
