@@ -13,7 +13,7 @@ manifest describes), in a plain `YOLO`. The images are decoded once, up front; o
 like a worker, and the worker's setting for freed memory (`--keep-freed-mib`, default the
 worker's `allocator_keep_mib`): with glibc's own, how often a batch faults its memory in again
 depends on what the process allocated before (importing torchvision first made `YOLO.predict`
-of batches of 16 a quarter faster), so each side gets the same explicit one. Prints one JSON
+of batches of 16 about a third faster), so each side gets the same explicit one. Prints one JSON
 line: images per second, wall and CPU ms per image, batches and the seconds measured.
 """
 

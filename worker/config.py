@@ -64,7 +64,7 @@ class WorkerSettings(BaseSettings):
     max_wait_ms: float = Field(5.0, ge=0, description="longest a job waits for its batch to fill")
     decode_threads: int = Field(2, ge=1, le=64)
     allocator_keep_mib: int = Field(
-        256, ge=0, le=2047, description="freed memory the C heap keeps mapped for the next batch, per arena "
+        256, ge=0, le=2047, description="freed memory the C heap keeps mapped for the next batch "
         "(glibc; 0: its defaults, which give a batch's memory back and fault it in again)"
     )
     profile: bool = Field(False, description="time the job path's steps in CPU (GET /profile; the bench's --profile)")

@@ -52,23 +52,23 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def keep_freed_memory(keep_bytes: int) -> bool:
-    """Let up to `keep_bytes` of freed memory stay mapped in each of the C heap's arenas, for the
-    next batch to reuse; False where that cannot be set (not glibc) or `keep_bytes` is 0.
+    """Let up to `keep_bytes` of freed memory stay mapped in the C heap, for the next batch to
+    reuse; False where that cannot be set (not glibc) or `keep_bytes` is 0.
 
     Why: with glibc's defaults a batch's activations (about 20 MB for a batch of 16 small images)
     are given back to the kernel when freed, because they sit at the top of the heap above the
     trim threshold (or are mapped for themselves above the mmap threshold), and the next batch
-    faults every page in again, zeroed: 4,800 page faults per batch of 16, a fifth of the
-    inference thread's time on this project's 2-core VM (the README's Performance section).
+    faults every page in again, zeroed: 4,800 page faults per batch of 16, a fifth of its time
+    in a process of its own, about 6 % in a worker (the README's Performance section).
     Kept mapped, the pages are reused. Blocks under 32 MiB come from the heap; free memory at a
     heap's top is trimmed only beyond `keep_bytes`. What a cleanup frees still goes back to the
     kernel: `return_freed_memory` (invariant 4).
 
     And one arena for every thread: an arena of its own (glibc's default for each new thread)
     grows in heaps of at most 64 MiB, and a heap left empty is unmapped whatever the trim
-    threshold, so a large model's activations were faulted in again in the inference thread but
-    not in the main thread (M2FP: 2479 against 2365 ms of CPU an image; one arena: 2268). Call it
-    before the process starts threads: an arena, once a thread has one, stays its own."""
+    threshold; M2FP cost more CPU in a thread than in the main thread (2479 against 2365 ms an
+    image; with one arena 2268 in a thread). Call it before the process starts threads: an
+    arena, once a thread has one, stays its own."""
     libc = _glibc()
     if libc is None or keep_bytes <= 0:
         return False

@@ -3,7 +3,7 @@
 `ultralytics.utils.nms.non_max_suppression` filters, converts and concatenates each image's
 candidates in a loop of a dozen tensor operations per image, each a Python-to-C++ round trip that
 takes the GIL back from the event loop. Here the filtering, the box conversion and the best class
-are batch-wide operations and only the suppression itself runs per image: 53 against 154 µs of
+are batch-wide operations and only the suppression itself runs per image: 55 to 59 against 154 µs of
 the inference thread per image at batch 16 (shapes 128 px, one thread; the README's Performance
 section). The arithmetic is the same operations on the same values, so the rows kept are
 bit-identical (tests hold them to ultralytics' function): the settings the predictors of the
