@@ -109,9 +109,11 @@ class TracedYolo:
             with STEPS.step("nms"):
                 # nc tells NMS where class scores end and mask coefficients or keypoints begin.
                 nc = 0 if self.task == "detect" else self.classes
-                kept = non_max_suppression(predictions, params.conf, params.iou, max_det=params.max_det, nc=nc,
-                                           end2end=True) if self.end2end else \
-                    batch_nms(predictions, params.conf, params.iou, params.max_det, nc)
+                if self.end2end:  # no suppression: ultralytics only filters these
+                    kept = non_max_suppression(predictions, params.conf, params.iou, max_det=params.max_det,
+                                               nc=nc, end2end=True)
+                else:
+                    kept = batch_nms(predictions, params.conf, params.iou, params.max_det, nc)
             shape = batch.shape[2:]
             if protos is not None:
                 return [_segmented(found, shape, image.shape, proto) for found, image, proto

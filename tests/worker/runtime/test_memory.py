@@ -100,7 +100,7 @@ asyncio.run(main())
 
 def test_batches_reuse_freed_memory_and_a_cleanup_gives_it_back(zoo: Path) -> None:
     """With glibc's defaults each batch of 16 faulted about 4,800 pages in again (its activations
-    were handed back to the kernel when freed): a fifth of the inference thread's time. The worker
+    were handed back to the kernel when freed): a fifth of a batch's time in a process of its own. The worker
     keeps freed memory mapped, and a cleanup returns it (invariant 4)."""
     run = subprocess.run([sys.executable, "-c", _BATCHES, str(zoo)], cwd=REPO, capture_output=True, text=True,
                          timeout=240, check=True)
