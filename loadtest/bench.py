@@ -82,6 +82,7 @@ class BenchOptions:
     url: str
     model_root: Path
     profile: bool = False
+    pin: bool = True  # benchmarks 1 and 6: the model on a CPU of its own (BenchEnv.model_cpu)
 
 
 def check_zoo(model_root: Path) -> list[Path]:
@@ -113,12 +114,13 @@ async def run_bench(options: BenchOptions, console: Console) -> list[BenchResult
     run_id = uuid.uuid4().hex[:6]
     env = BenchEnv(url=options.url, model_root=options.model_root.resolve(), out=options.out.resolve(),
                    device=options.device, quick=options.quick, console=console, run_id=run_id, images=images,
-                   profile=options.profile)
+                   profile=options.profile, pin=options.pin)
     options.out.mkdir(parents=True, exist_ok=True)
     path = options.out / "bench.json"
     meta: dict[str, Any] = {
         "run_id": run_id, "started_at": datetime.now(UTC).isoformat(), "quick": options.quick,
-        "device": options.device, "only": options.only, "profile": options.profile, "host": platform.node(),
+        "device": options.device, "only": options.only, "profile": options.profile,
+        "model_cpu": env.model_cpu, "host": platform.node(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(), "load_average_at_start": os.getloadavg(),
     }

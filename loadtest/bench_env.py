@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -53,9 +53,29 @@ class BenchEnv:
     figures: dict[str, Any] = field(default_factory=dict)
     #: Workers time their steps (`HOTSWAP_PROFILE`); benchmarks 1 and 2 print CPU per job by step.
     profile: bool = False
+    #: Benchmarks 1 and 6 give the model a CPU of its own on both sides (`model_cpu`); off: `--share-cpus`.
+    pin: bool = True
 
     def namespace(self, tag: str) -> str:
         return f"bench-{self.run_id}-{tag}"
+
+    @property
+    def model_cpu(self) -> int | None:
+        """The CPU the model runs on in benchmarks 1 and 6, in the worker (its inference thread,
+        `HOTSWAP_INFERENCE_CPUS`) and in-process alike, while the load generator keeps off it
+        (`harness_aside`); None with pinning off or a single CPU. The last one this process may
+        use: the first take the interrupts and, with RabbitMQ on this host, its first scheduler
+        (bound to CPU 0, and the one it gathers its work on when not busy)."""
+        allowed = os.sched_getaffinity(0)
+        return max(allowed) if self.pin and len(allowed) > 1 else None
+
+    def model_cpu_note(self) -> str:
+        if self.model_cpu is None:
+            return "no CPU pinned (--share-cpus, or a single CPU): every thread of every process runs anywhere"
+        return (f"the model on CPU {self.model_cpu} on both sides (the worker's HOTSWAP_INFERENCE_CPUS, its other "
+                f"threads on the rest; the in-process baseline pinned there), the load generator off it during "
+                f"the measured runs (on a machine of its own it would not share the model's core); "
+                f"--share-cpus: nothing pinned")
 
     def worker(self, namespace: str, name: str, models: list[str], *, model_root: Path | None = None,
                public_key: Path | None = None, env: dict[str, str] | None = None) -> WorkerProcess:
@@ -173,6 +193,20 @@ async def run_load(env: BenchEnv, namespace: str, shape: LoadShape, *, beside: B
     report = build_report(accountant, started_at=runner.started_at, stopped_at=runner.stopped_at, events=events,
                           checks=[], run={"namespace": namespace, "loop": shape.loop, "tag": tag})
     return LoadRun(accountant, runner.started_at, runner.stopped_at, report, cpu, busy)
+
+
+@contextlib.contextmanager
+def harness_aside(cpu: int | None) -> Iterator[None]:
+    """This process's event loop thread (the load generator) off `cpu` meanwhile (None: no change)."""
+    if cpu is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, before - {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def closed_loop(env: BenchEnv, model: str, seconds: float, concurrency: int = SATURATING, *,

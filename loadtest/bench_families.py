@@ -14,7 +14,7 @@ from pathlib import Path
 
 from loadtest.bench_core import BenchResult, Goal, Metric, ratio
 from loadtest.bench_env import BenchEnv, BenchError, helper_json, warm_up
-from loadtest.bench_throughput import Series, measured_load
+from loadtest.bench_throughput import Series, inference_cpus, measured_load, pinned_to
 from loadtest.runner import LoadShape, find_images
 from worker.runtime.repository import ModelRepository, RepositoryError
 
@@ -64,7 +64,7 @@ async def families_vs_inprocess(env: BenchEnv) -> BenchResult:
         baseline = await helper_json([
             "loadtest.bench_inprocess", "--backend", "--version-dir", str(version_dir),
             "--images", str(images_dir), "--seconds", str(20.0 if family.heavy else 6.0 if env.quick else 10.0),
-            "--device", env.device, "--threads", "1",
+            "--device", env.device, "--threads", "1", *pinned_to(env.model_cpu),
         ], timeout_s=900)
         inprocess = Series(f"{family.model}/{version} in-process")
         inprocess.jobs_per_s.append(float(baseline["images_per_s"]))
@@ -80,6 +80,7 @@ async def families_vs_inprocess(env: BenchEnv) -> BenchResult:
     result.notes.append("one worker, HOTSWAP_MAX_BATCH=1, a closed loop of 4 jobs in flight (2 for heavy models: "
                         "one decoding while one runs); in-process: the version's backend on pre-decoded images, "
                         "one at a time, the worker's setting for freed memory")
+    result.notes.append(env.model_cpu_note())
     return result
 
 
@@ -90,7 +91,8 @@ async def _pool(env: BenchEnv, family: Family, version: str, images_dir: Path, m
     # Long enough for a few heavy jobs (MogFace with random weights: 37 s each here), a few
     # seconds of light ones.
     seconds = max((4 if family.heavy else 20) * ms_per_image / 1000, 6.0 if env.quick else 10.0)
-    worker = env.worker(namespace, family.model, [f"{family.model}@{version}"], env={"HOTSWAP_MAX_BATCH": "1"})
+    worker = env.worker(namespace, family.model, [f"{family.model}@{version}"],
+                        env={"HOTSWAP_MAX_BATCH": "1", **inference_cpus(env.model_cpu)})
     await env.start(worker, timeout_s=600)
     try:
         await warm_up(env, namespace, family.model, jobs=4 if family.heavy else 24)
@@ -98,7 +100,8 @@ async def _pool(env: BenchEnv, family: Family, version: str, images_dir: Path, m
         shape = LoadShape(model=family.model, images=images, concurrency=2 if family.heavy else 4,
                           duration_s=seconds, job_timeout_s=max(30.0, ms_per_image / 100),
                           grace_s=max(30.0, ms_per_image / 250))
-        run, use = await measured_load(env, namespace, family.model, worker.process.pid, series.label, shape)
+        run, use = await measured_load(env, namespace, family.model, worker.process.pid, series.label, shape,
+                                       aside=env.model_cpu)
     finally:
         await env.stop(worker)
         await env.cleanup(namespace, family.model)

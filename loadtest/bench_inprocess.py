@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from worker.cpus import parse_cpu_list, pin_current_thread
 from worker.runtime.memory import keep_freed_memory, return_freed_memory
 
 if TYPE_CHECKING:
@@ -156,9 +157,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--backend", action="store_true", help="through the worker's backend, one image at a time")
     parser.add_argument("--footprint", action="store_true", help="resident memory once loaded and used (bench 7)")
+    parser.add_argument("--cpus", default="", help="run on these CPUs only (taskset -c syntax), as a worker's "
+                        "inference thread does with HOTSWAP_INFERENCE_CPUS")
     parser.add_argument("--keep-freed-mib", type=int, default=None,
                         help="freed memory the C heap keeps mapped (default: the worker's allocator_keep_mib)")
     args = parser.parse_args()
+    if cpus := parse_cpu_list(args.cpus):
+        pin_current_thread(cpus)  # before torch starts a thread: they inherit it
     keep_freed_memory(_keep_freed_bytes(args.keep_freed_mib))
     if args.footprint:
         result = footprint(args.version_dir, args.images, args.device, args.threads)

@@ -34,6 +34,7 @@ from loadtest.bench_env import (
     busiest_thread_share,
     closed_loop,
     cpu_seconds,
+    harness_aside,
     helper_json,
     run_load,
     thread_cpu_seconds,
@@ -121,16 +122,28 @@ class ServerUse:
 
 
 async def measured_load(env: BenchEnv, namespace: str, model: str, pid: int, tag: str,
-                        shape: LoadShape | None = None) -> tuple[LoadRun, ServerUse]:
-    """Load (default: the saturating closed loop) and what serving it cost process `pid`."""
+                        shape: LoadShape | None = None, *, aside: int | None = None) -> tuple[LoadRun, ServerUse]:
+    """Load (default: the saturating closed loop) and what serving it cost process `pid`; the load
+    generator keeps off CPU `aside` meanwhile (the model's: `BenchEnv.model_cpu`)."""
     broker = broker_pid()
     broker_cpu = cpu_seconds(broker) if broker else None
     cpu, threads, started = cpu_seconds(pid), thread_cpu_seconds(pid), time.monotonic()
-    run = await run_load(env, namespace, shape or closed_loop(env, model, _seconds(env), CONCURRENCY), tag=tag)
+    with harness_aside(aside):
+        run = await run_load(env, namespace, shape or closed_loop(env, model, _seconds(env), CONCURRENCY), tag=tag)
     wall = time.monotonic() - started
     use = ServerUse(cpu_seconds(pid) - cpu, busiest_thread_share(threads, thread_cpu_seconds(pid), wall),
                     cpu_seconds(broker) - broker_cpu if broker and broker_cpu is not None else None)
     return run, use
+
+
+def pinned_to(cpu: int | None) -> list[str]:
+    """An in-process baseline's arguments that run its model on `cpu` (None: anywhere)."""
+    return [] if cpu is None else ["--cpus", str(cpu)]
+
+
+def inference_cpus(cpu: int | None) -> dict[str, str]:
+    """A worker's environment that gives its inference thread `cpu` (None: anywhere)."""
+    return {} if cpu is None else {"HOTSWAP_INFERENCE_CPUS": str(cpu)}
 
 
 def _percent(share: float | None) -> str | None:
@@ -150,8 +163,8 @@ Measured = tuple["Series", list[Path] | None]
 
 
 async def _measure_worker(env: BenchEnv, namespace: str, worker: WorkerProcess, model: str,
-                          runs: list[Measured]) -> None:
-    """Start the worker, then measure each run in turn on it."""
+                          runs: list[Measured], *, aside: int | None = None) -> None:
+    """Start the worker, then measure each run in turn on it (the load generator off CPU `aside`)."""
     await env.start(worker)
     try:
         await warm_up(env, namespace, model)
@@ -160,7 +173,8 @@ async def _measure_worker(env: BenchEnv, namespace: str, worker: WorkerProcess, 
             before: Totals = histogram_totals(worker.text("/metrics"))
             profile = read_profile(worker) if env.profile else None
             run, use = await measured_load(env, namespace, model, worker.process.pid, series.label,
-                                           closed_loop(env, model, _seconds(env), CONCURRENCY, images=images))
+                                           closed_loop(env, model, _seconds(env), CONCURRENCY, images=images),
+                                           aside=aside)
             means = worker_means(before, histogram_totals(worker.text("/metrics")))
             if profile is not None:
                 series.profiles.append(_profiled(run, use, per_job(profile, read_profile(worker), _answered(run))))
@@ -194,11 +208,13 @@ async def pool_vs_inprocess(env: BenchEnv) -> BenchResult:
     inprocess = {1: Series("in-process, batch 1"), MICRO: Series(f"in-process, batch {MICRO}")}
     pool = {1: Series("worker, max_batch 1"), MICRO: Series(f"worker, max_batch {MICRO}, {MAX_WAIT_MS:g} ms")}
     namespace = env.namespace("pool")
+    cpu = env.model_cpu
 
     async def baseline(batch: int) -> None:
         figures = await helper_json([
             "loadtest.bench_inprocess", "--version-dir", str(version_dir), "--images", str(env.images[0].parent),
             "--batch", str(batch), "--seconds", str(_seconds(env)), "--device", env.device, "--threads", "1",
+            *pinned_to(cpu),
         ], timeout_s=300)
         inprocess[batch].jobs_per_s.append(float(figures["images_per_s"]))
         inprocess[batch].server_cpu_ms.append(float(figures["cpu_ms_per_image"]))
@@ -207,8 +223,8 @@ async def pool_vs_inprocess(env: BenchEnv) -> BenchResult:
     async def pooled(max_batch: int) -> None:
         worker = env.worker(namespace, f"b{max_batch}", ["shapes@1.0.0"],
                             env={"HOTSWAP_MAX_BATCH": str(max_batch), "HOTSWAP_MAX_WAIT_MS": str(MAX_WAIT_MS),
-                                 "HOTSWAP_PREFETCH": str(PREFETCH)})
-        await _measure_worker(env, namespace, worker, "shapes", [(pool[max_batch], None)])
+                                 "HOTSWAP_PREFETCH": str(PREFETCH), **inference_cpus(cpu)})
+        await _measure_worker(env, namespace, worker, "shapes", [(pool[max_batch], None)], aside=cpu)
 
     try:
         for round_ in range(_rounds(env)):
@@ -239,6 +255,7 @@ async def pool_vs_inprocess(env: BenchEnv) -> BenchResult:
                         f"freed memory, a process of its own; "
                         f"workers: one each, fed by a closed loop of {CONCURRENCY}, {_seconds(env):g} s per run, "
                         f"{_rounds(env)} round(s)")
+    result.notes.append(env.model_cpu_note())
     result.notes.append("busiest thread CPU: the share of a core that the process's busiest thread got (a "
                         "worker's inference thread, always busy under this load): under 100 % it waited for a core")
     result.notes.append(_phases_note(pool[MICRO]))

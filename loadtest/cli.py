@@ -148,6 +148,9 @@ def bench(
     model_root: Annotated[Path, typer.Option(envvar="HOTSWAP_MODEL_ROOT", help="model repository")] = Path("models"),
     profile: Annotated[bool, typer.Option("--profile", help=(
         "workers time their steps: benchmarks 1 and 2 also print CPU µs per job by thread and step"))] = False,
+    share_cpus: Annotated[bool, typer.Option("--share-cpus", help=(
+        "benchmarks 1 and 6 pin nothing (default: the model on a CPU of its own on both sides, the load "
+        "generator off it)"))] = False,
 ) -> None:
     """The performance benchmarks (docs/architecture.md, "Targets"): ratios measured side by side, a summary
     table and bench.json. A missed goal is reported, not an error: exits non-zero only on errors."""
@@ -165,6 +168,7 @@ def bench(
         options = BenchOptions(
             only=parse_only(only), quick=quick, out=out, device=device.value, model_root=model_root,
             url=amqp_url or os.environ.get("HOTSWAP_AMQP_URL", DEFAULT_AMQP_URL), profile=profile,
+            pin=not share_cpus,
         )
         check_zoo(model_root)
     except BenchSetupError as exc:

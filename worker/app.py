@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 from aio_pika.abc import AbstractRobustConnection
 
@@ -27,6 +28,7 @@ from worker.config import WorkerSettings
 from worker.connections import connect
 from worker.consumer import JobConsumer
 from worker.control import ControlLoop
+from worker.cpus import pin_current_thread, plan_cpus
 from worker.evidence import Evidence
 from worker.fetch import UrlPolicy, image_session
 from worker.jobs import JobProcessor
@@ -63,8 +65,13 @@ class Worker:
         self.started_at = time.time()
         if settings.profile:
             STEPS.enabled = True  # process-wide: the backends' steps are timed too
-        # One inference thread: torch parallelises inside it (settings.torch_threads).
-        self.inference_thread = LoopThreads(1, "inference")
+        # Raises before anything starts when the CPUs asked for are not this process's to use.
+        self.cpus = plan_cpus(settings.inference_cpus)
+        # One inference thread: torch parallelises inside it (settings.torch_threads), in threads
+        # it starts, which inherit its CPUs.
+        self.inference_thread = LoopThreads(
+            1, "inference", initializer=partial(pin_current_thread, self.cpus.inference) if self.cpus else None
+        )
         self.decode_threads = LoopThreads(settings.decode_threads, "decode")
         # Loading and validating a new version must not queue behind (or take cores from) serving:
         # its thread runs at a lower CPU priority, so an update uses what serving leaves idle.
@@ -101,6 +108,9 @@ class Worker:
         self.fleet: FleetArtifacts | None = None
 
     async def run(self, *, handle_signals: bool = True) -> None:
+        if self.cpus is not None:  # before any thread starts: each inherits them (worker.cpus)
+            pin_current_thread(self.cpus.others)
+            log.info("%s", self.cpus.describe())
         _limit_torch_threads(self.settings.torch_threads)
         keep_freed_memory(self.settings.allocator_keep_mib * 2**20)
         loop = asyncio.get_running_loop()

@@ -38,6 +38,7 @@ def worker(
     """Serve image jobs for the given models until SIGTERM or SIGINT."""
     from worker.app import EXIT_HUNG, Worker, WorkerKeyMissing
     from worker.config import WorkerSettings
+    from worker.cpus import CpuPlanError
     from worker.runtime.manager import LoadFailed
 
     flags: dict[str, Any] = {
@@ -48,7 +49,11 @@ def worker(
     }
     settings = WorkerSettings(**{k: v for k, v in flags.items() if v is not None})
     _configure_logging(verbose, settings.log_format, settings.worker_id)
-    serving = Worker(settings)
+    try:
+        serving = Worker(settings)
+    except CpuPlanError as exc:
+        console.print(f"[red]cannot start: {exc}[/red]")
+        raise typer.Exit(2) from exc
     try:
         asyncio.run(serving.run())
     except (LoadFailed, WorkerKeyMissing) as exc:

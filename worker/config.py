@@ -12,6 +12,7 @@ from pydantic import Field, IPvAnyNetwork, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas.topology import Topology
+from worker.cpus import parse_cpu_list
 from worker.logs import LogFormat
 from worker.runtime.sources import SourcePolicy
 
@@ -63,6 +64,10 @@ class WorkerSettings(BaseSettings):
     max_batch: int = Field(16, ge=1, le=256, description="jobs per inference batch at most")
     max_wait_ms: float = Field(5.0, ge=0, description="longest a job waits for its batch to fill")
     decode_threads: int = Field(2, ge=1, le=64)
+    inference_cpus: Annotated[frozenset[int], NoDecode] = Field(
+        frozenset(), description="CPUs the inference thread keeps to itself, the worker's other threads "
+        "running on the rest (taskset -c syntax: 3, 2,3, 4-7; empty: anywhere; worker.cpus)"
+    )
     allocator_keep_mib: int = Field(
         256, ge=0, le=2047, description="freed memory the C heap keeps mapped for the next batch "
         "(glibc; 0: its defaults, which give a batch's memory back and fault it in again)"
@@ -164,6 +169,11 @@ class WorkerSettings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("inference_cpus", mode="before")
+    @classmethod
+    def _parse_cpus(cls, value: object) -> object:
+        return parse_cpu_list(value) if isinstance(value, str) else value
 
     @field_validator("artifact_sources")
     @classmethod

@@ -28,12 +28,14 @@ _Done = tuple["asyncio.Future[Any]", bool, Any]  # future, raised, value or exce
 
 
 class LoopThreads:
-    """`threads` threads named `<name>_<n>` (the profile's roles), serving the loop that first calls `run`."""
+    """`threads` threads named `<name>_<n>` (the profile's roles), serving the loop that first calls `run`;
+    each calls `initializer` first, as an executor's threads do."""
 
-    def __init__(self, threads: int, name: str) -> None:
+    def __init__(self, threads: int, name: str, initializer: Callable[[], object] | None = None) -> None:
         if threads < 1:
             raise ValueError("at least one thread")
         self.name = name
+        self._initializer = initializer
         self._work: SimpleQueue[_Work | None] = SimpleQueue()
         self._done: deque[_Done] = deque()
         self._done_lock = threading.Lock()
@@ -78,6 +80,8 @@ class LoopThreads:
                 self._work.put(None)  # one each: the thread ends
 
     def _serve(self) -> None:
+        if self._initializer is not None:
+            self._initializer()
         while (item := self._work.get()) is not None:
             future, fn, args = item
             try:

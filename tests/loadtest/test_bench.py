@@ -33,7 +33,7 @@ from loadtest.bench_core import (
     visible_after_ms,
     worker_means,
 )
-from loadtest.bench_env import HelperProcess
+from loadtest.bench_env import BenchEnv, HelperProcess, harness_aside
 from loadtest.bench_throughput import TINY_SIDE, write_tiny_pngs
 from loadtest.records import JobRecord
 from schemas.control import Command, Progress, Rollback
@@ -209,6 +209,24 @@ def test_the_bench_refuses_to_start_without_the_zoo(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "cannot run the benchmarks" in result.output
     result = CliRunner().invoke(app, ["loadtest", "bench", "--only", "9", "--model-root", str(tmp_path)])
     assert result.exit_code == 2 and "unknown benchmark" in result.output
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs: one for the model, one for the rest")
+def test_the_model_gets_the_last_cpu_and_the_load_generator_keeps_off_it_while_measured(tmp_path: Path) -> None:
+    before = os.sched_getaffinity(0)
+    env = BenchEnv(url="", model_root=tmp_path, out=tmp_path, device="cpu", quick=True, console=Console(),
+                   run_id="x", images=[])
+    assert env.model_cpu == max(before) and f"the model on CPU {max(before)}" in env.model_cpu_note()
+    with harness_aside(env.model_cpu):
+        assert os.sched_getaffinity(0) == before - {max(before)}
+    assert os.sched_getaffinity(0) == before
+    with pytest.raises(RuntimeError), harness_aside(env.model_cpu):
+        raise RuntimeError("a load run that broke")
+    assert os.sched_getaffinity(0) == before  # given back whatever happened
+    with harness_aside(None):
+        assert os.sched_getaffinity(0) == before
+    env.pin = False  # --share-cpus
+    assert env.model_cpu is None and "no CPU pinned" in env.model_cpu_note()
 
 
 @pytest.mark.slow

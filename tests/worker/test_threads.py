@@ -19,6 +19,15 @@ async def test_each_call_gets_its_own_result_from_a_named_thread() -> None:
     assert {name for _, name in names} <= {"decode_0", "decode_1"}
 
 
+async def test_each_thread_runs_the_initializer_once_before_its_first_call() -> None:
+    ready: list[str] = []
+    with LoopThreads(2, "inference", initializer=lambda: ready.append(threading.current_thread().name)) as threads:
+        initialized = await asyncio.gather(*(threads.run(lambda: threading.current_thread().name in ready)
+                                             for _ in range(50)))
+    assert sorted(ready) == ["inference_0", "inference_1"]
+    assert all(initialized)  # no call ran before its own thread's initializer
+
+
 async def test_an_exception_reaches_the_awaiting_task_and_the_threads_go_on() -> None:
     def fail(message: str) -> None:
         raise ValueError(message)
