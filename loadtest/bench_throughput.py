@@ -15,6 +15,7 @@ Runs alternate (round 2 goes in the opposite order) and each figure is the mean 
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -106,6 +107,13 @@ class Series:
         parts = [mean(self.server_cpu_ms), mean(self.broker_cpu_ms), mean(self.producer_cpu_ms)]
         return None if any(p is None for p in parts) else sum(p for p in parts if p is not None)
 
+    @property
+    def beside_model_cpu_ms(self) -> float | None:
+        """CPU per job of everything but its busiest thread (a worker's inference thread): the
+        server's other threads, the broker and the load generator."""
+        total, share, rate = self.total_cpu_ms, mean(self.busiest_thread), self.rate
+        return None if total is None or share is None or not rate else total - 1000 * share / rate
+
     def to_json(self) -> dict[str, Any]:
         return {**self.row(), "busiest thread CPU": mean(self.busiest_thread), "total CPU ms/job": self.total_cpu_ms,
                 "rounds": self.jobs_per_s, "producer_busy": self.producer_busy,
@@ -134,6 +142,16 @@ async def measured_load(env: BenchEnv, namespace: str, model: str, pid: int, tag
     use = ServerUse(cpu_seconds(pid) - cpu, busiest_thread_share(threads, thread_cpu_seconds(pid), wall),
                     cpu_seconds(broker) - broker_cpu if broker and broker_cpu is not None else None)
     return run, use
+
+
+def machine_ceiling(model: Series, pooled: Series) -> float | None:
+    """Jobs/s this machine's cores allow the pool: all of them busy, the model at its in-process CPU
+    per image (`model`), the rest at the CPU per job `pooled` measured beside it; a bound, not a
+    prediction (no core is ever that busy, nor the model that undisturbed)."""
+    model_ms, beside_ms = mean(model.server_cpu_ms), pooled.beside_model_cpu_ms
+    if model_ms is None or beside_ms is None or model.rate is None:
+        return None
+    return min(model.rate, len(os.sched_getaffinity(0)) * 1000 / (model_ms + beside_ms))
 
 
 def pinned_to(cpu: int | None) -> list[str]:
@@ -248,8 +266,19 @@ async def pool_vs_inprocess(env: BenchEnv) -> BenchResult:
         Metric(f"CPU/job: worker(micro-batch) / in-process(batch {MICRO})",
                ratio(mean(pool[MICRO].server_cpu_ms), mean(inprocess[MICRO].server_cpu_ms))),
     ]
+    ceiling = machine_ceiling(inprocess[MICRO], pool[MICRO])
+    result.metrics += [
+        Metric(f"this machine's ceiling for pool(micro-batch) / in-process(batch {MICRO})",
+               ratio(ceiling, inprocess[MICRO].rate)),
+        Metric("pool(micro-batch) / that ceiling", ratio(pool[MICRO].rate, ceiling)),
+    ]
     result.figures = {"series": {s.label: s.to_json() for s in (*inprocess.values(), *pool.values())},
-                      "seconds_per_run": _seconds(env), "rounds": _rounds(env), "concurrency": CONCURRENCY}
+                      "seconds_per_run": _seconds(env), "rounds": _rounds(env), "concurrency": CONCURRENCY,
+                      "ceiling_jobs_per_s": ceiling, "cores": len(os.sched_getaffinity(0))}
+    result.notes.append("this machine's ceiling: the jobs/s its cores allow with every one of them busy, the model "
+                        "at its in-process CPU per image and everything else (the worker's other threads, the "
+                        "broker, the load generator) at the CPU per job measured: cores × 1000 / (in-process ms "
+                        "+ the rest's ms), at most the in-process rate")
     env.figures["single_worker_jobs_per_s"] = pool[MICRO].rate
     result.notes.append(f"in-process: YOLO.predict on pre-decoded images, one torch thread, the worker's setting for "
                         f"freed memory, a process of its own; "

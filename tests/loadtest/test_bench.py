@@ -34,7 +34,7 @@ from loadtest.bench_core import (
     worker_means,
 )
 from loadtest.bench_env import BenchEnv, HelperProcess, harness_aside
-from loadtest.bench_throughput import TINY_SIDE, write_tiny_pngs
+from loadtest.bench_throughput import TINY_SIDE, Series, machine_ceiling, write_tiny_pngs
 from loadtest.records import JobRecord
 from schemas.control import Command, Progress, Rollback
 from schemas.jobs import InferenceParams
@@ -209,6 +209,19 @@ def test_the_bench_refuses_to_start_without_the_zoo(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "cannot run the benchmarks" in result.output
     result = CliRunner().invoke(app, ["loadtest", "bench", "--only", "9", "--model-root", str(tmp_path)])
     assert result.exit_code == 2 and "unknown benchmark" in result.output
+
+
+def test_the_machine_ceiling_is_every_core_busy_with_the_model_at_its_in_process_cost() -> None:
+    model = Series("in-process, batch 16", jobs_per_s=[500.0], server_cpu_ms=[2.0])
+    pooled = Series("worker", jobs_per_s=[300.0], server_cpu_ms=[3.5], busiest_thread=[0.75], broker_cpu_ms=[0.8],
+                    producer_cpu_ms=[0.5])
+    # 4.8 ms of CPU a job in all, 2.5 of it the inference thread's (75 % of a core at 300 jobs/s).
+    assert pooled.beside_model_cpu_ms == pytest.approx(2.3)
+    assert machine_ceiling(model, pooled) == pytest.approx(min(500.0, len(os.sched_getaffinity(0)) * 1000 / 4.3))
+    model.jobs_per_s = [100.0]  # the model alone is slower than the cores would allow: it is the bound
+    assert machine_ceiling(model, pooled) == pytest.approx(100.0)
+    pooled.broker_cpu_ms = []  # a broker elsewhere: its CPU unknown, so no ceiling
+    assert machine_ceiling(model, pooled) is None
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs: one for the model, one for the rest")
