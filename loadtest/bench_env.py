@@ -263,11 +263,17 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
     return times
 
 
+def busiest_thread_cpu_s(before: dict[int, float], after: dict[int, float]) -> float | None:
+    """CPU seconds of the thread that used the most between two snapshots (a worker's inference thread)."""
+    used = [t - before.get(tid, 0.0) for tid, t in after.items()]
+    return max(used) if used else None
+
+
 def busiest_thread_share(before: dict[int, float], after: dict[int, float], wall_s: float) -> float | None:
     """The CPU share (of one core) of the thread that used the most CPU between two snapshots: for
     a worker, its inference thread; well under 1 while it is always busy means it waited for a core."""
-    used = [t - before.get(tid, 0.0) for tid, t in after.items()]
-    return max(used) / wall_s if used and wall_s > 0 else None
+    used = busiest_thread_cpu_s(before, after)
+    return used / wall_s if used is not None and wall_s > 0 else None
 
 
 def broker_pid() -> int | None:

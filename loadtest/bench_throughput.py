@@ -32,6 +32,7 @@ from loadtest.bench_env import (
     HelperProcess,
     LoadRun,
     broker_pid,
+    busiest_thread_cpu_s,
     busiest_thread_share,
     closed_loop,
     cpu_seconds,
@@ -65,6 +66,7 @@ class Series:
     p99_ms: list[float] = field(default_factory=list)
     server_cpu_ms: list[float] = field(default_factory=list)  # the worker's (or consumer's) CPU per job
     busiest_thread: list[float] = field(default_factory=list)  # its busiest thread's CPU / wall time
+    busiest_thread_cpu_ms: list[float] = field(default_factory=list)  # that thread's CPU per job
     broker_cpu_ms: list[float] = field(default_factory=list)  # RabbitMQ's CPU per job (when local)
     producer_cpu_ms: list[float] = field(default_factory=list)  # this process's CPU per job
     producer_busy: list[float] = field(default_factory=list)  # this process's CPU / wall time
@@ -83,6 +85,8 @@ class Series:
         self.server_cpu_ms.append(1000 * use.cpu_s / answered)
         if use.busiest_thread is not None:
             self.busiest_thread.append(use.busiest_thread)
+        if use.busiest_thread_cpu_s is not None:
+            self.busiest_thread_cpu_ms.append(1000 * use.busiest_thread_cpu_s / answered)
         if use.broker_cpu_s is not None:
             self.broker_cpu_ms.append(1000 * use.broker_cpu_s / answered)
         self.producer_cpu_ms.append(1000 * run.producer_cpu_s / answered)
@@ -111,11 +115,13 @@ class Series:
     def beside_model_cpu_ms(self) -> float | None:
         """CPU per job of everything but its busiest thread (a worker's inference thread): the
         server's other threads, the broker and the load generator."""
-        total, share, rate = self.total_cpu_ms, mean(self.busiest_thread), self.rate
-        return None if total is None or share is None or not rate else total - 1000 * share / rate
+        total, busiest = self.total_cpu_ms, mean(self.busiest_thread_cpu_ms)
+        return None if total is None or busiest is None else total - busiest
 
     def to_json(self) -> dict[str, Any]:
         return {**self.row(), "busiest thread CPU": mean(self.busiest_thread), "total CPU ms/job": self.total_cpu_ms,
+                "busiest thread CPU ms/job": mean(self.busiest_thread_cpu_ms),
+                "beside it CPU ms/job": self.beside_model_cpu_ms,
                 "rounds": self.jobs_per_s, "producer_busy": self.producer_busy,
                 "worker_metrics": {k: mean(v) for k, v in self.worker.items()}}
 
@@ -126,6 +132,7 @@ class ServerUse:
 
     cpu_s: float
     busiest_thread: float | None
+    busiest_thread_cpu_s: float | None
     broker_cpu_s: float | None
 
 
@@ -139,7 +146,9 @@ async def measured_load(env: BenchEnv, namespace: str, model: str, pid: int, tag
     with harness_aside(aside):
         run = await run_load(env, namespace, shape or closed_loop(env, model, _seconds(env), CONCURRENCY), tag=tag)
     wall = time.monotonic() - started
-    use = ServerUse(cpu_seconds(pid) - cpu, busiest_thread_share(threads, thread_cpu_seconds(pid), wall),
+    threads_after = thread_cpu_seconds(pid)
+    use = ServerUse(cpu_seconds(pid) - cpu, busiest_thread_share(threads, threads_after, wall),
+                    busiest_thread_cpu_s(threads, threads_after),
                     cpu_seconds(broker) - broker_cpu if broker and broker_cpu is not None else None)
     return run, use
 

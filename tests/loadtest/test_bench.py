@@ -213,9 +213,9 @@ def test_the_bench_refuses_to_start_without_the_zoo(tmp_path: Path) -> None:
 
 def test_the_machine_ceiling_is_every_core_busy_with_the_model_at_its_in_process_cost() -> None:
     model = Series("in-process, batch 16", jobs_per_s=[500.0], server_cpu_ms=[2.0])
-    pooled = Series("worker", jobs_per_s=[300.0], server_cpu_ms=[3.5], busiest_thread=[0.75], broker_cpu_ms=[0.8],
-                    producer_cpu_ms=[0.5])
-    # 4.8 ms of CPU a job in all, 2.5 of it the inference thread's (75 % of a core at 300 jobs/s).
+    pooled = Series("worker", jobs_per_s=[300.0], server_cpu_ms=[3.5], busiest_thread_cpu_ms=[2.5],
+                    broker_cpu_ms=[0.8], producer_cpu_ms=[0.5])
+    # 4.8 ms of CPU a job in all, 2.5 of it the inference thread's.
     assert pooled.beside_model_cpu_ms == pytest.approx(2.3)
     assert machine_ceiling(model, pooled) == pytest.approx(min(500.0, len(os.sched_getaffinity(0)) * 1000 / 4.3))
     model.jobs_per_s = [100.0]  # the model alone is slower than the cores would allow: it is the bound
