@@ -64,8 +64,8 @@ class BenchEnv:
         """The CPU the model runs on in benchmarks 1 and 6, in the worker (its inference thread,
         `HOTSWAP_INFERENCE_CPUS`) and in-process alike, while the load generator keeps off it
         (`harness_aside`); None with pinning off or a single CPU. The last one this process may
-        use: the first take the interrupts and, with RabbitMQ on this host, its first scheduler
-        (bound to CPU 0, and the one it gathers its work on when not busy)."""
+        use: with RabbitMQ on this host, its first scheduler is bound to CPU 0 and gathers the
+        broker's work when it is not busy."""
         allowed = os.sched_getaffinity(0)
         return max(allowed) if self.pin and len(allowed) > 1 else None
 
