@@ -1,12 +1,13 @@
 """CPUs of its own for the inference thread (`HOTSWAP_INFERENCE_CPUS`), the rest for the others.
 
-A model shares its core badly. Benchmark 6's shapes on a 2-vCPU machine, the worker at
-max_batch 1 against the same backend alone in a process, three alternated runs each: 0.747 to
-0.793 of its speed with every thread free to run anywhere, 0.784 to 0.908 with the inference
-thread on one CPU and the worker's other threads and the load generator on the other. Woken by
-every job, the event loop, decoding and the load generator preempt the model on its core and
-evict its caches. So a worker can keep its inference thread (and the torch threads it starts) on CPUs of
-its own, and every other thread it starts (the loop, decoding, loading versions) off them.
+A model shares its core badly. Micro-batched on a 2-vCPU machine, a worker's inference thread
+waited for a core 16 to 28 % of the time: the event loop, the decode threads, the broker and the
+load generator, woken by every batch's results, preempted it about once a millisecond. So a worker
+can keep its inference thread (and the torch threads it starts) on CPUs of its own, and every
+other thread it starts (the loop, decoding, loading versions) off them. Benchmark 6, alternated,
+two rounds each, with the load generator kept off the model's CPU too: shapes 0.800 -> 0.869 of
+in-process, segment 0.764 -> 0.814, ULFD 0.910 -> 0.951, pose unchanged (0.774, 0.771); the
+README's Performance section has the rest.
 
 Off by default: workers sharing a host would otherwise all pick the same CPUs. Give each its own
 (`taskset -c` syntax: `3`, `2,3`, `4-7`) where a host runs several. Linux only (`sched_setaffinity`
@@ -63,6 +64,8 @@ def plan_cpus(inference: frozenset[int], allowed: frozenset[int] | None = None) 
     """
     if not inference:
         return None
+    if not hasattr(os, "sched_setaffinity"):
+        raise CpuPlanError("this platform cannot keep a thread on given CPUs (sched_setaffinity is Linux's)")
     allowed = frozenset(os.sched_getaffinity(0)) if allowed is None else allowed
     if missing := inference - allowed:
         raise CpuPlanError(f"inference CPUs {format_cpu_list(frozenset(missing))} are not among the CPUs this "
