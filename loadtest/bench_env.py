@@ -62,10 +62,10 @@ class BenchEnv:
     @property
     def model_cpu(self) -> int | None:
         """The CPU the model runs on in benchmarks 1 and 6, in the worker (its inference thread,
-        `HOTSWAP_INFERENCE_CPUS`) and in-process alike, while the load generator keeps off it
-        (`harness_aside`); None with pinning off or a single CPU. The last one this process may
-        use: with RabbitMQ on this host, its first scheduler is bound to CPU 0 and gathers the
-        broker's work when it is not busy."""
+        `HOTSWAP_INFERENCE_CPUS`) and in-process alike, while the load generator and a local
+        broker keep off it (`harness_aside`); None with pinning off or a single CPU. The last one
+        this process may use: RabbitMQ binds its first scheduler to CPU 0, where it gathers the
+        broker's work when the broker is not busy."""
         allowed = os.sched_getaffinity(0)
         return max(allowed) if self.pin and len(allowed) > 1 else None
 
@@ -73,8 +73,9 @@ class BenchEnv:
         if self.model_cpu is None:
             return "no CPU pinned (--share-cpus, or a single CPU): every thread of every process runs anywhere"
         return (f"the model on CPU {self.model_cpu} on both sides (the worker's HOTSWAP_INFERENCE_CPUS, its other "
-                f"threads on the rest; the in-process baseline pinned there), the load generator off it during "
-                f"the measured runs (on a machine of its own it would not share the model's core); "
+                f"threads on the rest; the in-process baseline pinned there), the load generator and a broker "
+                f"on this host off it during the measured runs (on machines of their own they would not share "
+                f"the model's core); "
                 f"--share-cpus: nothing pinned")
 
     def worker(self, namespace: str, name: str, models: list[str], *, model_root: Path | None = None,
@@ -197,16 +198,46 @@ async def run_load(env: BenchEnv, namespace: str, shape: LoadShape, *, beside: B
 
 @contextlib.contextmanager
 def harness_aside(cpu: int | None) -> Iterator[None]:
-    """This process's event loop thread (the load generator) off `cpu` meanwhile (None: no change)."""
+    """This process's event loop thread (the load generator) and every thread of a broker on this
+    machine off `cpu` meanwhile (None: no change): on a machine of their own, neither would share
+    the model's core. A broker thread that ends meanwhile, or one this user may not move, stays."""
     if cpu is None:
         yield
         return
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, before - {cpu})
+    broker = broker_pid()
+    moved = {0: os.sched_getaffinity(0)}
+    moved.update(_threads_off(broker, cpu) if broker else {})
+    os.sched_setaffinity(0, moved[0] - {cpu})
     try:
         yield
     finally:
-        os.sched_setaffinity(0, before)
+        for tid, cpus in moved.items():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, cpus)
+
+
+def _threads_off(pid: int, cpu: int) -> dict[int, set[int]]:
+    """Move each thread of process `pid` off `cpu`; what each one had before, by thread id."""
+    before: dict[int, set[int]] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(f"/proc/{pid}/task"):
+            tid = int(entry)
+            with contextlib.suppress(OSError):
+                cpus = os.sched_getaffinity(tid)
+                rest = cpus - {cpu} or os.sched_getaffinity(0) - {cpu}
+                os.sched_setaffinity(tid, rest)
+                before[tid] = cpus
+    return before
+
+
+def pinned_to(cpu: int | None) -> list[str]:
+    """An in-process baseline's arguments that run its model on `cpu` (None: anywhere)."""
+    return [] if cpu is None else ["--cpus", str(cpu)]
+
+
+def inference_cpus(cpu: int | None) -> dict[str, str]:
+    """A worker's environment that gives its inference thread `cpu` (None: anywhere)."""
+    return {} if cpu is None else {"HOTSWAP_INFERENCE_CPUS": str(cpu)}
 
 
 def closed_loop(env: BenchEnv, model: str, seconds: float, concurrency: int = SATURATING, *,

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loadtest.bench_core import BenchResult, Goal, Metric, ratio
-from loadtest.bench_env import BenchEnv, BenchError, helper_json, warm_up
-from loadtest.bench_throughput import Series, inference_cpus, measured_load, pinned_to
+from loadtest.bench_env import BenchEnv, BenchError, helper_json, inference_cpus, pinned_to, warm_up
+from loadtest.bench_throughput import Series, measured_load
 from loadtest.runner import LoadShape, find_images
 from worker.runtime.repository import ModelRepository, RepositoryError
 

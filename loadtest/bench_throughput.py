@@ -38,6 +38,8 @@ from loadtest.bench_env import (
     cpu_seconds,
     harness_aside,
     helper_json,
+    inference_cpus,
+    pinned_to,
     run_load,
     thread_cpu_seconds,
     warm_up,
@@ -139,7 +141,7 @@ class ServerUse:
 async def measured_load(env: BenchEnv, namespace: str, model: str, pid: int, tag: str,
                         shape: LoadShape | None = None, *, aside: int | None = None) -> tuple[LoadRun, ServerUse]:
     """Load (default: the saturating closed loop) and what serving it cost process `pid`; the load
-    generator keeps off CPU `aside` meanwhile (the model's: `BenchEnv.model_cpu`)."""
+    generator and a local broker keep off CPU `aside` meanwhile (the model's: `BenchEnv.model_cpu`)."""
     broker = broker_pid()
     broker_cpu = cpu_seconds(broker) if broker else None
     cpu, threads, started = cpu_seconds(pid), thread_cpu_seconds(pid), time.monotonic()
@@ -163,16 +165,6 @@ def machine_ceiling(model: Series, pooled: Series) -> float | None:
     return min(model.rate, len(os.sched_getaffinity(0)) * 1000 / (model_ms + beside_ms))
 
 
-def pinned_to(cpu: int | None) -> list[str]:
-    """An in-process baseline's arguments that run its model on `cpu` (None: anywhere)."""
-    return [] if cpu is None else ["--cpus", str(cpu)]
-
-
-def inference_cpus(cpu: int | None) -> dict[str, str]:
-    """A worker's environment that gives its inference thread `cpu` (None: anywhere)."""
-    return {} if cpu is None else {"HOTSWAP_INFERENCE_CPUS": str(cpu)}
-
-
 def _percent(share: float | None) -> str | None:
     return None if share is None else f"{share:.0%}"
 
@@ -191,7 +183,7 @@ Measured = tuple["Series", list[Path] | None]
 
 async def _measure_worker(env: BenchEnv, namespace: str, worker: WorkerProcess, model: str,
                           runs: list[Measured], *, aside: int | None = None) -> None:
-    """Start the worker, then measure each run in turn on it (the load generator off CPU `aside`)."""
+    """Start the worker, then measure each run in turn on it (the load generator and a local broker off CPU `aside`)."""
     await env.start(worker)
     try:
         await warm_up(env, namespace, model)

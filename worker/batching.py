@@ -140,7 +140,7 @@ class MicroBatcher:
             return
         key, passed_over = next(iter(self._due.items()))
         if self._busy and not passed_over:
-            self._due[key] = passed_over + 1
+            self._due[key] = 1
         else:
             self._flush(key)
 

@@ -33,7 +33,7 @@ from loadtest.bench_core import (
     visible_after_ms,
     worker_means,
 )
-from loadtest.bench_env import BenchEnv, HelperProcess, harness_aside
+from loadtest.bench_env import BenchEnv, HelperProcess, broker_pid, harness_aside
 from loadtest.bench_throughput import TINY_SIDE, Series, machine_ceiling, write_tiny_pngs
 from loadtest.records import JobRecord
 from schemas.control import Command, Progress, Rollback
@@ -240,6 +240,28 @@ def test_the_model_gets_the_last_cpu_and_the_load_generator_keeps_off_it_while_m
         assert os.sched_getaffinity(0) == before
     env.pin = False  # --share-cpus
     assert env.model_cpu is None and "no CPU pinned" in env.model_cpu_note()
+
+
+def _thread_cpus(pid: int) -> dict[int, set[int]]:
+    return {int(tid): os.sched_getaffinity(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs: one for the model, one for the rest")
+@pytest.mark.skipif(broker_pid() is None, reason="needs RabbitMQ on this host (CI starts one)")
+def test_a_broker_on_this_host_keeps_off_the_model_cpu_while_measured(tmp_path: Path) -> None:
+    broker = broker_pid()
+    assert broker is not None
+    env = BenchEnv(url="", model_root=tmp_path, out=tmp_path, device="cpu", quick=True, console=Console(),
+                   run_id="x", images=[])
+    model_cpu = env.model_cpu  # read before: inside, this process has one CPU left and would pin none
+    assert model_cpu is not None
+    before = _thread_cpus(broker)
+    with harness_aside(model_cpu):
+        during = _thread_cpus(broker)
+        assert during and all(cpus and model_cpu not in cpus for cpus in during.values())
+    # Each thread gets its own set back (RabbitMQ binds each scheduler to a CPU of its own).
+    after = _thread_cpus(broker)
+    assert {tid: cpus for tid, cpus in after.items() if tid in before} == before
 
 
 @pytest.mark.slow
