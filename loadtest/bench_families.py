@@ -9,6 +9,7 @@ output, masks included) is what separates the two: beside a heavy model it shoul
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,9 +80,17 @@ async def families_vs_inprocess(env: BenchEnv) -> BenchResult:
                             "(mogface and parsing: `hotswap zoo build --large`)")
     result.notes.append("one worker, HOTSWAP_MAX_BATCH=1, a closed loop of 4 jobs in flight (2 for heavy models: "
                         "one decoding while one runs); in-process: the version's backend on pre-decoded images, "
-                        "one at a time, the worker's setting for freed memory")
+                        "one at a time, the worker's setting for freed memory; both sides whole passes over the "
+                        "same images")
     result.notes.append(env.model_cpu_note())
     return result
+
+
+def whole_passes(seconds: float, ms_per_image: float, images: int) -> int:
+    """Jobs for a run of at least `seconds` at `ms_per_image` that sends each image equally often:
+    images differ in cost (a crowd against a blank frame), and with a heavy model a run is a few
+    jobs, so both sides must answer the same ones (`bench_inprocess --backend` runs whole passes)."""
+    return images * max(1, math.ceil(seconds * 1000 / (max(ms_per_image, 1e-3) * images)))
 
 
 async def _pool(env: BenchEnv, family: Family, version: str, images_dir: Path, ms_per_image: float) -> Series:
@@ -89,7 +98,7 @@ async def _pool(env: BenchEnv, family: Family, version: str, images_dir: Path, m
     series = Series(f"{family.model}/{version} worker, max_batch 1")
     images = find_images(images_dir)
     # Long enough for a few heavy jobs (MogFace with random weights: 37 s each here), a few
-    # seconds of light ones.
+    # seconds of light ones; whole passes over the images, as in-process.
     seconds = max((4 if family.heavy else 20) * ms_per_image / 1000, 6.0 if env.quick else 10.0)
     worker = env.worker(namespace, family.model, [f"{family.model}@{version}"],
                         env={"HOTSWAP_MAX_BATCH": "1", **inference_cpus(env.model_cpu)})
@@ -98,7 +107,8 @@ async def _pool(env: BenchEnv, family: Family, version: str, images_dir: Path, m
         await warm_up(env, namespace, family.model, jobs=4 if family.heavy else 24)
         assert worker.process is not None
         shape = LoadShape(model=family.model, images=images, concurrency=2 if family.heavy else 4,
-                          duration_s=seconds, job_timeout_s=max(30.0, ms_per_image / 100),
+                          jobs=whole_passes(seconds, ms_per_image, len(images)),
+                          job_timeout_s=max(30.0, ms_per_image / 100),
                           grace_s=max(30.0, ms_per_image / 250))
         run, use = await measured_load(env, namespace, family.model, worker.process.pid, series.label, shape,
                                        aside=env.model_cpu)

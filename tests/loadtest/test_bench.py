@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -34,6 +35,8 @@ from loadtest.bench_core import (
     worker_means,
 )
 from loadtest.bench_env import BenchEnv, HelperProcess, broker_pid, harness_aside
+from loadtest.bench_families import whole_passes
+from loadtest.bench_inprocess import measure_backend
 from loadtest.bench_throughput import TINY_SIDE, Series, machine_ceiling, write_tiny_pngs
 from loadtest.records import JobRecord
 from schemas.control import Command, Progress, Rollback
@@ -319,3 +322,17 @@ async def test_the_raw_loops_answer_through_the_broker_as_the_worker_does(
                                                                                         (TINY_SIDE, TINY_SIDE)]
     assert all(r.version == "1.0.0" and r.detections == [] and r.timings.decode_ms > 0 for r in results)
     assert all(r.timings.queue_wait_ms is not None for r in results)
+
+
+def test_a_family_is_measured_over_whole_passes_of_its_images_on_both_sides(tmp_path: Path, zoo: Path) -> None:
+    # Images differ in cost, and a heavy model answers a handful of jobs a run: both sides must
+    # average over the same ones.
+    assert whole_passes(10.0, 3000.0, 4) == 4  # one pass of a heavy model's four images: 12 s
+    assert whole_passes(20.0, 3000.0, 4) == 8
+    assert whole_passes(10.0, 8.0, 40) == 40 * 32  # 0.32 s a pass
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in sorted(os.listdir(zoo / "_data" / "shapes-heldout" / "images"))[:3]:
+        shutil.copy(zoo / "_data" / "shapes-heldout" / "images" / name, images / name)
+    measured = measure_backend(zoo / "shapes" / "1.0.0", images, seconds=0.0, device="cpu", threads=1)
+    assert measured["images"] == 3 and measured["passes"] == 1
