@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -205,28 +206,30 @@ def harness_aside(cpu: int | None) -> Iterator[None]:
         yield
         return
     broker = broker_pid()
-    moved = {0: os.sched_getaffinity(0)}
-    moved.update(_threads_off(broker, cpu) if broker else {})
-    os.sched_setaffinity(0, moved[0] - {cpu})
+    threads = [threading.get_native_id(), *(_thread_ids(broker) if broker else [])]
+    before = _move_off(threads, cpu, os.sched_getaffinity(0) - {cpu})
     try:
         yield
     finally:
-        for tid, cpus in moved.items():
+        for tid, cpus in before.items():
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(tid, cpus)
 
 
-def _threads_off(pid: int, cpu: int) -> dict[int, set[int]]:
-    """Move each thread of process `pid` off `cpu`; what each one had before, by thread id."""
-    before: dict[int, set[int]] = {}
+def _thread_ids(pid: int) -> list[int]:
     with contextlib.suppress(OSError):
-        for entry in os.listdir(f"/proc/{pid}/task"):
-            tid = int(entry)
-            with contextlib.suppress(OSError):
-                cpus = os.sched_getaffinity(tid)
-                rest = cpus - {cpu} or os.sched_getaffinity(0) - {cpu}
-                os.sched_setaffinity(tid, rest)
-                before[tid] = cpus
+        return [int(entry) for entry in os.listdir(f"/proc/{pid}/task")]
+    return []
+
+
+def _move_off(threads: list[int], cpu: int, fallback: set[int]) -> dict[int, set[int]]:
+    """Each thread off `cpu` (onto `fallback` where that was its only one); what each had before."""
+    before: dict[int, set[int]] = {}
+    for tid in threads:
+        with contextlib.suppress(OSError):
+            cpus = os.sched_getaffinity(tid)
+            os.sched_setaffinity(tid, cpus - {cpu} or fallback)
+            before[tid] = cpus
     return before
 
 

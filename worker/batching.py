@@ -61,9 +61,9 @@ class MicroBatcher:
         self.max_wait_s = max_wait_ms / 1000
         self.metrics = metrics
         self._open: dict[BatchKey, _Batch] = {}
-        #: Waited long enough; run when the thread is free. The value: batch ends passed over
-        #: since (a full batch was queued behind each); at the second it runs anyway.
-        self._due: dict[BatchKey, int] = {}
+        #: Waited long enough; run when the thread is free. The value: a batch end has passed it
+        #: over once already (a full batch was queued); at the next it runs anyway.
+        self._due: dict[BatchKey, bool] = {}
         self._busy = 0  # batches handed to the inference thread and not finished
         self._running: set[asyncio.Task[None]] = set()
         self._started: dict[int, float] = {}  # inference thread → when its current predict began
@@ -96,7 +96,7 @@ class MicroBatcher:
 
     def _on_timer(self, key: BatchKey) -> None:
         if self._busy:
-            self._due[key] = 0
+            self._due[key] = False
         else:
             self._flush(key)
 
@@ -140,7 +140,7 @@ class MicroBatcher:
             return
         key, passed_over = next(iter(self._due.items()))
         if self._busy and not passed_over:
-            self._due[key] = 1
+            self._due[key] = True
         else:
             self._flush(key)
 
