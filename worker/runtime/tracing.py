@@ -31,48 +31,57 @@ class TraceMismatch(RuntimeError):
     """A traced copy does not compute what its network computes."""
 
 
-def traced(network: torch.nn.Module, example: torch.Tensor, architecture: object) -> torch.jit.ScriptModule:
+def traced(network: torch.nn.Module, example: torch.Tensor, architecture: object,
+           settings: tuple[torch.Tensor, ...] = ()) -> torch.jit.ScriptModule:
     """A traced module computing what `network` (in eval mode, a tensor or a tuple of them out) computes.
 
+    `example` is its input (the check feeds it random values of the example's type and shape);
+    `settings` are further inputs passed as given, to the trace and to the check (a threshold).
     `architecture` names what the trace bakes in besides the weights' shapes (a model's
     configuration, its strides): networks with equal ones share a template.
     """
     def trace() -> torch.jit.ScriptModule:
-        module = _trace(network, example)
+        module = _trace(network, (example, *settings))
         log.info("traced a new architecture (%d before it in this process)", len(_templates))
         return module
 
     module = _templates.copy_of(_described(network, example, architecture), trace)
     module.load_state_dict(network.state_dict())
-    _check(module, network, example)
+    _check(module, network, example, settings)
     return module
 
 
-def _trace(network: torch.nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+def _trace(network: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.jit.ScriptModule:
     import torch
 
     with torch.inference_mode(), warnings.catch_warnings():
         # TorchScript warns about Python-side shape checks it records as constants; the caller
         # makes such code paths shape-independent before tracing.
         warnings.simplefilter("ignore")
-        module: torch.jit.ScriptModule = torch.jit.trace(network, example, check_trace=False)  # type: ignore[no-untyped-call]
+        module: torch.jit.ScriptModule = torch.jit.trace(network, inputs, check_trace=False)  # type: ignore[no-untyped-call]
         return module
 
 
-def _check(module: torch.jit.ScriptModule, network: torch.nn.Module, example: torch.Tensor) -> None:
+def _check(module: torch.jit.ScriptModule, network: torch.nn.Module, example: torch.Tensor,
+           settings: tuple[torch.Tensor, ...]) -> None:
     import torch
 
-    probe = torch.rand(example.shape, generator=torch.Generator().manual_seed(0)).to(example.device)
+    generator = torch.Generator().manual_seed(0)
+    if example.dtype.is_floating_point:
+        probe = torch.rand(example.shape, generator=generator, dtype=example.dtype)
+    else:  # images: bytes
+        probe = torch.randint(0, 256, example.shape, generator=generator).to(example.dtype)
+    inputs = (probe.to(example.device), *settings)
     with torch.inference_mode():
-        pairs = list(zip(_outputs(module(probe)), _outputs(network(probe)), strict=True))
+        pairs = list(zip(_outputs(module(*inputs)), _outputs(network(*inputs)), strict=True))
     for ours, theirs in pairs:
-        if not torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4):
-            worst = float((ours - theirs).abs().max())
+        if ours.shape != theirs.shape or not torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4):
+            worst = float((ours - theirs).abs().max()) if ours.shape == theirs.shape else float("inf")
             raise TraceMismatch(f"the traced network differs from the eager one by up to {worst:.3g}")
 
 
 def _outputs(output: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    # A segment network answers with two tensors: its predictions and its mask prototypes.
+    # A network may answer several tensors (a segment network's predictions and mask prototypes).
     return output if isinstance(output, tuple) else (output,)
 
 

@@ -18,6 +18,7 @@ pickled ultralytics checkpoint (`ultralytics_networks.load_network`).
 
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
 import math
@@ -40,7 +41,7 @@ from worker.runtime.profiling import STEPS
 from worker.runtime.tracing import traced
 from worker.runtime.ultralytics_networks import Network, load_network, yolo_around
 from worker.runtime.weights import ArtifactLoader, PickleRefused
-from worker.runtime.yolo_nms import batch_nms
+from worker.runtime.yolo_nms import Rows, candidates, suppress
 
 if TYPE_CHECKING:
     from ultralytics import YOLO
@@ -59,8 +60,10 @@ TRACED_TASKS = frozenset({"detect", "segment", "pose"})
 
 @dataclass(frozen=True)
 class TracedYolo:
-    """A detect, segment or pose network traced by TorchScript; thread-safe, any batch size and
-    input shape. Post-processing is what ultralytics' predictor of the task does, call for call."""
+    """A detect, segment or pose network traced by TorchScript with its input conversion and the
+    batch-wide half of NMS (`ServedNetwork`); thread-safe, any batch size and input shape.
+    Post-processing is what ultralytics' predictor of the task does, call for call, on numpy arrays
+    where it can be (ultralytics' functions take both)."""
 
     module: torch.jit.ScriptModule
     stride: int
@@ -81,17 +84,20 @@ class TracedYolo:
             if hasattr(module, "dynamic"):  # the head rebuilds its anchors for each input shape, traced
                 module.dynamic = True
         stride = max(int(network.stride.max()), 32)
-        architecture = {"yaml": getattr(network, "yaml", None), "strides": network.stride.tolist()}
-        example = torch.zeros(1, 3, size, size, device=device)
-        module = traced(FirstOutput(network).eval(), example, architecture)
-        kpt_shape = getattr(network, "kpt_shape", None)
+        end2end = bool(getattr(network, "end2end", False))
         classes = int(network.model[-1].nc)  # the head's, whatever names the manifest gives
-        return cls(module, stride, bool(getattr(network, "end2end", False)), device, task, classes,
+        served = ServedNetwork(network, classes, nms=not end2end).eval()
+        architecture = {"yaml": getattr(network, "yaml", None), "strides": network.stride.tolist(), "classes": classes,
+                        "nms": not end2end}
+        example = torch.zeros(1, size, size, 3, dtype=torch.uint8, device=device)
+        # A threshold below every score: the check compares every anchor's row, whatever the weights.
+        module = traced(served, example, architecture, settings=(_threshold(-1.0),))
+        kpt_shape = getattr(network, "kpt_shape", None)
+        return cls(module, stride, end2end, device, task, classes,
                    (int(kpt_shape[0]), int(kpt_shape[1])) if task == "pose" and kpt_shape else None)
 
     def __call__(self, images: Sequence[Image], params: InferenceParams, size: int) -> list[Prediction]:
         from ultralytics.data.augment import LetterBox
-        from ultralytics.utils.nms import non_max_suppression
 
         # As the predictor does: the size rounded up to the stride, and a batch of one shape
         # padded to the stride only (rect), not to a square.
@@ -101,72 +107,89 @@ class TracedYolo:
         with STEPS.step("letterbox"):
             boxed = np.stack([letterbox(image=image) for image in images])
         with torch.inference_mode():
-            with STEPS.step("to tensor"):
+            with STEPS.step("to device"):
                 batch = batch_on_device(boxed, self.device)
             with STEPS.step("forward"):
-                output = self.module(batch)
-            predictions, protos = output if self.task == "segment" else (output, None)
+                output = self.module(batch, _threshold(params.conf))
             with STEPS.step("nms"):
-                # nc tells NMS where class scores end and mask coefficients or keypoints begin.
-                nc = 0 if self.task == "detect" else self.classes
-                if self.end2end:  # no suppression: ultralytics only filters these
-                    kept = non_max_suppression(predictions, params.conf, params.iou, max_det=params.max_det,
-                                               nc=nc, end2end=True)
-                else:
-                    kept = batch_nms(predictions, params.conf, params.iou, params.max_det, nc)
-            shape = batch.shape[2:]
+                kept, protos = self._kept(output, params)
+            shape = boxed.shape[1:3]
             if protos is not None:
                 return [_segmented(found, shape, image.shape, proto) for found, image, proto
                         in zip(kept, images, protos, strict=True)]
-            with STEPS.step("scale"):
-                if same_shape:  # one scaling for the whole batch: the same gain and padding for each image
-                    return self._posed_batch(kept, shape, images[0].shape)
-                return [self._posed(found, shape, image.shape) for found, image in zip(kept, images, strict=True)]
+        with STEPS.step("scale"):
+            if same_shape:  # one scaling for the whole batch: the same gain and padding for each image
+                return self._posed_batch(kept, shape, images[0].shape)
+            return [self._posed(found, shape, image.shape) for found, image in zip(kept, images, strict=True)]
 
-    def _posed_batch(self, kept: list[torch.Tensor], shape: torch.Size, original: tuple[int, ...]) -> list[Prediction]:
-        """`_posed` of each image's rows, the images all of one size: scaled and copied to the host
-        at once, then split (the same arithmetic on each row)."""
+    def _kept(self, output: Any, params: InferenceParams) -> tuple[list[Rows], torch.Tensor | None]:
+        """Each image's rows after NMS, on the host, and a segment network's mask prototypes."""
+        if self.end2end:  # no suppression: ultralytics only filters these
+            from ultralytics.utils.nms import non_max_suppression
+
+            predictions, protos = output if self.task == "segment" else (output, None)
+            nc = 0 if self.task == "detect" else self.classes  # where class scores end
+            kept = non_max_suppression(predictions, params.conf, params.iou, max_det=params.max_det, nc=nc,
+                                       end2end=True)
+            return [rows.cpu().numpy() for rows in kept], protos
+        found, counts, *rest = output
+        return suppress(found.cpu().numpy(), counts.tolist(), params.iou, params.max_det), (rest[0] if rest else None)
+
+    def _posed_batch(self, kept: list[Rows], shape: tuple[int, ...], original: tuple[int, ...]) -> list[Prediction]:
+        """`_posed` of each image's rows, the images all of one size: scaled at once, then split
+        (the same arithmetic on each row)."""
         bounds = np.cumsum([0, *(len(found) for found in kept)]).tolist()
-        rows = self._posed(torch.cat(kept), shape, original)
+        rows = self._posed(np.concatenate(kept), shape, original)
         points = rows.keypoints
         return [Prediction(rows.boxes[a:b], rows.scores[a:b], rows.class_ids[a:b],
                            keypoints=None if points is None else points[a:b]) for a, b in itertools.pairwise(bounds)]
 
-    def _posed(self, found: torch.Tensor, shape: torch.Size, original: tuple[int, ...]) -> Prediction:
+    def _posed(self, found: Rows, shape: tuple[int, ...], original: tuple[int, ...]) -> Prediction:
         """Detect and pose, as `DetectionPredictor` and `PosePredictor.construct_result`."""
         from ultralytics.utils.ops import scale_boxes, scale_coords
 
         found[:, :4] = scale_boxes(shape, found[:, :4], original)
         if self.kpt_shape is None:
-            return Prediction.from_rows(found[:, :6].cpu().numpy())
-        points = scale_coords(shape, found[:, 6:].view(len(found), *self.kpt_shape), original)
-        return Prediction.from_rows(found[:, :6].cpu().numpy(), keypoints=_with_visibility(points.cpu().numpy()))
+            return Prediction.from_rows(found[:, :6])
+        points = scale_coords(shape, found[:, 6:].reshape(len(found), *self.kpt_shape), original)
+        return Prediction.from_rows(found[:, :6], keypoints=_with_visibility(points))
+
+
+@functools.lru_cache(maxsize=64)
+def _threshold(conf: float) -> torch.Tensor:
+    """A confidence threshold as the served network's input: made once per value, not per batch."""
+    return torch.tensor(conf, dtype=torch.float32)
 
 
 def batch_on_device(boxed: npt.NDArray[np.uint8], device: str) -> torch.Tensor:
-    """Letterboxed BGR uint8 images (N×H×W×3, on the host) as the network's input on `device`:
-    RGB, channels first, floats in [0, 1]. Only the uint8 bytes cross to a GPU (a quarter of the
-    floats), from page-locked memory so the copy is DMA and does not wait; the conversion then
-    runs on the device."""
+    """Letterboxed BGR uint8 images (N×H×W×3, on the host) on `device`, still uint8: only those
+    bytes cross to a GPU (a quarter of the floats), from page-locked memory so the copy is DMA and
+    does not wait; the conversion (`network_input`) then runs on the device, in the trace."""
     host = torch.from_numpy(boxed)
     pinned = device.startswith("cuda")
-    on_device = (host.pin_memory() if pinned else host).to(device, non_blocking=pinned)
-    return on_device.permute(0, 3, 1, 2).contiguous().flip(1).float().div_(255)
+    return (host.pin_memory() if pinned else host).to(device, non_blocking=pinned)
 
 
-def _segmented(found: torch.Tensor, shape: torch.Size, original: tuple[int, ...], proto: torch.Tensor) -> Prediction:
+def network_input(batch: torch.Tensor) -> torch.Tensor:
+    """Letterboxed BGR uint8 images (N×H×W×3) as the network takes them: RGB, channels first,
+    floats in [0, 1]."""
+    return batch.permute(0, 3, 1, 2).contiguous().flip(1).float().div_(255)
+
+
+def _segmented(found: Rows, shape: tuple[int, ...], original: tuple[int, ...], proto: torch.Tensor) -> Prediction:
     """As `SegmentationPredictor.construct_result` with retina_masks: masks at the original size."""
     from ultralytics.utils.ops import process_mask_native, scale_boxes
 
     height, width = original[:2]
     if len(found) == 0:
-        return Prediction.from_rows(found[:, :6].cpu().numpy(), masks=np.zeros((0, height, width), np.bool_))
+        return Prediction.from_rows(found[:, :6], masks=np.zeros((0, height, width), np.bool_))
     found[:, :4] = scale_boxes(shape, found[:, :4], original)
-    masks = process_mask_native(proto, found[:, 6:], found[:, :4], (height, width))
-    keep = masks.amax((-2, -1)) > 0  # the predictor drops detections whose mask came out empty
+    rows = torch.from_numpy(found).to(proto.device)
+    masks = process_mask_native(proto, rows[:, 6:], rows[:, :4], (height, width))
+    keep = (masks.amax((-2, -1)) > 0).cpu().numpy()  # the predictor drops detections whose mask came out empty
     if not keep.all():
-        found, masks = found[keep], masks[keep]
-    return Prediction.from_rows(found[:, :6].cpu().numpy(), masks=masks.cpu().numpy() > 0)
+        found, masks = found[keep], masks[torch.from_numpy(keep).to(masks.device)]
+    return Prediction.from_rows(found[:, :6], masks=masks.cpu().numpy() > 0)
 
 
 def _with_visibility(points: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
@@ -176,18 +199,32 @@ def _with_visibility(points: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
     return points
 
 
-class FirstOutput(torch.nn.Module):
-    """In eval mode a YOLO head returns (predictions, raw outputs): the predictions alone (for a
-    segment head, the predictions and its mask prototypes)."""
+class ServedNetwork(torch.nn.Module):
+    """What is traced and served: letterboxed uint8 images in (`batch_on_device`), the network's
+    NMS candidates out (`yolo_nms.candidates`: all rows in one tensor, the count per image) and a
+    segment network's mask prototypes; an end2end network's predictions as they come.
 
-    def __init__(self, network: torch.nn.Module) -> None:
+    Conversion, forward and candidates in one traced call: the inference thread gives the GIL up
+    once for all of them. Called one by one from Python, each tensor operation gives it up and
+    takes it back, and waits whenever the event loop holds it meanwhile (33 such round trips an
+    image before, about 10 now; the README's Performance section)."""
+
+    def __init__(self, network: torch.nn.Module, classes: int, nms: bool) -> None:
         super().__init__()
         self.network = network
+        self.classes = classes
+        self.nms = nms
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        y = self.network(x)
+    def forward(self, batch: torch.Tensor, conf: torch.Tensor) -> tuple[torch.Tensor, ...] | torch.Tensor:
+        y = self.network(network_input(batch))
+        # In eval mode a YOLO head answers (predictions, raw outputs); a segment head's predictions
+        # are themselves (predictions, mask prototypes).
         first: torch.Tensor | tuple[torch.Tensor, torch.Tensor] = y[0] if isinstance(y, list | tuple) else y
-        return first
+        if not self.nms:
+            return first
+        predictions, protos = first if isinstance(first, tuple) else (first, None)
+        found, counts = candidates(predictions, conf, self.classes)
+        return (found, counts) if protos is None else (found, counts, protos)
 
 
 class UltralyticsBackend:

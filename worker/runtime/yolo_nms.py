@@ -2,12 +2,13 @@
 
 `ultralytics.utils.nms.non_max_suppression` filters, converts and concatenates each image's
 candidates in a loop of a dozen tensor operations per image, each a Python-to-C++ round trip that
-takes the GIL back from the event loop. Here the filtering, the box conversion and the best class
-are batch-wide operations and only the suppression itself runs per image: 55 to 59 against 154 µs of
-the inference thread per image at batch 16 (shapes 128 px, one thread; the README's Performance
-section). The arithmetic is the same operations on the same values, so the rows kept are
-bit-identical (tests hold them to ultralytics' function): the settings the predictors of the
-detect, segment and pose tasks use (best class only, class-aware, no class filter).
+gives the GIL up and takes it back (and waits for it whenever the event loop holds it). Here it is
+two halves. `candidates` is batch-wide tensor operations (the filtering, the box conversion, the best
+class), traced into the served network (`ultralytics_backend.ServedNetwork`), so they run inside its
+one call. `suppress` is numpy on the few rows that are left, per image, which never gives the GIL
+up for arrays that small. The arithmetic is the same operations on the same float32 values, so the
+rows kept are bit-identical (tests hold them to ultralytics' function): the settings the predictors
+of the detect, segment and pose tasks use (best class only, class-aware, no class filter).
 
 The suppression is torchvision's CPU kernel, step for step, in float32 numpy (`greedy_nms`):
 importing torchvision (its CUDA build) adds 190 MiB to a process's resident memory, and without
@@ -15,6 +16,8 @@ it ultralytics falls back to a pure-torch NMS that took 1.2 ms for 40 boxes (tor
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -26,32 +29,43 @@ MAX_WH = 7680
 #: ultralytics' cap on the candidates one image sends to NMS (the most confident ones).
 MAX_NMS = 30000
 
+Rows = npt.NDArray[np.float32]
 
-def batch_nms(predictions: torch.Tensor, conf: float, iou: float, max_det: int, nc: int = 0) -> list[torch.Tensor]:
-    """Each image's kept rows (x1, y1, x2, y2, score, class, extra...), as ultralytics'
-    `non_max_suppression(predictions, conf, iou, max_det=max_det, nc=nc)` gives them.
 
-    `predictions`: (batch, 4 + classes + extra, anchors), the network's output; `nc` 0 means every
-    channel after the box is a class score."""
-    classes = nc or predictions.shape[1] - 4
-    extra = predictions.shape[1] - classes - 4
+def candidates(predictions: torch.Tensor, conf: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of every image whose best class score passes `conf`, as (x1, y1, x2, y2, score,
+    class, extra...), all images' in one tensor, and how many rows each image has.
+
+    `predictions`: (batch, 4 + classes + extra, anchors), the network's output. `conf` is a 0-d
+    float32 tensor, so that a trace keeps it an input (compared in float32, as a Python float is)."""
     rows = predictions.transpose(-1, -2)  # (batch, anchors, channels), a view
     # ultralytics keeps candidates whose best score passes, then takes the best class of each: the
     # same maximum, taken once.
     score, best = rows[..., 4:4 + classes].max(2, keepdim=True)
     candidate = score[..., 0] > conf
-    counts = candidate.sum(1).tolist()
     found = rows[candidate]
     found = torch.cat((xywh2xyxy(found[:, :4]), score[candidate], best[candidate].float(), found[:, 4 + classes:]), 1)
+    return found, candidate.sum(1)
+
+
+def suppress(found: Rows, counts: Sequence[int], iou: float, max_det: int) -> list[Rows]:
+    """Each image's rows kept (`candidates`' rows on the host, split by `counts`), best first."""
     kept = []
-    for image in torch.split(found, counts):
-        if len(image) > MAX_NMS:
-            image = image[image[:, 4].argsort(descending=True)[:MAX_NMS]]
+    for image in np.split(found, np.cumsum(counts)[:-1]):
+        if len(image) > MAX_NMS:  # torch's own sort, as ultralytics': equal scores keep its order
+            image = image[torch.from_numpy(image[:, 4]).argsort(descending=True)[:MAX_NMS].numpy()]
         if len(image):
-            boxes = (image[:, :4] + image[:, 5:6] * MAX_WH).numpy()
-            image = image[torch.from_numpy(greedy_nms(boxes, image[:, 4].numpy(), iou)[:max_det])]
-        kept.append(image if len(image) else torch.zeros((0, 6 + extra), device=predictions.device))
+            boxes = image[:, :4] + image[:, 5:6] * np.float32(MAX_WH)
+            image = image[greedy_nms(boxes, image[:, 4], iou)[:max_det]]
+        kept.append(image)
     return kept
+
+
+def batch_nms(predictions: torch.Tensor, conf: float, iou: float, max_det: int, nc: int = 0) -> list[Rows]:
+    """Each image's kept rows, as ultralytics' `non_max_suppression(predictions, conf, iou,
+    max_det=max_det, nc=nc)` gives them; `nc` 0 means every channel after the box is a class score."""
+    found, counts = candidates(predictions, torch.tensor(conf, dtype=torch.float32), nc or predictions.shape[1] - 4)
+    return suppress(found.cpu().numpy(), counts.tolist(), iou, max_det)
 
 
 def greedy_nms(boxes: npt.NDArray[np.float32], scores: npt.NDArray[np.float32], iou: float) -> npt.NDArray[np.int64]:

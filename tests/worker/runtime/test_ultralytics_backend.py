@@ -148,10 +148,10 @@ def _letterboxed(seed: int = 0) -> np.ndarray:
 
 
 def test_a_batch_reaches_the_network_as_rgb_channels_first_in_unit_floats() -> None:
-    from worker.runtime.ultralytics_backend import batch_on_device
+    from worker.runtime.ultralytics_backend import batch_on_device, network_input
 
     boxed = _letterboxed()
-    batch = batch_on_device(boxed, "cpu")
+    batch = network_input(batch_on_device(boxed, "cpu"))
     expected = boxed[..., ::-1].transpose(0, 3, 1, 2).astype(np.float32) / 255
     assert batch.dtype.is_floating_point and tuple(batch.shape) == (3, 3, 64, 96)
     assert np.allclose(batch.numpy(), expected, atol=1e-7)
@@ -162,12 +162,12 @@ def test_on_a_gpu_the_batch_is_copied_from_pinned_memory_and_converted_there() -
     import torch
 
     from worker.runtime.memory import memory_in_use
-    from worker.runtime.ultralytics_backend import batch_on_device
+    from worker.runtime.ultralytics_backend import batch_on_device, network_input
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device: run on a GPU machine (hotswap loadtest bench --only 1 --device cuda there too)")
     boxed = _letterboxed(1)
-    batch = batch_on_device(boxed, "cuda")
+    batch = network_input(batch_on_device(boxed, "cuda"))
     torch.cuda.synchronize()
     assert batch.device.type == "cuda" and memory_in_use("cuda") >= batch.numel() * 4
-    assert torch.equal(batch.cpu(), batch_on_device(boxed, "cpu"))
+    assert torch.equal(batch.cpu(), network_input(batch_on_device(boxed, "cpu")))

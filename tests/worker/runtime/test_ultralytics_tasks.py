@@ -198,7 +198,7 @@ def test_detections_whose_mask_comes_out_empty_are_dropped_as_ultralytics_does()
     predictor = SegmentationPredictor(overrides={"retina_masks": True})
     predictor.model = SimpleNamespace(names={0: "circle", 1: "square", 2: "triangle"})
     theirs = predictor.construct_result(found.clone(), torch.zeros(1, 3, 128, 128), original, "crafted", proto)
-    ours = _segmented(found.clone(), torch.Size([128, 128]), original.shape, proto)
+    ours = _segmented(found.numpy().copy(), (128, 128), original.shape, proto)
     assert len(ours) == len(theirs.boxes) == 2 and ours.masks is not None
     assert np.allclose(ours.boxes, theirs.boxes.xyxy.numpy(), atol=1e-3)
     assert np.array_equal(ours.masks, theirs.masks.data.numpy() > 0.5)
