@@ -56,6 +56,8 @@ class BenchEnv:
     profile: bool = False
     #: Benchmarks 1 and 6 give the model a CPU of its own on both sides (`model_cpu`); off: `--share-cpus`.
     pin: bool = True
+    #: `model_cpu`'s choice, made once: the interrupt counts it is made from keep growing.
+    _quietest_cpu: int | None = field(default=None, init=False, repr=False)
 
     def namespace(self, tag: str) -> str:
         return f"bench-{self.run_id}-{tag}"
@@ -64,16 +66,22 @@ class BenchEnv:
     def model_cpu(self) -> int | None:
         """The CPU the model runs on in benchmarks 1 and 6, in the worker (its inference thread,
         `HOTSWAP_INFERENCE_CPUS`) and in-process alike, while the load generator and a local
-        broker keep off it (`harness_aside`); None with pinning off or a single CPU. The last one
-        this process may use: RabbitMQ binds its first scheduler to CPU 0, where it gathers the
-        broker's work when the broker is not busy."""
+        broker keep off it (`harness_aside`); None with pinning off or a single CPU. Of the CPUs
+        this process may use, the one that has taken the fewest device interrupts (`quietest_cpu`):
+        a VM may deliver all of its disk's to one CPU, and the broker's quorum-queue writes raise
+        about a thousand a second there while the pool serves."""
         allowed = os.sched_getaffinity(0)
-        return max(allowed) if self.pin and len(allowed) > 1 else None
+        if not self.pin or len(allowed) < 2:
+            return None
+        if self._quietest_cpu is None:
+            self._quietest_cpu = quietest_cpu(allowed, _interrupts())
+        return self._quietest_cpu
 
     def model_cpu_note(self) -> str:
         if self.model_cpu is None:
             return "no CPU pinned (--share-cpus, or a single CPU): every thread of every process runs anywhere"
-        return (f"the model on CPU {self.model_cpu} on both sides (the worker's HOTSWAP_INFERENCE_CPUS, its other "
+        return (f"the model on CPU {self.model_cpu} (of this process's, the one that has taken the fewest device "
+                f"interrupts) on both sides (the worker's HOTSWAP_INFERENCE_CPUS, its other "
                 f"threads on the rest; the in-process baseline pinned there), the load generator and a broker "
                 f"on this host off it during the measured runs (on machines of their own they would not share "
                 f"the model's core); "
@@ -231,6 +239,29 @@ def _move_off(threads: list[int], cpu: int, fallback: set[int]) -> dict[int, set
             os.sched_setaffinity(tid, cpus - {cpu} or fallback)
             before[tid] = cpus
     return before
+
+
+def quietest_cpu(allowed: set[int], interrupts: str) -> int:
+    """The CPU of `allowed` that has handled the fewest device interrupts, by `/proc/interrupts`
+    (the numbered lines: devices, not the timer or IPIs); of equals, the last."""
+    lines = interrupts.splitlines()
+    columns = [int(name.removeprefix("CPU")) for name in lines[0].split()] if lines else []
+    handled = dict.fromkeys(columns, 0)
+    for line in lines[1:]:
+        label, _, rest = line.partition(":")
+        if not label.strip().isdigit():
+            continue
+        for cpu, count in zip(columns, rest.split(), strict=False):
+            if count.isdigit():
+                handled[cpu] += int(count)
+    return min(allowed, key=lambda cpu: (handled.get(cpu, 0), -cpu))
+
+
+def _interrupts() -> str:
+    try:
+        return Path("/proc/interrupts").read_text()
+    except OSError:  # not Linux: every CPU counts as quiet, so the last is chosen
+        return ""
 
 
 def pinned_to(cpu: int | None) -> list[str]:
