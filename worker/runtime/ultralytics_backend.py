@@ -4,11 +4,13 @@ Detect, segment and pose models are served through a TorchScript trace of the ne
 (`worker.runtime.tracing`) rather than `YOLO.predict`: the traced forward does not hold the GIL,
 so the worker's event loop and its inference thread run side by side (on this project's 2-core
 machine, 128-px images: 8.5 against 15.0 ms per image beside a busy Python thread, 7.9 against
-10.6 ms alone). Pre- and post-processing are ultralytics' own (`LetterBox`, `non_max_suppression`,
-`scale_boxes`; for masks `process_mask_native`, as `retina_masks=True` does, so they come at the
-original image's size; for keypoints `scale_coords`) with the arguments its predictor of the task
-passes, so the answers are those of `YOLO.predict` (tests hold them to it). Classification goes
-through `YOLO.predict`, on a `YOLO` built around the version's network
+10.6 ms alone). The trace (`ServedNetwork`) also holds the conversion of the letterboxed bytes
+and the batch-wide half of NMS, so one call does all of it. Pre- and post-processing are
+ultralytics' own (`LetterBox`, `scale_boxes`; for masks `process_mask_native`, as
+`retina_masks=True` does, so they come at the original image's size; for keypoints
+`scale_coords`) or equal to it bit for bit (NMS, `worker.runtime.yolo_nms`), with the arguments
+its predictor of the task passes, so the answers are those of `YOLO.predict` (tests hold them to
+it). Classification goes through `YOLO.predict`, on a `YOLO` built around the version's network
 (`ultralytics_networks.yolo_around`).
 
 The network comes from the manifest's architecture and the artifact's weights (safetensors or a
@@ -206,8 +208,8 @@ class ServedNetwork(torch.nn.Module):
 
     Conversion, forward and candidates in one traced call: the inference thread gives the GIL up
     once for all of them. Called one by one from Python, each tensor operation gives it up and
-    takes it back, and waits whenever the event loop holds it meanwhile (33 such round trips an
-    image before, about 10 now; the README's Performance section)."""
+    takes it back, and waits whenever the event loop holds it meanwhile (for shapes at batch 1, 33
+    such round trips an image before, 6 now; the README's Performance section)."""
 
     def __init__(self, network: torch.nn.Module, classes: int, nms: bool) -> None:
         super().__init__()

@@ -106,7 +106,11 @@ def test_batches_reuse_freed_memory_and_a_cleanup_gives_it_back(zoo: Path) -> No
                          timeout=240, check=True)
     figures = json.loads(run.stdout.strip().splitlines()[-1])
     assert figures["kept"], "glibc's mallopt refused the setting"
-    assert max(figures["faults"][2:]) < 200, f"page faults per batch once warm: {figures['faults']}"
+    # Given back, every batch faults its 1,300 to 2,700 pages in again; kept, none does once warm.
+    # One warm batch of the six may fault a few hundred (seen twice in full test runs, 576 once,
+    # never alone): what the test guards against is every batch doing it.
+    warm = sorted(figures["faults"][2:])
+    assert warm[-2] < 200, f"page faults per batch once warm: {figures['faults']}"
     assert figures["served"] > 10 * 2**20, "batches of 16 left less memory mapped than expected: a weak test"
     assert figures["freed"] >= 0.8 * figures["served"], f"the cleanup kept what batches left mapped: {figures}"
     # Its CUDA build adds 190 MiB to a process: the NMS does without it (worker.runtime.yolo_nms).
