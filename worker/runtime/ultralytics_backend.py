@@ -135,7 +135,7 @@ class TracedYolo:
                                        end2end=True)
             return [rows.cpu().numpy() for rows in kept], protos
         found, counts, *rest = output
-        return suppress(found.cpu().numpy(), counts.tolist(), params.iou, params.max_det), (rest[0] if rest else None)
+        return suppress(found, counts, params.iou, params.max_det), (rest[0] if rest else None)
 
     def _posed_batch(self, kept: list[Rows], shape: tuple[int, ...], original: tuple[int, ...]) -> list[Prediction]:
         """`_posed` of each image's rows, the images all of one size: scaled at once, then split

@@ -17,8 +17,6 @@ it ultralytics falls back to a pure-torch NMS that took 1.2 ms for 40 boxes (tor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import numpy.typing as npt
 import torch
@@ -48,10 +46,10 @@ def candidates(predictions: torch.Tensor, conf: torch.Tensor, classes: int) -> t
     return found, candidate.sum(1)
 
 
-def suppress(found: Rows, counts: Sequence[int], iou: float, max_det: int) -> list[Rows]:
-    """Each image's rows kept (`candidates`' rows on the host, split by `counts`), best first."""
+def suppress(found: torch.Tensor, counts: torch.Tensor, iou: float, max_det: int) -> list[Rows]:
+    """Each image's rows kept, best first, on the host: `candidates`' answer (from any device)."""
     kept = []
-    for image in np.split(found, np.cumsum(counts)[:-1]):
+    for image in np.split(found.cpu().numpy(), np.cumsum(counts.tolist())[:-1]):
         if len(image) > MAX_NMS:  # torch's own sort, as ultralytics': equal scores keep its order
             image = image[torch.from_numpy(image[:, 4]).argsort(descending=True)[:MAX_NMS].numpy()]
         if len(image):
@@ -65,7 +63,7 @@ def batch_nms(predictions: torch.Tensor, conf: float, iou: float, max_det: int, 
     """Each image's kept rows, as ultralytics' `non_max_suppression(predictions, conf, iou,
     max_det=max_det, nc=nc)` gives them; `nc` 0 means every channel after the box is a class score."""
     found, counts = candidates(predictions, torch.tensor(conf, dtype=torch.float32), nc or predictions.shape[1] - 4)
-    return suppress(found.cpu().numpy(), counts.tolist(), iou, max_det)
+    return suppress(found, counts, iou, max_det)
 
 
 def greedy_nms(boxes: npt.NDArray[np.float32], scores: npt.NDArray[np.float32], iou: float) -> npt.NDArray[np.int64]:
