@@ -4,11 +4,13 @@ numbered after the newest whoever published it, forged entries left out."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 
 import aio_pika
+import aio_pika.abc
 
 from control.operator import Operator
-from schemas.control import Rollback, Update
+from schemas.control import Heartbeat, Rollback, Update
 from schemas.signing import KeyFiles, Signer
 from schemas.topology import Topology
 
@@ -55,3 +57,41 @@ async def test_a_log_deleted_and_made_anew_is_read_from_its_start(
     assert await operator.read_log() == []  # declared anew by the read, and empty
     await operator.publish("shapes", Rollback())
     assert [c.seq for c in await operator.read_log()] == [1]
+
+
+async def test_followers_share_one_subscription_and_each_gets_every_event(
+    operator: Operator, amqp_url: str, namespace: str, control_keys: KeyFiles
+) -> None:
+    """A subscription at the broker per command cost it a queue, a binding, a consumer and a
+    channel each time; the operator keeps one for every follower, for as long as it is open."""
+    signer = Signer.from_file(control_keys.worker_key)
+    topology = Topology(namespace)
+
+    async def heartbeat(status: aio_pika.abc.AbstractExchange, worker: str) -> None:
+        beat = Heartbeat(worker_id=worker, at=datetime.now(UTC), models={})
+        await status.publish(aio_pika.Message(signer.sign_event(beat)), routing_key=f"heartbeat.{worker}")
+
+    async with await aio_pika.connect(amqp_url) as connection:
+        status = await (await connection.channel()).get_exchange(topology.status_exchange)
+        async with operator.events() as first:
+            async with operator.events() as second:
+                await heartbeat(status, "a")
+                got = [await asyncio.wait_for(q.get(), 10) for q in (first, second)]
+                assert [b.worker_id for b in got] == ["a", "a"]
+            await heartbeat(status, "b")
+            assert (await asyncio.wait_for(first.get(), 10)).worker_id == "b"
+            assert second.empty()  # it stopped following
+        queues = await _event_queues(amqp_url, topology)
+        async with operator.events() as third:  # after every follower has left: the same queue
+            await heartbeat(status, "c")
+            assert (await asyncio.wait_for(third.get(), 10)).worker_id == "c"
+        assert await _event_queues(amqp_url, topology) == queues and len(queues) == 1
+
+
+async def _event_queues(amqp_url: str, topology: Topology) -> list[str]:
+    """The namespace's event queues at the broker (rabbitmqctl: AMQP cannot list queues)."""
+    listed = await asyncio.create_subprocess_exec("rabbitmqctl", "-q", "list_queues", "name",
+                                                  stdout=asyncio.subprocess.PIPE)
+    out, _ = await listed.communicate()
+    prefix = f"{topology.namespace}.events."
+    return sorted(line.strip() for line in out.decode().splitlines() if line.strip().startswith(prefix))

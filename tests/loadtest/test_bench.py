@@ -34,10 +34,11 @@ from loadtest.bench_core import (
     visible_after_ms,
     worker_means,
 )
-from loadtest.bench_env import BenchEnv, HelperProcess, broker_pid, harness_aside, quietest_cpu
+from loadtest.bench_env import BenchEnv, HelperProcess, broker_pid, collector_paused, harness_aside, quietest_cpu
 from loadtest.bench_families import whole_passes
 from loadtest.bench_inprocess import measure_backend
 from loadtest.bench_throughput import TINY_SIDE, Series, machine_ceiling, write_tiny_pngs
+from loadtest.bench_updates import jobs_row, submitted_while
 from loadtest.records import JobRecord
 from schemas.control import Command, Progress, Rollback
 from schemas.jobs import InferenceParams
@@ -114,6 +115,35 @@ def test_the_spikes_reference_is_the_worst_whole_bucket_before_the_change() -> N
     assert spike.steady_p99_ms is not None and spike.steady_p99_ms < 30.0
     assert spike.steady_worst_bucket_p99_ms is not None and 35.0 < spike.steady_worst_bucket_p99_ms < 50.0
     assert spike.bucket_ratio == pytest.approx(80.0 / spike.steady_worst_bucket_p99_ms)
+
+
+def test_benchmark_3_splits_jobs_by_when_they_were_submitted_against_the_command_windows() -> None:
+    t0 = 1000.0
+    records = [_record(i, t0 + i * 0.5, 10.0) for i in range(24)]  # one every 0.5 s, 0 to 11.5 s
+    windows = [(t0 + 3.0, t0 + 4.0), (t0 + 8.0, t0 + 8.5)]
+    quiet, changing = submitted_while(records, windows, tail_s=1.0, since=t0 + 1.0)
+    at = [round(r.submitted_at - t0, 1) for r in changing]
+    assert at == [3.0, 3.5, 4.0, 4.5, 8.0, 8.5, 9.0]  # each window and the second after it, end excluded
+    assert len(quiet) == 24 - 2 - len(changing)  # the lead-in's two jobs (0 and 0.5 s) in neither
+    row = jobs_row("steady", quiet, 5.0, 2.0)
+    assert row["submitted"] == len(quiet) and row["p99 ms"] == pytest.approx(10.0) and row["failed"] == 0
+
+
+def test_the_load_generator_collects_no_cycles_during_a_run() -> None:
+    import gc
+
+    collected: list[int] = []
+    gc.callbacks.append(record := lambda phase, info: collected.append(info["generation"]))
+    try:
+        with collector_paused():
+            garbage: list[list[object]] = [[] for _ in range(100_000)]
+            for item in garbage:
+                item.append(item)  # cycles: enough allocations to start many collections
+            del garbage
+            assert not collected and not gc.isenabled()
+        assert gc.isenabled()
+    finally:
+        gc.callbacks.remove(record)
 
 
 def test_worker_means_come_from_the_difference_of_two_metrics_snapshots() -> None:

@@ -151,12 +151,19 @@ def median_latencies_ms(
 #: calls. An update to a retrained network of the same architecture thus costs one pass, not three:
 #: the check was two thirds of an update's CPU (280 of 420 ms for shapes), spent beside serving.
 CLEAR_MARGIN = 1.25
+#: Images a pass times at most, each on both versions. The median of four single-image predicts
+#: of one version on its thread's CPU clock moves by a few per cent between passes, well inside
+#: CLEAR_MARGIN; a version's eight calibration images timed on both doubled the gate's cost (110
+#: of an update's 300 ms of CPU for shapes, spent beside serving) for no steadier a verdict.
+LATENCY_IMAGES = 4
 
 
 def check_latency(
     candidate: ModelBackend, baseline: ModelBackend | None, images: list[Image], budget: LatencyBudget
 ) -> tuple[float, float | None]:
-    """Candidate and baseline p50 in ms, measured interleaved on the same images and thread."""
+    """Candidate and baseline p50 in ms, measured interleaved on the same images (the first
+    LATENCY_IMAGES) and thread."""
+    images = images[:LATENCY_IMAGES]
     if not images:
         return 0.0, None
     clock = time.thread_time if budget.cpu_time else time.perf_counter

@@ -15,7 +15,7 @@ from schemas.manifest import Manifest
 from worker.runtime.backend import Image
 from worker.runtime.predictions import Prediction
 from worker.runtime.trivial_backend import TrivialBackend, write_trivial_model
-from worker.runtime.validation import LatencyBudget, ValidationFailed, check_latency
+from worker.runtime.validation import LATENCY_IMAGES, LatencyBudget, ValidationFailed, check_latency
 
 IMAGES = [np.zeros((32, 32, 3), np.uint8) for _ in range(4)]
 #: Wall time: the trivial model's delay is a sleep, which a thread's CPU clock does not see.
@@ -52,6 +52,12 @@ def test_a_version_far_over_the_budget_fails_after_one_pass(tmp_path: Path) -> N
     with pytest.raises(ValidationFailed, match="over the budget"):
         check_latency(candidate, active, IMAGES, BUDGET)
     assert candidate.calls == len(IMAGES)
+
+
+def test_a_pass_times_at_most_latency_images_on_each_version(tmp_path: Path) -> None:
+    candidate, active = version(tmp_path, "2.0.0", 10), version(tmp_path, "1.0.0", 10)
+    check_latency(candidate, active, IMAGES * 3, BUDGET)
+    assert candidate.calls == active.calls == LATENCY_IMAGES < len(IMAGES * 3)
 
 
 def test_a_close_call_is_measured_over_every_pass(tmp_path: Path) -> None:
