@@ -111,8 +111,8 @@ async def p99_during_updates(env: BenchEnv) -> BenchResult:
                 for i in range(pairs):  # a command not done everywhere ends the run: the rest would wait too
                     await asyncio.sleep(quiet_s)
                     started = time.monotonic()
-                    done = (await ctx.command(Update(version=NEW), f"update → {NEW} ({i + 1})")).ok and \
-                        (await ctx.command(Rollback(), f"rollback ({i + 1})")).ok
+                    update = await ctx.command(Update(version=NEW), f"update → {NEW} ({i + 1})")
+                    done = update.ok and (await ctx.command(Rollback(), f"rollback ({i + 1})")).ok
                     windows.append((started, time.monotonic()))
                     if not done:
                         break

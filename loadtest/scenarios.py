@@ -264,14 +264,15 @@ async def restart_broker() -> float:
     happens after `stop_app`, `start_app` is tried: the broker is never left stopped."""
     started = time.monotonic()
     try:
-        await _rabbitmqctl("stop_app")
+        await rabbitmqctl("stop_app")
     finally:
-        await _rabbitmqctl("start_app")  # a no-op when the application is still running
-        await _rabbitmqctl("await_startup")
+        await rabbitmqctl("start_app")  # a no-op when the application is still running
+        await rabbitmqctl("await_startup")
     return time.monotonic() - started
 
 
-async def _rabbitmqctl(*args: str) -> str:
+async def rabbitmqctl(*args: str) -> str:
+    """`rabbitmqctl --quiet ARGS` on this machine's node, its output; raises with its error."""
     process = await asyncio.create_subprocess_exec(
         "rabbitmqctl", "--quiet", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
@@ -284,7 +285,7 @@ async def _rabbitmqctl(*args: str) -> str:
 async def list_connections(scope: BrokerScope, names: list[str]) -> dict[str, str]:
     """The broker's connections (pid → connection name) among `names`, or all of them."""
     found: dict[str, str] = {}
-    for line in (await _rabbitmqctl("list_connections", "pid", "client_properties")).splitlines():
+    for line in (await rabbitmqctl("list_connections", "pid", "client_properties")).splitlines():
         pid, _, properties = line.partition("\t")
         if not pid.startswith("<"):
             continue  # the header
@@ -299,9 +300,9 @@ async def close_connections(scope: BrokerScope, found: dict[str, str]) -> None:
     """Have the broker close these connections (with scope `all`: every connection it has)."""
     reason = "hotswap loadtest: broker-restart scenario"
     if scope == "all":
-        await _rabbitmqctl("close_all_connections", reason)
+        await rabbitmqctl("close_all_connections", reason)
     else:
-        await asyncio.gather(*(_rabbitmqctl("close_connection", pid, reason) for pid in found))
+        await asyncio.gather(*(rabbitmqctl("close_connection", pid, reason) for pid in found))
 
 
 def scenario(name: str) -> Scenario:

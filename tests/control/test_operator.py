@@ -10,6 +10,7 @@ import aio_pika
 import aio_pika.abc
 
 from control.operator import Operator
+from loadtest.scenarios import rabbitmqctl
 from schemas.control import Heartbeat, Rollback, Update
 from schemas.signing import KeyFiles, Signer
 from schemas.topology import Topology
@@ -81,17 +82,15 @@ async def test_followers_share_one_subscription_and_each_gets_every_event(
             await heartbeat(status, "b")
             assert (await asyncio.wait_for(first.get(), 10)).worker_id == "b"
             assert second.empty()  # it stopped following
-        queues = await _event_queues(amqp_url, topology)
+        queues = await _event_queues(topology)
         async with operator.events() as third:  # after every follower has left: the same queue
             await heartbeat(status, "c")
             assert (await asyncio.wait_for(third.get(), 10)).worker_id == "c"
-        assert await _event_queues(amqp_url, topology) == queues and len(queues) == 1
+        assert await _event_queues(topology) == queues and len(queues) == 1
 
 
-async def _event_queues(amqp_url: str, topology: Topology) -> list[str]:
-    """The namespace's event queues at the broker (rabbitmqctl: AMQP cannot list queues)."""
-    listed = await asyncio.create_subprocess_exec("rabbitmqctl", "-q", "list_queues", "name",
-                                                  stdout=asyncio.subprocess.PIPE)
-    out, _ = await listed.communicate()
+async def _event_queues(topology: Topology) -> list[str]:
+    """The namespace's event queues at the broker (AMQP cannot list queues)."""
     prefix = f"{topology.namespace}.events."
-    return sorted(line.strip() for line in out.decode().splitlines() if line.strip().startswith(prefix))
+    listed = (await rabbitmqctl("list_queues", "name")).splitlines()
+    return sorted(line.strip() for line in listed if line.strip().startswith(prefix))
