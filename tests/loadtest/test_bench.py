@@ -335,17 +335,23 @@ def test_the_footprint_benchmark_compares_a_worker_with_a_bare_process(
 def test_a_profile_window_is_cpu_per_job_by_step_with_what_each_thread_spent_outside_them() -> None:
     from loadtest.bench_profile import per_job
 
-    before = {"steps": {"loop/parse": {"cpu_s": 1.0, "count": 10}, "control/forward": {"cpu_s": 0.5, "count": 4}},
+    before = {"steps": {"loop/parse": {"cpu_s": 1.0, "wall_s": 1.1, "count": 10},
+                        "control/forward": {"cpu_s": 0.5, "wall_s": 0.6, "count": 4}},
               "threads": {"loop": 5.0, "control": 2.0}}
-    after = {"steps": {"loop/parse": {"cpu_s": 1.002, "count": 20}, "inference/forward": {"cpu_s": 0.01, "count": 2},
-                       "control/forward": {"cpu_s": 0.5, "count": 4}},
+    after = {"steps": {"loop/parse": {"cpu_s": 1.002, "wall_s": 1.102, "count": 20},
+                       "inference/forward": {"cpu_s": 0.01, "wall_s": 0.0105, "count": 2},
+                       "inference/nms": {"cpu_s": 0.001, "wall_s": 0.0015, "count": 2},
+                       "control/forward": {"cpu_s": 0.5, "wall_s": 0.6, "count": 4}},
              "threads": {"loop": 5.010, "inference": 0.012, "control": 2.0}}
     rows = per_job(before, after, 10)
     assert rows["loop/parse"] == pytest.approx(200.0)
     assert rows["loop/(all)"] == pytest.approx(1000.0)
     assert rows["loop/(outside steps)"] == pytest.approx(800.0)
+    assert rows["loop/(waited inside steps)"] == pytest.approx(0.0, abs=1e-6)  # as long on the wall as on the CPU
     assert rows["inference/forward"] == pytest.approx(1000.0)
-    assert rows["inference/(outside steps)"] == pytest.approx(200.0)
+    assert rows["inference/(outside steps)"] == pytest.approx(100.0)
+    # Wall beyond CPU inside its steps, per job: (0.5 + 0.5) ms over 10 jobs; the CPU rows stay CPU.
+    assert rows["inference/(waited inside steps)"] == pytest.approx(100.0)
     assert "control/(all)" not in rows and "control/forward" not in rows  # what the window did not use
 
 

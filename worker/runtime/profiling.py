@@ -1,7 +1,9 @@
 """CPU time by step of the job path: the bench's profile mode (`HOTSWAP_PROFILE=1`).
 
 Off by default, where a step costs one attribute read. On, each step adds the CPU time its thread
-spent inside it (`time.thread_time_ns`, so time waiting for a core or the GIL is not counted).
+spent inside it (`time.thread_time_ns`) and its wall time: the difference is what the thread waited
+inside the step, for a core or for the GIL (on a CPU of its own, the inference thread waits only
+for the GIL: what sharing a process with the event loop costs the model).
 Only synchronous stretches are timed: on the event loop a step never spans an `await`, since the
 loop would run other jobs' work inside it. What the loop thread spends outside every step (asyncio,
 aio-pika, aiormq: the transport, the hand-offs, scheduling) is its total less its steps; totals by
@@ -24,6 +26,7 @@ class StepProfile:
         self.enabled = False
         self._lock = threading.Lock()
         self._cpu_ns: dict[str, int] = {}
+        self._wall_ns: dict[str, int] = {}
         self._count: dict[str, int] = {}
 
     def step(self, name: str) -> AbstractContextManager[None]:
@@ -32,21 +35,23 @@ class StepProfile:
 
     @contextmanager
     def _timed(self, name: str) -> Iterator[None]:
-        started = time.thread_time_ns()
+        started, wall_started = time.thread_time_ns(), time.perf_counter_ns()
         try:
             yield
         finally:
-            spent = time.thread_time_ns() - started
+            spent, wall = time.thread_time_ns() - started, time.perf_counter_ns() - wall_started
             key = f"{_role(threading.current_thread())}/{name}"
             with self._lock:
                 self._cpu_ns[key] = self._cpu_ns.get(key, 0) + spent
+                self._wall_ns[key] = self._wall_ns.get(key, 0) + wall
                 self._count[key] = self._count.get(key, 0) + 1
 
     def snapshot(self) -> dict[str, Any]:
-        """Every step's CPU seconds and count so far (keyed `role/step`, the role of the thread it ran
-        in), and every live thread's CPU seconds by role."""
+        """Every step's CPU and wall seconds and count so far (keyed `role/step`, the role of the
+        thread it ran in), and every live thread's CPU seconds by role."""
         with self._lock:
-            steps = {name: {"cpu_s": ns / 1e9, "count": self._count[name]} for name, ns in self._cpu_ns.items()}
+            steps = {name: {"cpu_s": ns / 1e9, "wall_s": self._wall_ns[name] / 1e9, "count": self._count[name]}
+                     for name, ns in self._cpu_ns.items()}
         return {"enabled": self.enabled, "steps": steps, "threads": thread_cpu_by_role()}
 
 
