@@ -1,4 +1,4 @@
-"""CPU time by step of the job path: the bench's profile mode (`HOTSWAP_PROFILE=1`).
+"""CPU and wall time by step of the job path: the bench's profile mode (`HOTSWAP_PROFILE=1`).
 
 Off by default, where a step costs one attribute read. On, each step adds the CPU time its thread
 spent inside it (`time.thread_time_ns`) and its wall time: the difference is what the thread waited
@@ -25,9 +25,8 @@ class StepProfile:
     def __init__(self) -> None:
         self.enabled = False
         self._lock = threading.Lock()
-        self._cpu_ns: dict[str, int] = {}
-        self._wall_ns: dict[str, int] = {}
-        self._count: dict[str, int] = {}
+        #: `role/step` → [CPU ns, wall ns, count] so far.
+        self._totals: dict[str, list[int]] = {}
 
     def step(self, name: str) -> AbstractContextManager[None]:
         """Time the block's CPU as step `name` (it must not await)."""
@@ -42,16 +41,17 @@ class StepProfile:
             spent, wall = time.thread_time_ns() - started, time.perf_counter_ns() - wall_started
             key = f"{_role(threading.current_thread())}/{name}"
             with self._lock:
-                self._cpu_ns[key] = self._cpu_ns.get(key, 0) + spent
-                self._wall_ns[key] = self._wall_ns.get(key, 0) + wall
-                self._count[key] = self._count.get(key, 0) + 1
+                totals = self._totals.setdefault(key, [0, 0, 0])
+                totals[0] += spent
+                totals[1] += wall
+                totals[2] += 1
 
     def snapshot(self) -> dict[str, Any]:
         """Every step's CPU and wall seconds and count so far (keyed `role/step`, the role of the
         thread it ran in), and every live thread's CPU seconds by role."""
         with self._lock:
-            steps = {name: {"cpu_s": ns / 1e9, "wall_s": self._wall_ns[name] / 1e9, "count": self._count[name]}
-                     for name, ns in self._cpu_ns.items()}
+            steps = {name: {"cpu_s": cpu / 1e9, "wall_s": wall / 1e9, "count": count}
+                     for name, (cpu, wall, count) in self._totals.items()}
         return {"enabled": self.enabled, "steps": steps, "threads": thread_cpu_by_role()}
 
 
