@@ -1,14 +1,13 @@
 """The bench's profile mode (`hotswap loadtest bench --profile`): where a worker's CPU per job goes.
 
-A profiled worker (`HOTSWAP_PROFILE=1`) times its steps in thread CPU and wall time and serves
-the totals on `/profile` (`worker.runtime.profiling`). The bench reads them before and after a
-measured run and
-prints microseconds of CPU per answered job: each step in the thread it ran in, and for each
-thread what it spent outside every step (on the loop: asyncio, aio-pika and aiormq, that is the
-transport, the hand-offs to threads and scheduling). The raw loop of benchmark 2 spends all of
-its CPU in that last kind of work, so the two lines compare directly. Each thread's
-`(waited inside steps)` is wall time, not CPU: inside its steps, how long it was off its CPU per
-job, waiting for a core or the GIL (for an inference thread on a CPU of its own, the GIL).
+A profiled worker (`HOTSWAP_PROFILE=1`) times its steps in thread CPU and wall time and serves the
+totals on `/profile` (`worker.runtime.profiling`). The bench reads them before and after a measured
+run and prints microseconds of CPU per answered job: each step in the thread it ran in, and for
+each thread what it spent outside every step (on the loop: asyncio, aio-pika and aiormq, that is
+the transport, the hand-offs to threads and scheduling). The raw loop of benchmark 2 spends all of
+its CPU in that last kind of work, so the two lines compare directly. Each thread's `(waited inside
+steps)` is wall time, not CPU: inside its steps, how long it was off its CPU per job, waiting for a
+core or the GIL (for an inference thread on a CPU of its own, the GIL).
 """
 
 from __future__ import annotations
